@@ -1,0 +1,1 @@
+"""smap-notify: Redis Pub/Sub user_noti:* to WebSocket notification daemon."""

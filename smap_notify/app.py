@@ -1,0 +1,248 @@
+"""The daemon: one nursery supervising the listener, the hub and the Redis subscriber."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import trio
+
+from . import logs, systemd
+from .config import RESTART_FIELDS, Config, ConfigError, load_config
+from .handshake import HandshakeRequest
+from .health import RedisProbe, health_document
+from .hub import Batch, Hub, Notifier
+from .messages import format_timestamp
+from .metrics import Counters, Gauges, make_registry, render, stats_document
+from .server import Server
+from .subscriber import SubscriberState, run_redis_subscriber
+
+logger = logging.getLogger(__name__)
+
+INBOX_SIZE: Final = 64  # batches (of up to 256 messages) between subscriber and hub
+SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
+
+
+@attrs.define
+class App:
+    """Everything one running daemon owns; built by ``App.create``, run by ``serve``."""
+
+    config: Config
+    config_file: Path | None
+    environ: dict[str, str]
+    counters: Counters
+    hub: Hub
+    subscriber: SubscriberState
+    probe: RedisProbe
+    server: Server
+    notifier: systemd.Notifier
+    started: float = attrs.Factory(time.monotonic)
+    draining: bool = False
+    _status: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        config: Config,
+        *,
+        config_file: Path | None = None,
+        environ: dict[str, str] | None = None,
+        notifier: Notifier | None = None,
+    ) -> App:
+        counters = Counters()
+        hub = Hub(config, counters, notifier)
+        app = cls(
+            config=config,
+            config_file=config_file,
+            environ=dict(environ or {}),
+            counters=counters,
+            hub=hub,
+            subscriber=SubscriberState(),
+            probe=RedisProbe(config),
+            server=Server(config, hub, {}),
+            notifier=systemd.Notifier.from_environ(environ or {}),
+        )
+        gauges = Gauges(
+            connections=lambda: hub.connection_count,
+            users=lambda: len(hub.users),
+            subscriber_active=lambda: app.subscriber.active,
+            circuit_state=lambda: app.probe.breaker.state,
+            draining=lambda: app.draining,
+        )
+        registry = make_registry(counters, gauges)
+        app.server.endpoints.update(
+            {
+                "/health": app._health,
+                "/metrics": lambda request: app._metrics(registry, request),
+                "/stats": lambda request: app._stats(gauges),
+            }
+        )
+        return app
+
+    # -- endpoints ------------------------------------------------------------------
+
+    async def _health(self, request: HandshakeRequest) -> tuple[int, str, bytes]:
+        status, doc = health_document(
+            redis_health=await self.probe.check(),
+            subscriber=self.subscriber,
+            connections=self.hub.connection_count,
+            users=len(self.hub.users),
+            circuit_state=self.probe.breaker.state,
+            draining=self.draining,
+            timestamp=format_timestamp(),
+            uptime=time.monotonic() - self.started,
+        )
+        return status, "application/json", _json(doc)
+
+    async def _metrics(self, registry: Any, request: HandshakeRequest) -> tuple[int, str, bytes]:
+        body, content_type = render(registry, request.headers.get("accept"))
+        return 200, content_type, body
+
+    async def _stats(self, gauges: Gauges) -> tuple[int, str, bytes]:
+        doc = stats_document(
+            self.counters, gauges, format_timestamp(), time.monotonic() - self.started
+        )
+        return 200, "application/json", _json(doc)
+
+    # -- running --------------------------------------------------------------------
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled; ``started`` once the listener accepts."""
+        send, inbox = trio.open_memory_channel[Batch](INBOX_SIZE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.hub.serve, inbox)
+            bound = await nursery.start(self.server.serve, listeners)
+            await nursery.start(
+                run_redis_subscriber, self.config, send, self.subscriber, self.counters
+            )
+            nursery.start_soon(self._report_status)
+            task_status.started(bound)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close connections spread over the drain window."""
+        self.draining = True
+        self.notifier.stopping("draining connections")
+        self.server.stop_accepting()
+        window = self.config.shutdown_timeout * 0.6
+        logger.info(
+            "shutting down connections=%d drain_window=%.1fs",
+            self.hub.connection_count,
+            window,
+        )
+        await self.hub.drain(window)
+
+    def reload(self) -> None:
+        """Re-read the configuration (SIGHUP); apply what can change live."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.environ, self.config_file)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logger.error("reload rejected, keeping the running configuration: %s", problem)
+            self.notifier.ready(self._status_text())
+            return
+        old = self.config
+        changed = [
+            f.name.upper()
+            for f in attrs.fields(Config)
+            if getattr(old, f.name) != getattr(new, f.name)
+        ]
+        restart = [name for name in changed if name.lower() in RESTART_FIELDS]
+        live = {f.name: getattr(new, f.name) for f in attrs.fields(Config)}
+        for name in restart:
+            live[name.lower()] = getattr(old, name.lower())
+        applied = Config(**live)
+        self.config = self.hub.config = self.server.config = applied
+        logs.set_level(applied.logger_level)
+        logger.info(
+            "configuration reloaded changed=%s",
+            ",".join(n for n in changed if n not in restart) or "-",
+        )
+        if restart:
+            logger.warning("reload: these settings need a restart to change: %s", ",".join(restart))
+        self.notifier.ready(self._status_text())
+
+    def _status_text(self) -> str:
+        redis_state = "subscribed" if self.subscriber.active else "redis " + self.subscriber.state
+        return (
+            f"{redis_state}; {self.hub.connection_count} connections, {len(self.hub.users)} users"
+        )
+
+    async def _report_status(self) -> None:
+        """STATUS= for systemctl, and WATCHDOG=1 while the loop and the subscriber live."""
+        interval = systemd.watchdog_interval(self.environ)
+        tick = min(interval or 5.0, 5.0)
+        while True:
+            status = self._status_text()
+            if status != self._status:
+                self._status = status
+                self.notifier.status(status)
+            if interval is not None and self.subscriber_alive():
+                self.notifier.watchdog()
+            await trio.sleep(tick)
+
+    def subscriber_alive(self) -> bool:
+        return time.monotonic() - self.subscriber.heartbeat < SUBSCRIBER_STALE
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def open_listeners(config: Config, environ: dict[str, str]) -> list[trio.SocketListener]:
+    """Inherited (socket-activated) listeners, else one bound to WS_HOST:WS_PORT."""
+    inherited = systemd.listen_sockets(environ)
+    if inherited:
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited]
+    return []
+
+
+async def run(
+    config: Config,
+    *,
+    config_file: Path | None = None,
+    environ: dict[str, str] | None = None,
+    notifier: Notifier | None = None,
+    task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then drain and return."""
+    environ = dict(environ or {})
+    app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
+    listeners = open_listeners(config, environ)
+    if not listeners:
+        listeners = await trio.open_tcp_listeners(config.ws_port, host=config.ws_host, backlog=4096)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(app.serve, listeners)
+            addresses = ", ".join(_address(listener) for listener in bound)
+            logger.info("listening on %s", addresses)
+            app.notifier.ready(app._status_text())
+            task_status.started(app)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    app.reload()
+                    continue
+                logger.info("received %s, shutting down", signal.Signals(signum).name)
+                with trio.move_on_after(app.config.shutdown_timeout * 0.8):
+                    await app.shutdown()
+                nursery.cancel_scope.cancel()
+                break
+    app.probe.close()
+    logger.info("stopped")
+
+
+def _address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    family = listener.socket.family
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"

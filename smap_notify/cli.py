@@ -1,0 +1,86 @@
+"""Command line: ``smap-notify [--config FILE] [--check-config]``."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from . import app, logs
+from .config import ConfigError, load_config
+
+logger = logging.getLogger("smap_notify")
+
+EX_OK: Final = 0
+EX_SOFTWARE: Final = 70  # the daemon failed while running
+EX_CONFIG: Final = 78  # sysexits EX_CONFIG: systemd shows it as "configuration error"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="smap-notify",
+        description="Deliver SMAP notifications from Redis Pub/Sub (user_noti:*) to WebSockets.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="KEY=VALUE file (EnvironmentFile format); its values win over the environment "
+        "and it is re-read on SIGHUP",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="print the effective configuration (secrets masked) and exit: 0 valid, 78 invalid",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        config = load_config(environ, args.config)
+    except ConfigError as exc:
+        print("smap-notify: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        for key, value in config.masked().items():
+            print(f"{key}={value}")
+        return EX_OK
+    logs.configure_logging(config.logger_level)
+    logger.info(
+        "starting smap-notify env=%s redis=%s listen=%s:%d",
+        config.env or "production",
+        config.redis_host,
+        config.ws_host,
+        config.ws_port,
+    )
+    # Start-up objects live forever: keep them out of the collector's way.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        trio.run(
+            lambda: app.run(config, config_file=args.config, environ=environ),
+        )
+    except KeyboardInterrupt:
+        return EX_OK
+    except BaseException as exc:  # the one place that turns a crash into an exit status
+        logger.critical("smap-notify failed: %s", _describe(exc), exc_info=exc)
+        return EX_SOFTWARE
+    return EX_OK
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

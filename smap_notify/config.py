@@ -1,0 +1,260 @@
+"""Configuration: the original's environment names, parsed into one frozen attrs class."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+PRODUCTION_ORIGINS: Final = (
+    "https://smap.tantai.dev",
+    "https://smap-api.tantai.dev",
+    "http://smap.tantai.dev",
+    "http://smap-api.tantai.dev",
+)
+DEV_SUBNETS: Final = ("172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24")
+LOG_LEVELS: Final = ("debug", "info", "warn", "warning", "error")
+OVERFLOW_POLICIES: Final = ("drop", "disconnect")
+SECRET_FIELDS: Final = frozenset({"jwt_secret_key", "jwt_previous_secret_key", "redis_password"})
+# Settings that a SIGHUP reload cannot change on a running daemon.
+RESTART_FIELDS: Final = frozenset(
+    {"ws_host", "ws_port", "redis_host", "redis_password", "redis_db", "redis_use_tls"}
+)
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS: Final = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+class ConfigError(Exception):
+    """The configuration has problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class Duration(float):
+    """Seconds, parsed from a Go duration string (``30s``, ``1m30s``, ``500ms``)."""
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse a Go duration string; a bare number means seconds."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    try:
+        return Duration(float(s))
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return Duration(total)
+
+
+def parse_bool(text: str) -> bool:
+    s = text.strip().lower()
+    if s in ("1", "true", "yes", "on", "t", "y"):
+        return True
+    if s in ("0", "false", "no", "off", "f", "n", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name.upper()} must be greater than 0, got {value}")
+
+
+def _port(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name.upper()} must be a port number 0-65535, got {value}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value.lower() not in choices:
+            raise ValueError(f"{attribute.name.upper()} must be one of {', '.join(choices)}")
+
+    return check
+
+
+def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {value!r}")
+
+
+def _subnets(_inst: Any, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"DEV_ORIGIN_SUBNETS: not a network: {item!r}") from None
+
+
+def _secret(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise ValueError("JWT_SECRET_KEY is required (the HMAC secret identity-srv signs with)")
+
+
+@attrs.frozen
+class Config:
+    """Effective configuration; field ``x_y`` is read from environment name ``X_Y``."""
+
+    jwt_secret_key: str = attrs.field(repr=False, validator=_secret)
+    ws_host: str = "0.0.0.0"
+    ws_port: int = attrs.field(default=8081, validator=_port)
+    env: str = "production"
+    redis_host: str = attrs.field(default="localhost:6379", validator=_redis_host)
+    redis_password: str = attrs.field(default="", repr=False)
+    redis_db: int = attrs.field(default=0, validator=v.ge(0))
+    redis_use_tls: bool = False
+    ws_ping_interval: Duration = attrs.field(default=Duration(30), validator=_positive)
+    ws_pong_wait: Duration = attrs.field(default=Duration(60), validator=_positive)
+    ws_write_wait: Duration = attrs.field(default=Duration(10), validator=_positive)
+    ws_max_message_size: int = attrs.field(default=512, validator=_positive)
+    ws_max_connections: int = attrs.field(default=10000, validator=_positive)
+    ws_max_connections_per_user: int = attrs.field(default=100, validator=_positive)
+    ws_send_buffer: int = attrs.field(default=256, validator=_positive)
+    ws_send_buffer_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    ws_overflow_policy: str = attrs.field(default="drop", validator=_one_of(OVERFLOW_POLICIES))
+    ws_handshake_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
+    http_max_header_size: int = attrs.field(default=8192, validator=v.ge(1024))
+    jwt_previous_secret_key: str = attrs.field(default="", repr=False)
+    cookie_name: str = "smap_auth_token"
+    logger_level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
+    allowed_origins: tuple[str, ...] = PRODUCTION_ORIGINS
+    dev_origin_subnets: tuple[str, ...] = attrs.field(default=DEV_SUBNETS, validator=_subnets)
+    shutdown_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
+    resync_on_reconnect: bool = True
+    deliver_invalid_payloads: bool = False
+
+    @property
+    def production(self) -> bool:
+        """Empty or ``production`` ENV is production; anything else is a dev-like mode."""
+        return self.env.strip().lower() in ("", "production")
+
+    @property
+    def redis_address(self) -> tuple[str, int]:
+        host, _, port = self.redis_host.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration as environment names and values, secrets masked."""
+        out: dict[str, Any] = {}
+        for field in attrs.fields(Config):
+            value = getattr(self, field.name)
+            if field.name in SECRET_FIELDS:
+                value = "***" if value else ""
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, Duration):
+                value = format_duration(value)
+            out[field.name.upper()] = value
+        return out
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 1 and float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{int(round(seconds * 1000))}ms"
+
+
+attrs.resolve_types(Config)
+ENV_NAMES: Final = frozenset(field.name.upper() for field in attrs.fields(Config))
+
+_converter: Final = cattrs.Converter()
+_converter.register_structure_hook(Duration, lambda value, _t: parse_duration(value))
+_converter.register_structure_hook(bool, lambda value, _t: parse_bool(value))
+_converter.register_structure_hook(int, lambda value, _t: int(str(value).strip()))
+_converter.register_structure_hook(str, lambda value, _t: str(value))
+_converter.register_structure_hook_func(
+    lambda t: t == tuple[str, ...], lambda value, _t: _parse_list(value)
+)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read KEY=VALUE lines (the systemd EnvironmentFile format; # comments, optional quotes)."""
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"{path}:{number}: expected KEY=VALUE")
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> Config:
+    """Build the configuration from the environment, then the file (the file wins).
+
+    Raises ConfigError listing every problem at once.
+    """
+    values = {k: val for k, val in environ.items() if k in ENV_NAMES}
+    if config_file is not None:
+        values.update({k: val for k, val in read_env_file(config_file).items() if k in ENV_NAMES})
+    kwargs: dict[str, Any] = {}
+    problems: list[str] = []
+    for field in attrs.fields(Config):
+        name = field.name.upper()
+        if name in values:
+            try:
+                value = _converter.structure(values[name], field.type or str)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+        elif field.default is attrs.NOTHING:
+            value = ""
+        else:
+            value = field.default
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except (ValueError, TypeError) as exc:
+                problems.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
+                continue
+        kwargs[field.name] = value
+    if not problems and kwargs["ws_pong_wait"] <= kwargs["ws_ping_interval"]:
+        problems.append("WS_PONG_WAIT must be longer than WS_PING_INTERVAL")
+    if problems:
+        raise ConfigError(problems)
+    return Config(**kwargs)

@@ -1,0 +1,234 @@
+"""One WebSocket connection's outbound side: a bounded queue and coalesced, direct writes.
+
+trio-websocket owns the handshake, the reading and the close handshake. Outbound
+notification frames bypass its per-message ``send_message`` (one ``send_all``, lock and
+task switch per frame): the hub queues ready-made frames and, after each Redis batch,
+writes everything a connection has pending in one non-blocking write. Only when the
+socket cannot take it all does a flush task wait for writability. Every byte that
+trio-websocket itself sends (handshake, pongs, close frames) goes through ``ConnStream``,
+which serialises it with our writes on one lock so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+PING_FRAME: Final = b"\x89\x00"  # FIN + ping, no payload, unmasked (server side)
+_OPCODE_CLOSE: Final = 0x8
+_ids = itertools.count(1)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked server-to-client text frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+class ConnStream(trio.abc.Stream):
+    """The socket stream handed to trio-websocket.
+
+    It replays the request head we already read, records when anything last arrived
+    (pongs and data alike keep a connection alive), and makes trio-websocket's writes
+    wait for our pending frames so the two never interleave on the wire.
+    """
+
+    def __init__(self, raw: trio.SocketStream) -> None:
+        self.raw = raw
+        self.prefix = b""
+        self.last_receive = trio.current_time()
+        self.write_lock = trio.Lock()
+        self.conn: Connection | None = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        data = await self.raw.receive_some(max_bytes)
+        self.last_receive = trio.current_time()
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        conn = self.conn
+        async with self.write_lock:
+            if conn is not None:
+                if data and data[0] & 0x0F == _OPCODE_CLOSE:
+                    # No notification frame may follow our close frame.
+                    conn.close_sent = True
+                await conn.flush_pending_locked()
+            await self.raw.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.raw.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+    def abort(self) -> None:
+        """Close the socket at once, without a close frame (browsers see 1006, unclean)."""
+        self.raw.socket.close()
+
+
+class Connection:
+    """A registered WebSocket of one user, with its bounded outbound queue."""
+
+    __slots__ = (
+        "id",
+        "user_id",
+        "stream",
+        "expires_at",
+        "max_messages",
+        "max_bytes",
+        "write_wait",
+        "pending",
+        "pending_messages",
+        "pending_bytes",
+        "flushing",
+        "dirty",
+        "close_sent",
+        "closed",
+        "close_reason",
+        "on_abort",
+    )
+
+    def __init__(
+        self,
+        user_id: str,
+        stream: ConnStream,
+        *,
+        expires_at: float,
+        max_messages: int,
+        max_bytes: int,
+        write_wait: float,
+    ) -> None:
+        self.id = next(_ids)
+        self.user_id = user_id
+        self.stream = stream
+        self.expires_at = expires_at
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.write_wait = write_wait
+        self.pending: list[bytes] = []
+        self.pending_messages = 0
+        self.pending_bytes = 0
+        self.flushing = False
+        self.dirty = False
+        self.close_sent = False
+        self.closed = False
+        self.close_reason = ""
+        self.on_abort: Callable[[Connection, str], None] | None = None
+        stream.conn = self
+
+    def __repr__(self) -> str:
+        return f"<Connection conn={self.id} user={self.user_id}>"
+
+    @property
+    def writable(self) -> bool:
+        return not (self.closed or self.close_sent)
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a message frame; False when the queue is full (by messages or bytes)."""
+        if self.pending_messages >= self.max_messages or (
+            self.pending_messages and self.pending_bytes + len(frame) > self.max_bytes
+        ):
+            return False
+        self.pending.append(frame)
+        self.pending_messages += 1
+        self.pending_bytes += len(frame)
+        return True
+
+    def push_control(self, frame: bytes) -> None:
+        """Queue a control frame (ping); it does not count against the message bound."""
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+
+    def write_nowait(self, nursery: trio.Nursery) -> None:
+        """Write what is pending without waiting; start a flush task for what is left."""
+        self.dirty = False
+        if not self.pending or self.flushing or not self.writable:
+            return
+        if self.stream.write_lock.locked():
+            self._start_flush(nursery)
+            return
+        fd = self.stream.raw.socket.fileno()
+        if fd < 0:  # trio-websocket closed the stream after a close handshake
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self.abort(f"write_error: {exc.strerror or exc}")
+            return
+        if written == len(data):
+            self.pending.clear()
+            self.pending_messages = 0
+            self.pending_bytes = 0
+            return
+        self._keep_unwritten(data, written)
+        self._start_flush(nursery)
+
+    def _keep_unwritten(self, data: bytes, written: int) -> None:
+        # Count the frames that are not yet completely on the wire.
+        remaining = 0
+        offset = 0
+        for frame in self.pending:
+            offset += len(frame)
+            if offset > written and frame is not PING_FRAME:
+                remaining += 1
+        rest = data[written:]
+        self.pending = [rest]
+        self.pending_messages = remaining
+        self.pending_bytes = len(rest)
+
+    def _start_flush(self, nursery: trio.Nursery) -> None:
+        self.flushing = True
+        nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            async with self.stream.write_lock:
+                await self.flush_pending_locked()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(f"write_error: {exc}")
+        finally:
+            self.flushing = False
+
+    async def flush_pending_locked(self) -> None:
+        """Send everything pending; the caller holds ``stream.write_lock``."""
+        while self.pending and not self.closed:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.pending_messages = 0
+            self.pending_bytes = 0
+            with trio.move_on_after(self.write_wait) as scope:
+                await self.stream.raw.send_all(data)
+            if scope.cancelled_caught:
+                self.abort("write_timeout")
+                raise trio.BrokenResourceError("write timed out")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection uncleanly, so the browser's reconnect logic engages."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self.on_abort is not None:
+            self.on_abort(self, reason)
+        self.pending.clear()
+        self.pending_messages = 0
+        self.pending_bytes = 0
+        self.stream.abort()

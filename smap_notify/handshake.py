@@ -1,0 +1,203 @@
+"""Deciding a WebSocket handshake: origin policy, token, limits. Pure: no I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Final
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import jwt
+
+from .config import Config
+
+JWT_ALGORITHMS: Final = ["HS256", "HS384", "HS512"]
+WS_PATH: Final = "/ws"
+
+
+@attrs.frozen
+class HandshakeRequest:
+    """What the handshake decision needs from an HTTP request head."""
+
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.split("?", 1)[1] if "?" in self.target else ""
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        upgrade = self.headers.get("upgrade", "").lower()
+        connection = self.headers.get("connection", "").lower()
+        return (
+            self.method == "GET"
+            and "websocket" in upgrade
+            and "upgrade" in [part.strip() for part in connection.split(",")]
+            and bool(self.headers.get("sec-websocket-key"))
+        )
+
+
+@attrs.frozen
+class Accept:
+    user_id: str
+    expires_at: float  # the token's exp, Unix seconds
+    token_in_query: bool
+    used_previous_secret: bool = False
+
+
+@attrs.frozen
+class Reject:
+    status: int
+    reason: str  # metric label
+    body: bytes
+    detail: str = ""  # for the log line; never contains the token
+    content_type: str = "application/json"
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_error(message: str) -> bytes:
+    return json.dumps({"error": message}, separators=(",", ":")).encode()
+
+
+MISSING_TOKEN: Final = _json_error("missing token parameter")
+INVALID_TOKEN: Final = _json_error("invalid or expired token")
+
+
+def _origin_host(origin: str) -> str | None:
+    try:
+        parts = urlsplit(origin)
+        host = parts.hostname
+        _ = parts.port  # a malformed port makes the origin malformed
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    return host
+
+
+def is_localhost_origin(origin: str) -> bool:
+    """http(s) origin whose host is localhost or 127.0.0.1, any port."""
+    return _origin_host(origin) in ("localhost", "127.0.0.1")
+
+
+def is_private_subnet_origin(origin: str, subnets: Iterable[str]) -> bool:
+    """http(s) origin whose host is an IPv4 literal inside one of ``subnets``."""
+    host = _origin_host(origin)
+    if host is None:
+        return False
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net, strict=False) for net in subnets)
+
+
+def origin_allowed(origin: str | None, config: Config) -> bool:
+    """The origin policy of CONTRACT section 4, by ENV."""
+    if not origin:
+        return False
+    if origin in config.allowed_origins:
+        return True
+    if config.production:
+        return False
+    return is_localhost_origin(origin) or is_private_subnet_origin(
+        origin, config.dev_origin_subnets
+    )
+
+
+def _cookie(header: str, name: str) -> str:
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"')
+    return ""
+
+
+def find_token(request: HandshakeRequest, cookie_name: str) -> tuple[str, bool]:
+    """The token from the cookie, else from ``?token=``; second value: it came from the query."""
+    token = _cookie(request.headers.get("cookie", ""), cookie_name)
+    if token:
+        return token, False
+    values = parse_qs(request.query).get("token", [])
+    return (values[0], True) if values and values[0] else ("", False)
+
+
+@attrs.frozen
+class TokenClaims:
+    user_id: str
+    expires_at: float
+    used_previous_secret: bool
+
+
+class TokenError(Exception):
+    pass
+
+
+def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
+    """Verify an HMAC JWT against the current secret, then the previous one (rotation)."""
+    last: Exception | None = None
+    for index, secret in enumerate(s for s in secrets if s):
+        try:
+            claims = jwt.decode(
+                token,
+                secret,
+                algorithms=JWT_ALGORITHMS,
+                options={"require": ["exp", "sub"], "verify_aud": False, "verify_iss": False},
+            )
+        except jwt.InvalidSignatureError as exc:
+            last = exc
+            continue
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"{type(exc).__name__}: {exc}") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise TokenError("claim sub must be a non-empty string")
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or exp <= now:
+            raise TokenError("claim exp is not in the future")
+        return TokenClaims(sub, float(exp), index > 0)
+    raise TokenError(f"{type(last).__name__}: {last}" if last else "no secret configured")
+
+
+def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Reject:
+    """Origin first, then token, then the upgrade itself. Capacity is the hub's call."""
+    origin = request.headers.get("origin")
+    if not origin_allowed(origin, config):
+        return Reject(
+            403,
+            "origin_missing" if not origin else "origin_not_allowed",
+            _json_error("origin not allowed"),
+            f"origin={origin[:200]!r}" if origin else "no Origin header",
+        )
+    token, in_query = find_token(request, config.cookie_name)
+    if not token:
+        return Reject(401, "missing_token", MISSING_TOKEN, "no cookie and no token parameter")
+    try:
+        claims = verify_token(token, (config.jwt_secret_key, config.jwt_previous_secret_key), now)
+    except TokenError as exc:
+        return Reject(401, "invalid_token", INVALID_TOKEN, str(exc))
+    if not request.is_websocket_upgrade:
+        return Reject(
+            400,
+            "not_websocket",
+            _json_error("not a websocket request"),
+            "missing Upgrade: websocket, Connection: upgrade or Sec-WebSocket-Key",
+        )
+    version = request.headers.get("sec-websocket-version", "")
+    if version.strip() != "13":
+        return Reject(
+            426,
+            "bad_websocket_version",
+            _json_error("unsupported websocket version"),
+            f"version={version[:20]!r}",
+            extra_headers=(("Sec-WebSocket-Version", "13"),),
+        )
+    return Accept(claims.user_id, claims.expires_at, in_query, claims.used_previous_secret)

@@ -1,0 +1,111 @@
+"""The /health document, and the Redis PING behind it (guarded by a circuit breaker)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any, Final
+
+import attrs
+import redis
+import trio
+
+from .breaker import CircuitBreaker
+from .config import Config
+from .messages import CHANNEL_PATTERN
+from .subscriber import SubscriberState, make_client
+
+PING_TIMEOUT: Final = 1.0
+
+
+@attrs.frozen
+class RedisHealth:
+    connected: bool
+    ping_ms: float | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        if self.connected:
+            return {"status": "connected", "ping_ms": self.ping_ms}
+        return {"status": "disconnected", "error": self.error}
+
+
+class RedisProbe:
+    """PING Redis on its own connection; one call in flight, none while the breaker is open.
+
+    Concurrent health requests share the call in flight, so an outage never piles up
+    threads or slow responses.
+    """
+
+    def __init__(self, config: Config, breaker: CircuitBreaker | None = None) -> None:
+        self.breaker = breaker or CircuitBreaker()
+        self._client = make_client(config, socket_timeout=PING_TIMEOUT)
+        self._limiter = trio.CapacityLimiter(1)
+        self._in_flight: trio.Event | None = None
+        self._last = RedisHealth(False, error="not checked yet")
+
+    async def check(self) -> RedisHealth:
+        if self._in_flight is not None:
+            await self._in_flight.wait()
+            return self._last
+        if not self.breaker.allow(trio.current_time()):
+            return RedisHealth(False, error=f"circuit open after: {self._last.error}")
+        done = self._in_flight = trio.Event()
+        try:
+            self._last = await trio.to_thread.run_sync(self._ping, limiter=self._limiter)
+            if self._last.connected:
+                self.breaker.record_success()
+            else:
+                self.breaker.record_failure(trio.current_time())
+        finally:
+            self._in_flight = None
+            done.set()
+        return self._last
+
+    def _ping(self) -> RedisHealth:
+        start = time.perf_counter()
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as exc:
+            return RedisHealth(False, error=f"{type(exc).__name__}: {exc}")
+        return RedisHealth(True, ping_ms=round((time.perf_counter() - start) * 1000, 3))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def health_document(
+    *,
+    redis_health: RedisHealth,
+    subscriber: SubscriberState,
+    connections: int,
+    users: int,
+    circuit_state: str,
+    draining: bool,
+    timestamp: str,
+    uptime: float,
+) -> tuple[int, dict[str, Any]]:
+    """Status code and body: 200 only when Redis answers and the subscription is live."""
+    if draining:
+        status = "draining"
+    elif redis_health.connected and subscriber.active:
+        status = "healthy"
+    else:
+        status = "degraded"
+    last: datetime | None = subscriber.last_message_at
+    doc = {
+        "status": status,
+        "timestamp": timestamp,
+        "redis": redis_health.as_json(),
+        "websocket": {"active_connections": connections, "total_unique_users": users},
+        "subscriber": {
+            "active": subscriber.active,
+            "last_message_at": last.isoformat(timespec="microseconds") if last else None,
+            "pattern": CHANNEL_PATTERN,
+            "state": subscriber.state,
+            "last_error": subscriber.last_error or None,
+        },
+        "circuit_breaker": {"state": circuit_state},
+        "uptime_seconds": int(uptime),
+    }
+    return (200 if status == "healthy" else 503), doc

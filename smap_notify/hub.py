@@ -1,0 +1,335 @@
+"""The hub: who is connected, and routing each Redis batch to their connections."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+import attrs
+import trio
+
+from .config import Config
+from .connection import PING_FRAME, Connection, text_frame
+from .logs import RateLimiter
+from .messages import (
+    DryRunPayload,
+    MessageType,
+    Rejected,
+    Routed,
+    envelope,
+    format_timestamp,
+    parse_message,
+    resync_envelope,
+)
+from .metrics import Counters
+
+logger = logging.getLogger(__name__)
+
+# One item from the subscriber: a batch of (channel, data), or a resync marker.
+RawMessage = tuple[bytes, bytes]
+
+
+@attrs.frozen
+class Resync:
+    """The subscription was lost and is back; clients may have missed messages."""
+
+    reason: str
+    since: str | None
+
+
+Batch = list[RawMessage] | Resync
+
+
+class Notifier(Protocol):
+    """The seed's RedisNotifier: told when users come and go."""
+
+    def on_user_connected(self, user_id: str) -> None: ...
+
+    def on_user_disconnected(self, user_id: str, has_other_connections: bool) -> None: ...
+
+
+class LoggingNotifier:
+    def on_user_connected(self, user_id: str) -> None:
+        logger.debug("user connected user=%s", user_id)
+
+    def on_user_disconnected(self, user_id: str, has_other_connections: bool) -> None:
+        logger.debug(
+            "user disconnected user=%s has_other_connections=%s", user_id, has_other_connections
+        )
+
+
+class Hub:
+    """Connections by user; routes messages, keeps connections alive, drains on shutdown."""
+
+    def __init__(
+        self, config: Config, counters: Counters, notifier: Notifier | None = None
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.notifier: Notifier = notifier or LoggingNotifier()
+        self.users: dict[str, set[Connection]] = {}
+        self.connection_count = 0
+        self._reserved: dict[str, int] = {}
+        self._reserved_total = 0
+        self._dirty: list[Connection] = []
+        self._nursery: trio.Nursery | None = None
+        self._warn_limiter = RateLimiter(per_seconds=10.0, burst=5)
+
+    # -- registry ---------------------------------------------------------------
+
+    def try_reserve(self, user_id: str) -> tuple[int, str] | None:
+        """Hold a place for a connection about to upgrade; (status, reason) when full."""
+        if self.connection_count + self._reserved_total >= self.config.ws_max_connections:
+            return 503, "max_connections"
+        held = len(self.users.get(user_id, ())) + self._reserved.get(user_id, 0)
+        if held >= self.config.ws_max_connections_per_user:
+            return 429, "max_connections_per_user"
+        self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
+        self._reserved_total += 1
+        return None
+
+    def release(self, user_id: str) -> None:
+        left = self._reserved[user_id] - 1
+        if left:
+            self._reserved[user_id] = left
+        else:
+            del self._reserved[user_id]
+        self._reserved_total -= 1
+
+    def register(self, conn: Connection) -> None:
+        """Turn the user's reservation into a live connection."""
+        self.release(conn.user_id)
+        conns = self.users.setdefault(conn.user_id, set())
+        conns.add(conn)
+        self.connection_count += 1
+        conn.on_abort = self._on_abort
+        self.counters.handshakes_accepted += 1
+        self._notify(self.notifier.on_user_connected, conn.user_id)
+
+    def unregister(self, conn: Connection, reason: str) -> None:
+        conns = self.users.get(conn.user_id)
+        if conns is None or conn not in conns:
+            return
+        conns.remove(conn)
+        if not conns:
+            del self.users[conn.user_id]
+        self.connection_count -= 1
+        if conn.pending_messages:
+            self.counters.frames_dropped["connection_closed"] += conn.pending_messages
+        self.counters.connections_closed[conn.close_reason or reason] += 1
+        self._notify(self.notifier.on_user_disconnected, conn.user_id, bool(conns))
+
+    def connections(self) -> Iterable[Connection]:
+        for conns in self.users.values():
+            yield from conns
+
+    def _notify(self, method: object, *args: object) -> None:
+        try:
+            method(*args)  # type: ignore[operator]
+        except Exception:
+            logger.exception("notifier failed user=%s", args[0])
+
+    def _on_abort(self, conn: Connection, reason: str) -> None:
+        if conn.pending_messages:
+            self.counters.frames_dropped[reason.split(":")[0]] += conn.pending_messages
+            conn.pending_messages = 0
+        logger.info("closing connection reason=%s conn=%d user=%s", reason, conn.id, conn.user_id)
+
+    # -- routing ----------------------------------------------------------------
+
+    def route_batch(self, batch: list[RawMessage]) -> None:
+        """Parse and queue a batch of Redis messages, then write each connection once."""
+        c = self.counters
+        deliver_invalid = self.config.deliver_invalid_payloads
+        overflow_disconnect = self.config.ws_overflow_policy == "disconnect"
+        timestamp = format_timestamp()
+        users = self.users
+        dirty = self._dirty
+        for channel, data in batch:
+            c.received += 1
+            result = parse_message(channel, data, deliver_invalid=deliver_invalid)
+            if type(result) is Rejected:
+                self._log_rejected(result)
+                c.rejected[result.reason] += 1
+                continue
+            assert isinstance(result, Routed)
+            c.by_type[result.type_label] += 1
+            if (
+                not result.known
+                or result.invalid is not None
+                or result.type == MessageType.DRYRUN_RESULT
+            ):
+                self._log_routed(result)
+            conns = users.get(result.user_id)
+            if not conns:
+                c.dropped["no_connection"] += 1
+                continue
+            frame = text_frame(envelope(result.type, result.payload_json, timestamp).encode())
+            queued = 0
+            for conn in conns:
+                if not conn.writable:
+                    continue
+                if conn.push(frame):
+                    queued += 1
+                    if not conn.dirty:
+                        conn.dirty = True
+                        dirty.append(conn)
+                else:
+                    self._overflow(conn, overflow_disconnect)
+            if queued:
+                c.delivered += 1
+                c.frames_sent += queued
+            else:
+                c.dropped["queue_full"] += 1
+        self.flush()
+
+    def _overflow(self, conn: Connection, disconnect: bool) -> None:
+        self.counters.frames_dropped["queue_full"] += 1
+        if disconnect:
+            conn.abort("queue_full")
+        else:
+            self._warn(
+                "overflow",
+                "outbound queue full, frame dropped conn=%d user=%s pending=%d bytes=%d",
+                conn.id,
+                conn.user_id,
+                conn.pending_messages,
+                conn.pending_bytes,
+            )
+
+    def flush(self) -> None:
+        """One write per connection that has frames queued."""
+        nursery = self._nursery
+        assert nursery is not None, "Hub.serve is not running"
+        for conn in self._dirty:
+            conn.write_nowait(nursery)
+        self._dirty.clear()
+
+    def broadcast_resync(self, resync: Resync) -> None:
+        if not self.config.resync_on_reconnect:
+            return
+        frame = text_frame(
+            resync_envelope(resync.reason, resync.since, format_timestamp()).encode()
+        )
+        sent = 0
+        for conn in self.connections():
+            if conn.writable and conn.push(frame):
+                sent += 1
+                if not conn.dirty:
+                    conn.dirty = True
+                    self._dirty.append(conn)
+        self.counters.resyncs_sent += sent
+        self.flush()
+        logger.info("resync sent to clients connections=%d reason=%s", sent, resync.reason)
+
+    def _warn(self, key: str, msg: str, *args: object) -> None:
+        allowed, suppressed = self._warn_limiter.check(key, time.monotonic())
+        if allowed:
+            if suppressed:
+                msg += " suppressed=%d"
+                args = (*args, suppressed)
+            logger.warning(msg, *args)
+
+    def _log_rejected(self, result: Rejected) -> None:
+        self._warn(
+            "rejected:" + result.reason,
+            "message rejected reason=%s user=%s type=%s detail=%s",
+            result.reason,
+            result.user_id or "-",
+            result.type or "-",
+            result.detail,
+        )
+
+    def _log_routed(self, result: Routed) -> None:
+        if result.invalid is not None:
+            self._warn(
+                "invalid:" + result.type,
+                "invalid payload delivered anyway user=%s type=%s detail=%s",
+                result.user_id,
+                result.type,
+                result.invalid,
+            )
+        elif not result.known:
+            self._warn(
+                "unknown_type",
+                "unknown message type delivered user=%s type=%.64s",
+                result.user_id,
+                result.type,
+            )
+        elif isinstance(result.payload, DryRunPayload):
+            logger.info(
+                "dryrun result user=%s job_id=%s platform=%s status=%s",
+                result.user_id,
+                result.payload.job_id,
+                result.payload.platform,
+                result.payload.status,
+            )
+
+    # -- tasks --------------------------------------------------------------------
+
+    async def serve(
+        self,
+        inbox: trio.MemoryReceiveChannel[Batch],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Route what the subscriber sends, and keep connections alive, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._keepalive)
+            task_status.started()
+            async with inbox:
+                async for item in inbox:
+                    self._handle(item)
+                    # Drain what is already waiting: fewer wake-ups, bigger writes.
+                    while True:
+                        try:
+                            item = inbox.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        self._handle(item)
+            nursery.cancel_scope.cancel()
+
+    def _handle(self, item: Batch) -> None:
+        if isinstance(item, Resync):
+            self.broadcast_resync(item)
+        else:
+            self.route_batch(item)
+
+    async def _keepalive(self) -> None:
+        """One timer for every connection: pings, and closing the silent ones."""
+        next_ping = trio.current_time() + self.config.ws_ping_interval
+        while True:
+            tick = min(1.0, self.config.ws_ping_interval / 2, self.config.ws_pong_wait / 4)
+            await trio.sleep(tick)
+            now = trio.current_time()
+            pong_wait = self.config.ws_pong_wait
+            ping = now >= next_ping
+            if ping:
+                next_ping = now + self.config.ws_ping_interval
+            for conn in list(self.connections()):
+                if now - conn.stream.last_receive > pong_wait:
+                    conn.abort("pong_timeout")
+                elif ping and conn.writable:
+                    conn.push_control(PING_FRAME)
+                    if not conn.dirty:
+                        conn.dirty = True
+                        self._dirty.append(conn)
+            self.flush()
+
+    async def drain(self, window: float) -> None:
+        """Close every connection, spread over ``window`` seconds so reconnects spread too."""
+        conns = list(self.connections())
+        if not conns:
+            return
+        logger.info("closing connections count=%d window=%.1fs", len(conns), window)
+        slices = max(1, min(len(conns), int(window * 10)))
+        step = window / slices
+        per_slice = -(-len(conns) // slices)
+        for start in range(0, len(conns), per_slice):
+            for conn in conns[start : start + per_slice]:
+                conn.abort("shutdown")
+            if start + per_slice < len(conns):
+                await trio.sleep(step)

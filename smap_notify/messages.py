@@ -1,0 +1,260 @@
+"""Redis messages in, WebSocket envelopes out: parsing, typed payloads, validation."""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+CHANNEL_PREFIX: Final = "user_noti:"
+CHANNEL_PATTERN: Final = CHANNEL_PREFIX + "*"
+UNKNOWN_TYPE_LABEL: Final = "unknown"
+
+
+class MessageType(enum.StrEnum):
+    NOTIFICATION = "notification"
+    ALERT = "alert"
+    UPDATE = "update"
+    PING = "ping"
+    PONG = "pong"
+    PROJECT_PROGRESS = "project_progress"
+    PROJECT_COMPLETED = "project_completed"
+    DRYRUN_RESULT = "dryrun_result"
+    # Sent by smap-notify itself after a Redis outage; never read from Redis.
+    RESYNC = "resync"
+
+
+KNOWN_TYPES: Final = frozenset(t.value for t in MessageType if t is not MessageType.RESYNC)
+
+
+class _FieldError(ValueError):
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field_name = field_name
+
+
+def _strict(kind: type | tuple[type, ...]) -> Any:
+    """Like instance_of, but a JSON true/false is not a number."""
+
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise _FieldError(
+                attribute.name, f"must be {_kind_name(kind)}, got {_json_kind(value)}"
+            )
+
+    return check
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if isinstance(kind, tuple):
+        return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kind))
+    return names.get(kind, kind.__name__)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _non_empty(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise _FieldError(attribute.name, "must not be empty")
+
+
+def _not_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise _FieldError(attribute.name, f"must be >= 0, got {value!r}")
+
+
+def _percent(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value <= 100:
+        raise _FieldError(attribute.name, f"must be between 0 and 100, got {value!r}")
+
+
+_COUNT: Final = [_strict(int), _not_negative]
+
+
+@attrs.frozen
+class ProgressPayload:
+    """Payload of ``project_progress`` and ``project_completed`` (project-srv)."""
+
+    project_id: str = attrs.field(validator=[_strict(str), _non_empty])
+    status: str = attrs.field(validator=_strict(str))
+    total: int = attrs.field(validator=_COUNT)
+    done: int = attrs.field(validator=_COUNT)
+    errors: int = attrs.field(validator=_COUNT)
+    progress_percent: float = attrs.field(validator=[_strict((int, float)), _percent])
+
+
+@attrs.frozen
+class DryRunPayload:
+    """Payload of ``dryrun_result`` (project-srv's dry-run callback)."""
+
+    job_id: str = attrs.field(validator=[_strict(str), _non_empty])
+    platform: str = attrs.field(validator=_strict(str))
+    status: str = attrs.field(validator=_strict(str))
+    content: list[Any] | None = attrs.field(default=None, validator=v.optional(_strict(list)))
+    errors: list[Any] | None = attrs.field(default=None, validator=v.optional(_strict(list)))
+
+
+PAYLOAD_CLASSES: Final[dict[str, type]] = {
+    MessageType.PROJECT_PROGRESS: ProgressPayload,
+    MessageType.PROJECT_COMPLETED: ProgressPayload,
+    MessageType.DRYRUN_RESULT: DryRunPayload,
+}
+
+# Values are already JSON-typed; validators, not coercion, decide what is acceptable.
+converter: Final = cattrs.Converter()
+for _kind in (int, float, str):
+    converter.register_structure_hook(_kind, lambda value, _t: value)
+converter.register_structure_hook_func(lambda t: t == (list[Any] | None), lambda value, _t: value)
+
+
+class PayloadError(ValueError):
+    """A typed payload failed validation; ``field`` names the first bad field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def structure_payload(message_type: str, payload: Any) -> Any:
+    """Validate a typed payload, returning its attrs instance (None for untyped types).
+
+    Raises PayloadError with the first bad field and the reason.
+    """
+    cls = PAYLOAD_CLASSES.get(message_type)
+    if cls is None:
+        return None
+    if not isinstance(payload, dict):
+        raise PayloadError("payload", f"must be an object, got {_json_kind(payload)}")
+    try:
+        return converter.structure(payload, cls)
+    except cattrs.ClassValidationError as exc:
+        return _raise_first(exc, cls)
+    except _FieldError as exc:
+        raise PayloadError(exc.field_name, str(exc)) from None
+
+
+def _raise_first(exc: cattrs.ClassValidationError, cls: type) -> Any:
+    for sub in exc.exceptions:
+        notes = getattr(sub, "__notes__", [])
+        name = getattr(sub, "field_name", None) or next(
+            (n.name for n in notes if hasattr(n, "name")), "payload"
+        )
+        if isinstance(sub, KeyError):
+            raise PayloadError(name, "is required") from None
+        raise PayloadError(name, str(sub)) from None
+    raise PayloadError("payload", str(exc)) from None
+
+
+@attrs.frozen
+class Routed:
+    """A message accepted for delivery to ``user_id``."""
+
+    user_id: str
+    type: str
+    payload_json: str
+    known: bool
+    payload: Any = None
+    invalid: PayloadError | None = None
+
+    @property
+    def type_label(self) -> str:
+        """Metric label: the type if known, else one shared label (bounded cardinality)."""
+        return self.type if self.known else UNKNOWN_TYPE_LABEL
+
+
+@attrs.frozen
+class Rejected:
+    """A message that is not delivered, with the reason (a metric label) and details."""
+
+    reason: str
+    detail: str
+    user_id: str = ""
+    type: str = ""
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_message(
+    channel: bytes | str, data: bytes | str, *, deliver_invalid: bool = False
+) -> Routed | Rejected:
+    """Decide what to do with one Pub/Sub message: route it to a user, or reject it."""
+    if isinstance(channel, bytes):
+        channel = channel.decode("utf-8", "replace")
+    if not channel.startswith(CHANNEL_PREFIX):
+        return Rejected("bad_channel", f"channel {channel[:100]!r} is not {CHANNEL_PATTERN}")
+    user_id = channel[len(CHANNEL_PREFIX) :]
+    if not user_id:
+        return Rejected("empty_user_id", "channel has no user id after user_noti:")
+    try:
+        message = json.loads(data, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Rejected("invalid_json", f"not JSON: {exc}", user_id)
+    if not isinstance(message, dict):
+        return Rejected("not_object", f"message is {_json_kind(message)}, not an object", user_id)
+    message_type = message.get("type")
+    if not isinstance(message_type, str):
+        return Rejected(
+            "invalid_type", f"type is {_json_kind(message_type)}, not a string", user_id
+        )
+    payload = message.get("payload")
+    try:
+        payload_json = json.dumps(
+            payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+        # A lone surrogate (\ud800) parses but cannot be sent as UTF-8 text.
+        payload_json.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        return Rejected("invalid_json", f"payload cannot be re-encoded: {exc}", user_id)
+    try:
+        typed = structure_payload(message_type, payload)
+    except PayloadError as exc:
+        if not deliver_invalid:
+            return Rejected("invalid_payload", str(exc), user_id, message_type)
+        return Routed(user_id, message_type, payload_json, True, None, exc)
+    return Routed(user_id, message_type, payload_json, message_type in KNOWN_TYPES, typed)
+
+
+def format_timestamp(moment: datetime | None = None) -> str:
+    """RFC 3339 with microseconds and a UTC offset."""
+    return (moment or datetime.now(UTC)).isoformat(timespec="microseconds")
+
+
+def envelope(message_type: str, payload_json: str, timestamp: str) -> str:
+    """The outbound frame text: type, payload, timestamp, in that key order."""
+    return (
+        '{"type":'
+        + json.dumps(message_type, ensure_ascii=False)
+        + ',"payload":'
+        + payload_json
+        + ',"timestamp":"'
+        + timestamp
+        + '"}'
+    )
+
+
+def resync_envelope(reason: str, since: str | None, timestamp: str) -> str:
+    payload = json.dumps({"reason": reason, "since": since}, separators=(",", ":"))
+    return envelope(MessageType.RESYNC, payload, timestamp)

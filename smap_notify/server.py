@@ -1,0 +1,306 @@
+"""The listener: one port for /ws (WebSocket upgrades) and the HTTP endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import h11
+import trio
+import trio_websocket
+
+from .config import Config
+from .connection import Connection, ConnStream
+from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide
+from .hub import Hub
+from .logs import RateLimiter
+
+logger = logging.getLogger(__name__)
+
+TOKEN_EXPIRED_CODE: Final = 4001
+CLOSE_GRACE: Final = 2.0
+
+# An HTTP endpoint: (request, remote) -> (status, content type, body).
+Endpoint = Callable[[HandshakeRequest], Awaitable[tuple[int, str, bytes]]]
+
+
+class HeadError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def read_head(stream: ConnStream, limit: int) -> bytes:
+    """Bytes up to the end of the request head (and whatever came with them)."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > limit:
+            raise HeadError(431, "head_too_large")
+        chunk = await stream.raw.receive_some(4096)
+        if not chunk:
+            raise HeadError(0, "closed_before_head")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    if end > limit:
+        raise HeadError(431, "head_too_large")
+    return bytes(buf)
+
+
+def parse_head(data: bytes, limit: int) -> HandshakeRequest:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise HeadError(exc.error_status_hint, "bad_request") from None
+    if not isinstance(event, h11.Request):
+        raise HeadError(400, "bad_request")
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return HandshakeRequest(
+        event.method.decode("ascii", "replace"), event.target.decode("latin-1"), headers
+    )
+
+
+def http_response(
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    *,
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    conn = h11.Connection(h11.SERVER)
+    # h11 must see a request before it writes a response.
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        ("Cache-Control", "no-store"),
+        *extra_headers,
+    ]
+    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    if not head_only:
+        out += conn.send(h11.Data(data=body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    return out
+
+
+class Server:
+    """Accepts connections; answers HTTP; upgrades /ws and runs each WebSocket."""
+
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        endpoints: dict[str, Endpoint],
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.counters = hub.counters
+        self.endpoints = endpoints
+        self.draining = False
+        self._accept_scope = trio.CancelScope()
+        self._limiter = RateLimiter(per_seconds=10.0, burst=10)
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept until ``stop_accepting``; connections live on until the caller cancels."""
+        async with trio.open_nursery() as connections:
+            with self._accept_scope:
+                await trio.serve_listeners(
+                    self._handle,
+                    listeners,
+                    handler_nursery=connections,
+                    task_status=task_status,
+                )
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        self._accept_scope.cancel()
+
+    def _reject_log(self, key: str, msg: str, *args: object) -> None:
+        allowed, suppressed = self._limiter.check(key, time.monotonic())
+        if allowed:
+            if suppressed:
+                msg += " suppressed=%d"
+                args = (*args, suppressed)
+            logger.info(msg, *args)
+
+    async def _handle(self, raw: trio.SocketStream) -> None:
+        stream = ConnStream(raw)
+        try:
+            await self._handle_stream(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            logger.exception("connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await raw.aclose()
+
+    async def _handle_stream(self, stream: ConnStream) -> None:
+        config = self.config
+        deadline = trio.current_time() + config.ws_handshake_timeout
+        with trio.move_on_at(deadline):
+            try:
+                head = await read_head(stream, config.http_max_header_size)
+                request = parse_head(head, config.http_max_header_size)
+            except HeadError as exc:
+                if exc.reason != "closed_before_head":
+                    self.counters.handshake_rejections[exc.reason] += 1
+                if exc.status:
+                    body = json.dumps({"error": exc.reason.replace("_", " ")}).encode()
+                    await stream.raw.send_all(http_response(exc.status, body, "application/json"))
+                return
+            if request.path != WS_PATH:
+                await self._serve_http(stream, request)
+                return
+            decision = self._decide(request)
+            if isinstance(decision, Reject):
+                self._reject(decision, request)
+                await stream.raw.send_all(
+                    http_response(
+                        decision.status,
+                        decision.body,
+                        decision.content_type,
+                        decision.extra_headers,
+                    )
+                )
+                return
+            stream.prefix = head
+            await self._upgrade_and_run(stream, decision, deadline)
+            return
+        self.counters.handshake_rejections["handshake_timeout"] += 1
+        self._reject_log("timeout", "handshake timed out")
+
+    def _decide(self, request: HandshakeRequest) -> Accept | Reject:
+        if self.draining:
+            return Reject(
+                503,
+                "draining",
+                b'{"error":"shutting down"}',
+                "draining",
+                extra_headers=(("Retry-After", "1"),),
+            )
+        decision = decide(request, self.config, time.time())
+        if isinstance(decision, Accept):
+            full = self.hub.try_reserve(decision.user_id)
+            if full is not None:
+                status, reason = full
+                return Reject(
+                    status,
+                    reason,
+                    json.dumps({"error": reason.replace("_", " ") + " reached"}).encode(),
+                    f"user={decision.user_id}",
+                    extra_headers=(("Retry-After", "5"),),
+                )
+        return decision
+
+    def _reject(self, decision: Reject, request: HandshakeRequest) -> None:
+        self.counters.handshake_rejections[decision.reason] += 1
+        self._reject_log(
+            decision.reason,
+            "handshake rejected status=%d reason=%s %s",
+            decision.status,
+            decision.reason,
+            decision.detail,
+        )
+
+    async def _serve_http(self, stream: ConnStream, request: HandshakeRequest) -> None:
+        endpoint = self.endpoints.get(request.path)
+        if request.method not in ("GET", "HEAD"):
+            status, ctype, body = 405, "application/json", b'{"error":"method not allowed"}'
+        elif endpoint is None:
+            status, ctype, body = 404, "application/json", b'{"error":"not found"}'
+        else:
+            status, ctype, body = await endpoint(request)
+        await stream.raw.send_all(
+            http_response(status, body, ctype, head_only=request.method == "HEAD")
+        )
+
+    async def _upgrade_and_run(self, stream: ConnStream, accept: Accept, deadline: float) -> None:
+        config = self.config
+        if accept.token_in_query:
+            self._reject_log(
+                "query_token",
+                "token passed as query parameter (deprecated; use the %s cookie) user=%s",
+                config.cookie_name,
+                accept.user_id,
+            )
+        registered = False
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_at(deadline) as scope:
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        stream,
+                        message_queue_size=4,
+                        max_message_size=config.ws_max_message_size,
+                    )
+                    ws = await request.accept()
+                if scope.cancelled_caught:
+                    self.counters.handshake_rejections["handshake_timeout"] += 1
+                    stream.abort()
+                    return
+                conn = Connection(
+                    accept.user_id,
+                    stream,
+                    expires_at=accept.expires_at,
+                    max_messages=config.ws_send_buffer,
+                    max_bytes=config.ws_send_buffer_bytes,
+                    write_wait=config.ws_write_wait,
+                )
+                self.hub.register(conn)
+                registered = True
+                logger.debug("connection opened conn=%d user=%s", conn.id, conn.user_id)
+                reason = "closed"
+                try:
+                    reason = await self._run(conn, ws)
+                finally:
+                    self.hub.unregister(conn, reason)
+                    if not conn.closed:
+                        conn.closed = True
+                        stream.abort()
+                    logger.debug(
+                        "connection closed conn=%d user=%s reason=%s",
+                        conn.id,
+                        conn.user_id,
+                        conn.close_reason or reason,
+                    )
+        finally:
+            if not registered:
+                self.hub.release(accept.user_id)
+
+    async def _run(self, conn: Connection, ws: trio_websocket.WebSocketConnection) -> str:
+        """Read and discard client messages until the socket closes or the token expires."""
+        expires_in = conn.expires_at - time.time()
+        with trio.move_on_after(max(0.0, expires_in)) as expiry:
+            while True:
+                try:
+                    await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    code = exc.reason.code if exc.reason else None
+                    if code == 1009:
+                        return "message_too_big"
+                    return "client_closed" if code != 1006 else "connection_lost"
+        if expiry.cancelled_caught:
+            logger.info("token expired, closing conn=%d user=%s", conn.id, conn.user_id)
+            with trio.move_on_after(CLOSE_GRACE):
+                await ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
+            return "token_expired"
+        return "closed"

@@ -1,0 +1,223 @@
+"""The Redis subscriber: PSUBSCRIBE user_noti:* in a worker thread, batches to the hub.
+
+redis-py's synchronous client runs in one worker thread for the daemon's lifetime. The
+thread detects a dead or wedged subscription itself (a PING on the subscribed
+connection when nothing has arrived for a while), reconnects forever with capped,
+jittered backoff, and tells the hub with a ``Resync`` marker when a lost subscription is
+back, in order with the messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import attrs
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .config import Config
+from .hub import Batch, RawMessage, Resync
+from .messages import CHANNEL_PATTERN
+from .metrics import Counters
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS: Final = 0.25
+PROBE_AFTER: Final = 1.0  # silence after which the subscription is probed with PING
+DEAD_AFTER: Final = 3.0  # silence after which the subscription is declared dead
+BACKOFF_BASE: Final = 0.1
+BACKOFF_CAP: Final = 1.0
+MAX_BATCH: Final = 256
+SOCKET_TIMEOUT: Final = 2.0
+
+
+@attrs.define
+class SubscriberState:
+    """Shared with the event loop; written only by the subscriber thread."""
+
+    active: bool = False
+    state: str = "starting"  # starting, subscribed, retrying
+    last_message_at: datetime | None = None
+    last_error: str = ""
+    heartbeat: float = attrs.Factory(time.monotonic)
+    attempts: int = 0
+
+
+class SubscriptionDead(Exception):
+    pass
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with jitter (half to full of the capped delay)."""
+    capped = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt, 16)))
+    return capped * (0.5 + 0.5 * (rng or random).random())
+
+
+def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
+    """A client that fails fast: reconnecting is the caller's job."""
+    host, port = config.redis_address
+    return redis.Redis(
+        host=host,
+        port=port,
+        db=config.redis_db,
+        password=config.redis_password or None,
+        ssl=config.redis_use_tls,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        lib_name=None,
+        lib_version=None,
+    )
+
+
+async def run_redis_subscriber(
+    config: Config,
+    send: trio.MemorySendChannel[Batch],
+    state: SubscriberState,
+    counters: Counters,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the subscriber thread until cancelled; started at once, subscribed or not."""
+    worker = _Worker(config, send, state, counters)
+    async with send:
+        task_status.started()
+        await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
+
+
+class _Worker:
+    def __init__(
+        self,
+        config: Config,
+        send: trio.MemorySendChannel[Batch],
+        state: SubscriberState,
+        counters: Counters,
+    ) -> None:
+        self.config = config
+        self.send = send
+        self.state = state
+        self.counters = counters
+        self.lost_at: datetime | None = None
+        self.ever_subscribed = False
+
+    def run(self) -> None:
+        state = self.state
+        host = self.config.redis_host
+        while True:
+            trio.from_thread.check_cancelled()
+            try:
+                self._session()
+            except (redis.RedisError, OSError, SubscriptionDead) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                state.last_error = error
+                if state.active or state.state == "starting":
+                    self.lost_at = self.lost_at or datetime.now(UTC)
+                    logger.warning(
+                        "redis subscription %s, retrying redis=%s error=%s",
+                        "lost" if state.active else "unavailable",
+                        host,
+                        error,
+                    )
+                elif state.attempts % 30 == 0:
+                    logger.warning(
+                        "redis still unavailable redis=%s attempts=%d error=%s",
+                        host,
+                        state.attempts,
+                        error,
+                    )
+                else:
+                    logger.debug("redis reconnect failed redis=%s error=%s", host, error)
+                state.active = False
+                state.state = "retrying"
+            delay = backoff_delay(state.attempts)
+            state.attempts += 1
+            self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            trio.from_thread.check_cancelled()
+            self.state.heartbeat = time.monotonic()
+            time.sleep(min(left, 0.1))
+
+    def _session(self) -> None:
+        client = make_client(self.config)
+        pubsub = client.pubsub(ignore_subscribe_messages=False)
+        try:
+            pubsub.psubscribe(CHANNEL_PATTERN)
+            self._listen(pubsub)
+        finally:
+            try:
+                pubsub.close()
+                client.close()
+            except Exception:  # closing a broken connection must not hide why it broke
+                logger.debug("closing redis connection failed", exc_info=True)
+
+    def _listen(self, pubsub: Any) -> None:
+        state = self.state
+        last_rx = time.monotonic()
+        probed_at = 0.0
+        while True:
+            trio.from_thread.check_cancelled()
+            now = time.monotonic()
+            state.heartbeat = now
+            message = pubsub.get_message(timeout=POLL_SECONDS)
+            now = time.monotonic()
+            if message is None:
+                silent = now - last_rx
+                if silent > DEAD_AFTER:
+                    raise SubscriptionDead(f"no reply from redis for {silent:.1f}s")
+                if silent > PROBE_AFTER and now - probed_at > PROBE_AFTER:
+                    pubsub.ping()
+                    probed_at = now
+                continue
+            last_rx = now
+            batch: list[RawMessage] = []
+            while message is not None:
+                self._take(message, batch)
+                if len(batch) >= MAX_BATCH:
+                    break
+                message = pubsub.get_message(timeout=0.0)
+            if batch:
+                state.last_message_at = datetime.now(UTC)
+                trio.from_thread.run(self.send.send, batch)
+
+    def _take(self, message: dict[str, Any], batch: list[RawMessage]) -> None:
+        kind = message["type"]
+        if kind == "pmessage":
+            batch.append((message["channel"], message["data"]))
+        elif kind == "psubscribe":
+            self._subscribed()
+        # pong (our probe) and anything else only prove the connection is alive
+
+    def _subscribed(self) -> None:
+        state = self.state
+        if self.ever_subscribed:
+            self.counters.redis_reconnects += 1
+            since = self.lost_at.isoformat(timespec="microseconds") if self.lost_at else None
+            outage = (datetime.now(UTC) - self.lost_at).total_seconds() if self.lost_at else 0.0
+            logger.warning(
+                "redis subscription restored pattern=%s outage=%.1fs attempts=%d",
+                CHANNEL_PATTERN,
+                outage,
+                state.attempts,
+            )
+            trio.from_thread.run(self.send.send, Resync("redis_reconnected", since))
+        else:
+            logger.info(
+                "redis subscribed pattern=%s redis=%s", CHANNEL_PATTERN, self.config.redis_host
+            )
+        self.ever_subscribed = True
+        self.lost_at = None
+        state.active = True
+        state.state = "subscribed"
+        state.attempts = 0
+        state.last_error = ""
