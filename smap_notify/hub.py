@@ -147,6 +147,8 @@ class Hub:
         timestamp = format_timestamp()
         users = self.users
         dirty = self._dirty
+        nursery = self._nursery
+        assert nursery is not None, "Hub.serve is not running"
         for channel, data in batch:
             c.received += 1
             result = parse_message(channel, data, deliver_invalid=deliver_invalid)
@@ -171,13 +173,16 @@ class Hub:
             for conn in conns:
                 if not conn.writable:
                     continue
-                if conn.push(frame):
-                    queued += 1
-                    if not conn.dirty:
-                        conn.dirty = True
-                        dirty.append(conn)
-                else:
-                    self._overflow(conn, overflow_disconnect)
+                if not conn.push(frame):
+                    # Full of frames from this batch? Write them now, then look again.
+                    conn.write_nowait(nursery)
+                    if not conn.push(frame):
+                        self._overflow(conn, overflow_disconnect)
+                        continue
+                queued += 1
+                if not conn.dirty:
+                    conn.dirty = True
+                    dirty.append(conn)
             if queued:
                 c.delivered += 1
                 c.frames_sent += queued
