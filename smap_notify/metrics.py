@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -152,6 +152,7 @@ def _labelled(name: str, doc: str, values: Tally[str], label: str = "reason") ->
 def make_registry(counters: Counters, gauges: Gauges) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(DaemonCollector(counters, gauges))
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -19,6 +19,7 @@ import attrs
 import redis
 import trio
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from .config import Config
@@ -73,8 +74,9 @@ def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> re
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
-        lib_name=None,
-        lib_version=None,
+        # No CLIENT SETINFO or maintenance-notification handshake: one round trip per connect.
+        driver_info=None,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 
 

@@ -1,0 +1,167 @@
+"""``smap-notify-demo``: run the daemon locally and watch what it delivers.
+
+Uses the Redis at REDIS_HOST (default localhost:6379) when one answers, else starts a
+throwaway ``redis-server`` on a free loopback port. Runs the daemon with ENV=dev and a
+generated secret, prints a ready token and a ``redis-cli PUBLISH`` line, and prints every
+frame a demo WebSocket client receives. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Final
+
+import jwt
+import redis
+import trio
+import trio_websocket
+
+DEMO_USER: Final = "demo-user"
+DEMO_ORIGIN: Final = "http://localhost:3000"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        return bool(redis.Redis(host=host, port=port, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def main() -> int:
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        return _run(started)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(started):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _run(started: list[subprocess.Popen[bytes]]) -> int:
+    redis_host = os.environ.get("REDIS_HOST", "localhost:6379")
+    host, _, port_text = redis_host.rpartition(":")
+    if not _redis_answers(host, int(port_text)):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            print(
+                f"No Redis answers at {redis_host} and redis-server is not installed.\n"
+                "Install it (Debian/Ubuntu: sudo apt-get install redis-server) or set "
+                "REDIS_HOST=host:port.",
+                file=sys.stderr,
+            )
+            return 1
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        host, redis_host = "127.0.0.1", f"127.0.0.1:{port}"
+        while not _redis_answers(host, port):
+            if proc.poll() is not None:
+                print("redis-server failed to start", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        print(f"* No Redis answered, so a throwaway redis-server runs on {redis_host}")
+    else:
+        print(f"* Using the Redis at {redis_host}")
+
+    secret = os.environ.get("JWT_SECRET_KEY") or secrets.token_urlsafe(32)
+    ws_port = int(os.environ.get("WS_PORT", "8081"))
+    env = dict(
+        os.environ,
+        JWT_SECRET_KEY=secret,
+        ENV=os.environ.get("ENV", "dev"),
+        WS_HOST=os.environ.get("WS_HOST", "127.0.0.1"),
+        WS_PORT=str(ws_port),
+        REDIS_HOST=redis_host,
+    )
+    daemon = subprocess.Popen([sys.executable, "-m", "smap_notify"], env=env)
+    started.append(daemon)
+    if not _wait_port(ws_port, daemon):
+        print(f"smap-notify did not start (exit status {daemon.poll()})", file=sys.stderr)
+        return 1
+    token = jwt.encode(
+        {"sub": DEMO_USER, "email": "demo@example.com", "exp": int(time.time()) + 86400},
+        secret,
+        algorithm="HS256",
+    )
+    redis_cli = f"redis-cli -h {host} -p {redis_host.rpartition(':')[2]}"
+    print(
+        f"""
+* smap-notify is running: ws://127.0.0.1:{ws_port}/ws   health: http://127.0.0.1:{ws_port}/health
+* A token for user {DEMO_USER} (valid 24 h):
+    {token}
+* Publish a notification from another terminal:
+    {redis_cli} PUBLISH user_noti:{DEMO_USER} '{{"type":"notification","payload":{{"title":"Hello","body":"It works"}}}}'
+* Connect your own client with the cookie smap_auth_token=<token> (or ?token=<token>)
+  and an Origin header such as {DEMO_ORIGIN}.
+* A demo client is connected as {DEMO_USER}; what it receives is printed below. Ctrl-C stops.
+""",
+        flush=True,
+    )
+    trio.run(_watch, ws_port, token)
+    return 0
+
+
+async def _watch(port: int, token: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_print_frames, port, token)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _print_frames(port: int, token: str) -> None:
+    headers = [(b"Origin", DEMO_ORIGIN.encode()), (b"Cookie", f"smap_auth_token={token}".encode())]
+    while True:
+        try:
+            async with trio_websocket.open_websocket(
+                "127.0.0.1", port, "/ws", use_ssl=False, extra_headers=headers
+            ) as ws:
+                while True:
+                    print("<<<", await ws.get_message(), flush=True)
+        except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError) as exc:
+            print(f"(demo client disconnected: {exc}; reconnecting)", flush=True)
+            await trio.sleep(1)
