@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -12,7 +11,7 @@ import trio
 
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame
-from .logs import RateLimiter
+from .logs import LimitedLogger
 from .messages import (
     DryRunPayload,
     MessageType,
@@ -75,7 +74,7 @@ class Hub:
         self._reserved_total = 0
         self._dirty: list[Connection] = []
         self._nursery: trio.Nursery | None = None
-        self._warn_limiter = RateLimiter(per_seconds=10.0, burst=5)
+        self._log = LimitedLogger(logger)
 
     # -- registry ---------------------------------------------------------------
 
@@ -195,7 +194,8 @@ class Hub:
         if disconnect:
             conn.abort("queue_full")
         else:
-            self._warn(
+            self._log.log(
+                logging.WARNING,
                 "overflow",
                 "outbound queue full, frame dropped conn=%d user=%s pending=%d bytes=%d",
                 conn.id,
@@ -229,16 +229,9 @@ class Hub:
         self.flush()
         logger.info("resync sent to clients connections=%d reason=%s", sent, resync.reason)
 
-    def _warn(self, key: str, msg: str, *args: object) -> None:
-        allowed, suppressed = self._warn_limiter.check(key, time.monotonic())
-        if allowed:
-            if suppressed:
-                msg += " suppressed=%d"
-                args = (*args, suppressed)
-            logger.warning(msg, *args)
-
     def _log_rejected(self, result: Rejected) -> None:
-        self._warn(
+        self._log.log(
+            logging.WARNING,
             "rejected:" + result.reason,
             "message rejected reason=%s user=%s type=%s detail=%s",
             result.reason,
@@ -249,7 +242,8 @@ class Hub:
 
     def _log_routed(self, result: Routed) -> None:
         if result.invalid is not None:
-            self._warn(
+            self._log.log(
+                logging.WARNING,
                 "invalid:" + result.type,
                 "invalid payload delivered anyway user=%s type=%s detail=%s",
                 result.user_id,
@@ -257,7 +251,8 @@ class Hub:
                 result.invalid,
             )
         elif not result.known:
-            self._warn(
+            self._log.log(
+                logging.WARNING,
                 "unknown_type",
                 "unknown message type delivered user=%s type=%.64s",
                 result.user_id,

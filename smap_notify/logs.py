@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from collections.abc import Hashable, Mapping
 from typing import IO, Final
 
@@ -223,3 +224,24 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class LimitedLogger:
+    """A logger whose events are rate-limited per key, each line ending ``suppressed=N``
+    when earlier events of that key were held back."""
+
+    def __init__(
+        self, logger: logging.Logger, *, per_seconds: float = 10.0, burst: int = 5
+    ) -> None:
+        self.logger = logger
+        self.limiter = RateLimiter(per_seconds=per_seconds, burst=burst)
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        allowed, suppressed = self.limiter.check(key, time.monotonic())
+        if allowed:
+            if suppressed:
+                msg += " suppressed=%d"
+                args = (*args, suppressed)
+            self.logger.log(level, msg, *args)

@@ -16,7 +16,7 @@ from .config import Config
 from .connection import Connection, ConnStream
 from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide
 from .hub import Hub
-from .logs import RateLimiter
+from .logs import LimitedLogger
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Server:
         self.endpoints = endpoints
         self.draining = False
         self._accept_scope = trio.CancelScope()
-        self._limiter = RateLimiter(per_seconds=10.0, burst=10)
+        self._log = LimitedLogger(logger, burst=10)
 
     async def serve(
         self,
@@ -132,14 +132,6 @@ class Server:
     def stop_accepting(self) -> None:
         self.draining = True
         self._accept_scope.cancel()
-
-    def _reject_log(self, key: str, msg: str, *args: object) -> None:
-        allowed, suppressed = self._limiter.check(key, time.monotonic())
-        if allowed:
-            if suppressed:
-                msg += " suppressed=%d"
-                args = (*args, suppressed)
-            logger.info(msg, *args)
 
     async def _handle(self, raw: trio.SocketStream) -> None:
         stream = ConnStream(raw)
@@ -186,7 +178,7 @@ class Server:
             await self._upgrade_and_run(stream, decision, deadline)
             return
         self.counters.handshake_rejections["handshake_timeout"] += 1
-        self._reject_log("timeout", "handshake timed out")
+        self._log.log(logging.INFO, "timeout", "handshake timed out")
 
     def _decide(self, request: HandshakeRequest) -> Accept | Reject:
         if self.draining:
@@ -213,7 +205,8 @@ class Server:
 
     def _reject(self, decision: Reject, request: HandshakeRequest) -> None:
         self.counters.handshake_rejections[decision.reason] += 1
-        self._reject_log(
+        self._log.log(
+            logging.INFO,
             decision.reason,
             "handshake rejected status=%d reason=%s %s",
             decision.status,
@@ -236,7 +229,8 @@ class Server:
     async def _upgrade_and_run(self, stream: ConnStream, accept: Accept, deadline: float) -> None:
         config = self.config
         if accept.token_in_query:
-            self._reject_log(
+            self._log.log(
+                logging.WARNING,
                 "query_token",
                 "token passed as query parameter (deprecated; use the %s cookie) user=%s",
                 config.cookie_name,

@@ -1,0 +1,290 @@
+"""End to end over real sockets: handshake rejections, /health, /metrics, /stats, process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import (
+    DEV_ORIGIN,
+    WS_UPGRADE_HEADERS,
+    Daemon,
+    RedisServer,
+    http_request,
+    make_token,
+    wait_until,
+)
+
+
+def ws_headers(
+    token: str | None = None, origin: str | None = DEV_ORIGIN, **extra: str
+) -> dict[str, str]:
+    headers = dict(WS_UPGRADE_HEADERS)
+    if origin is not None:
+        headers["Origin"] = origin
+    if token is not None:
+        headers["Cookie"] = f"smap_auth_token={token}"
+    headers.update(extra)
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "target", "status", "body"),
+    [
+        (ws_headers(token=None), "/ws", 401, {"error": "missing token parameter"}),
+        (ws_headers(token="not.a.jwt"), "/ws", 401, {"error": "invalid or expired token"}),
+        (ws_headers(make_token(ttl=-10)), "/ws", 401, {"error": "invalid or expired token"}),
+        (
+            ws_headers(make_token(secret="another-secret-with-enough-bytes-000000")),
+            "/ws",
+            401,
+            {"error": "invalid or expired token"},
+        ),
+        (ws_headers(make_token(), origin="https://evil.com"), "/ws", 403, None),
+        (ws_headers(make_token(), origin=None), "/ws", 403, None),
+        # Origin is checked before the token: a bad origin learns nothing about tokens.
+        (ws_headers(token=None, origin="https://evil.com"), "/ws", 403, None),
+        ({"Origin": DEV_ORIGIN, "Cookie": f"smap_auth_token={make_token()}"}, "/ws", 400, None),
+        (ws_headers(token=None), f"/ws?token={make_token()}", 426, None),
+    ],
+    ids=[
+        "missing-token",
+        "malformed-token",
+        "expired-token",
+        "wrong-secret",
+        "bad-origin",
+        "no-origin",
+        "bad-origin-before-token",
+        "not-websocket",
+        "query-token-bad-version",
+    ],
+)
+async def test_handshake_rejections_are_plain_http_before_the_upgrade(
+    start_daemon: Any,
+    headers: dict[str, str],
+    target: str,
+    status: int,
+    body: dict[str, str] | None,
+) -> None:
+    daemon: Daemon = await start_daemon()
+    if status == 426:
+        headers = {**headers, "Sec-WebSocket-Version": "8"}
+    got_status, got_headers, got_body = await http_request(daemon.port, target, headers)
+    assert got_status == status
+    assert got_headers["content-type"] == "application/json"
+    if body is not None:
+        assert json.loads(got_body) == body
+    assert daemon.app.hub.connection_count == 0
+    assert sum(daemon.app.counters.handshake_rejections.values()) == 1
+
+
+async def test_production_mode_rejects_localhost_and_accepts_configured_origin(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon(ENV="production", ALLOWED_ORIGINS="https://smap.tantai.dev")
+    status, _, _ = await http_request(daemon.port, "/ws", ws_headers(make_token()))
+    assert status == 403
+    ws = await daemon.connect("user123", origin="https://smap.tantai.dev", nursery=nursery)
+    await daemon.wait_connections(1)
+    await ws.aclose()
+
+
+async def test_query_token_is_accepted_and_never_logged(
+    start_daemon: Any, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon: Daemon = await start_daemon()
+    token = make_token("q-user")
+    ws = await daemon.connect("q-user", token=token, query_token=True, nursery=nursery)
+    await daemon.wait_connections(1)
+    await daemon.publish("q-user", {"type": "alert", "payload": 1})
+    with trio.fail_after(5):
+        assert json.loads(await ws.get_message())["payload"] == 1
+    assert any("deprecated" in r.getMessage() for r in caplog.records)
+    assert not any(token in r.getMessage() for r in caplog.records)
+
+
+async def test_per_user_cap_answers_429_and_global_cap_503(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon(WS_MAX_CONNECTIONS_PER_USER="2", WS_MAX_CONNECTIONS="3")
+    await daemon.connect("a", nursery=nursery)
+    await daemon.connect("a", nursery=nursery)
+    status, _, _ = await http_request(daemon.port, "/ws", ws_headers(make_token("a")))
+    assert status == 429
+    await daemon.connect("b", nursery=nursery)
+    await daemon.wait_connections(3)
+    status, _, _ = await http_request(daemon.port, "/ws", ws_headers(make_token("c")))
+    assert status == 503
+    assert daemon.app.counters.handshake_rejections == {
+        "max_connections_per_user": 1,
+        "max_connections": 1,
+    }
+
+
+async def test_oversized_head_gets_431_and_slow_head_is_dropped(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon(HTTP_MAX_HEADER_SIZE="2048", WS_HANDSHAKE_TIMEOUT="300ms")
+    status, _, _ = await http_request(daemon.port, "/health", {"X-Big": "a" * 4000})
+    assert status == 431
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+    await stream.send_all(b"GET /ws HTTP/1.1\r\n")
+    with trio.fail_after(5):
+        assert await stream.receive_some() == b"", "the daemon hangs up on an unfinished head"
+    assert daemon.app.counters.handshake_rejections["handshake_timeout"] == 1
+
+
+async def test_health_is_healthy_with_null_last_message_before_the_first(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon()
+    status, headers, body = await http_request(daemon.port, "/health")
+    doc = json.loads(body)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert doc["status"] == "healthy"
+    assert doc["redis"]["status"] == "connected" and doc["redis"]["ping_ms"] >= 0
+    assert doc["websocket"] == {"active_connections": 0, "total_unique_users": 0}
+    assert doc["subscriber"]["active"] is True
+    assert doc["subscriber"]["last_message_at"] is None
+    assert doc["subscriber"]["pattern"] == "user_noti:*"
+    assert isinstance(doc["uptime_seconds"], int)
+    await daemon.publish("x", {"type": "ping"})
+    await wait_until(lambda: daemon.app.subscriber.last_message_at is not None)
+    _, _, body = await http_request(daemon.port, "/health")
+    assert json.loads(body)["subscriber"]["last_message_at"] is not None
+
+
+async def test_health_is_degraded_when_redis_is_down_and_recovers(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon()
+    daemon.redis.kill()
+    status, _, body = await http_request(daemon.port, "/health")
+    doc = json.loads(body)
+    assert status == 503 and doc["status"] == "degraded"
+    assert doc["redis"]["status"] == "disconnected" and doc["redis"]["error"]
+    daemon.redis.start()
+    await daemon.wait_subscribed()
+
+    async def healthy() -> bool:
+        status, _, _ = await http_request(daemon.port, "/health")
+        return status == 200
+
+    with trio.fail_after(15):
+        while not await healthy():
+            await trio.sleep(0.1)
+
+
+async def test_redis_down_at_start_serves_degraded_then_subscribes(
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    redis_server.kill()
+    daemon: Daemon = await start_daemon(wait_subscribed=False)
+    await wait_until(lambda: daemon.app.subscriber.state == "retrying")
+    status, _, body = await http_request(daemon.port, "/health")
+    assert status == 503
+    assert json.loads(body)["subscriber"]["active"] is False
+    ws = await daemon.connect("user123", nursery=nursery)
+    daemon.redis.start()
+    await daemon.wait_subscribed()
+    await daemon.publish("user123", {"type": "notification", "payload": "after start"})
+    with trio.fail_after(5):
+        while True:
+            doc = json.loads(await ws.get_message())
+            if doc["type"] != "resync":
+                break
+    assert doc["payload"] == "after start"
+
+
+async def test_metrics_are_prometheus_text_with_types_and_accounting(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    for message in (
+        {
+            "type": "project_progress",
+            "payload": {
+                "project_id": "p",
+                "status": "DONE",
+                "total": 1,
+                "done": 1,
+                "errors": 0,
+                "progress_percent": 100,
+            },
+        },
+        {"type": "brand_new_type", "payload": {}},
+        "garbage",
+    ):
+        await daemon.publish("user123", message)
+    await daemon.publish("offline-user", {"type": "alert"})
+    with trio.fail_after(5):
+        await ws.get_message()
+        await ws.get_message()
+    await wait_until(lambda: daemon.app.counters.received == 4)
+    status, headers, body = await http_request(daemon.port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert samples[("websocket_messages_by_type_total", (("type", "project_progress"),))] == 1
+    assert samples[("websocket_messages_by_type_total", (("type", "unknown"),))] == 1
+    assert samples[("smap_notify_messages_rejected_total", (("reason", "invalid_json"),))] == 1
+    assert samples[("smap_notify_messages_dropped_total", (("reason", "no_connection"),))] == 1
+    assert samples[("websocket_active_connections", ())] == 1
+    received = samples[("smap_notify_messages_received_total", ())]
+    delivered = samples[("smap_notify_messages_delivered_total", ())]
+    assert received == 4 and delivered == 2
+
+
+async def test_stats_keeps_the_original_json_shape(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon()
+    status, _, body = await http_request(daemon.port, "/stats")
+    doc = json.loads(body)
+    assert status == 200
+    assert set(doc) == {"service", "timestamp", "uptime_seconds", "connections", "messages"}
+    assert set(doc["messages"]) == {"received_from_redis", "sent_to_clients", "failed"}
+
+
+async def test_unknown_path_is_404_and_post_is_405(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon()
+    assert (await http_request(daemon.port, "/nope"))[0] == 404
+    assert (await http_request(daemon.port, "/health", method="POST"))[0] == 405
+
+
+def test_sigterm_closes_clients_uncleanly_and_exits_zero(daemon_process: Any) -> None:
+    daemon = daemon_process()
+
+    async def scenario() -> int | None:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.connect_websocket(
+                nursery,
+                "127.0.0.1",
+                daemon.port,
+                "/ws",
+                use_ssl=False,
+                extra_headers=[
+                    ("Origin", DEV_ORIGIN),
+                    ("Cookie", f"smap_auth_token={make_token()}"),
+                ],
+            )
+            daemon.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15), pytest.raises(trio_websocket.ConnectionClosed) as info:
+                await ws.get_message()
+            return info.value.reason.code
+
+    code = trio.run(scenario)
+    assert code == 1006, "an unclean close makes SMAP's web UI reconnect"
+    assert daemon.proc.wait(15) == 0
+    log = daemon.log()
+    assert "Traceback" not in log and "stopped" in log
+
+
+def test_missing_secret_exits_78_listing_every_problem(daemon_process: Any) -> None:
+    daemon = daemon_process(wait_ready=False, JWT_SECRET_KEY="", WS_PING_INTERVAL="soon")
+    assert daemon.proc.wait(15) == 78
+    log = daemon.log()
+    assert "JWT_SECRET_KEY" in log and "WS_PING_INTERVAL" in log
