@@ -129,11 +129,17 @@ class App:
             nursery.start_soon(self._report_status)
             task_status.started(bound)
 
-    async def shutdown(self) -> None:
-        """Stop accepting, close connections spread over the drain window."""
-        self.draining = True
+    async def shutdown(self, *, keep_backlog: bool = False) -> None:
+        """Refuse new upgrades, close connections spread over the drain window.
+
+        With an inherited (socket-activated) listener, stop accepting at once: connections
+        wait in the kernel backlog for the next process. Otherwise keep answering, so
+        /health reports the drain and upgrades get 503 with Retry-After.
+        """
+        self.draining = self.server.draining = True
         self.notifier.stopping("draining connections")
-        self.server.stop_accepting()
+        if keep_backlog:
+            self.server.stop_accepting()
         window = self.config.shutdown_timeout * 0.6
         logger.info(
             "shutting down connections=%d drain_window=%.1fs",
@@ -141,6 +147,7 @@ class App:
             window,
         )
         await self.hub.drain(window)
+        self.server.stop_accepting()
 
     def reload(self) -> None:
         """Re-read the configuration (SIGHUP); apply what can change live."""
@@ -220,6 +227,7 @@ async def run(
     environ = dict(environ or {})
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
     listeners = open_listeners(config, environ)
+    inherited = bool(listeners)
     if not listeners:
         listeners = await trio.open_tcp_listeners(config.ws_port, host=config.ws_host, backlog=4096)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -230,16 +238,27 @@ async def run(
             app.notifier.ready(app._status_text())
             task_status.started(app)
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    app.reload()
+                    if not app.draining:
+                        app.reload()
                     continue
-                logger.info("received %s, shutting down", signal.Signals(signum).name)
-                with trio.move_on_after(app.config.shutdown_timeout * 0.8):
-                    await app.shutdown()
-                nursery.cancel_scope.cancel()
-                break
+                if app.draining:
+                    logger.warning(
+                        "received %s again, stopping without waiting for the drain", name
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+                logger.info("received %s, shutting down", name)
+                nursery.start_soon(_shutdown, app, nursery.cancel_scope, inherited)
     app.probe.close()
     logger.info("stopped")
+
+
+async def _shutdown(app: App, scope: trio.CancelScope, keep_backlog: bool) -> None:
+    with trio.move_on_after(app.config.shutdown_timeout * 0.8):
+        await app.shutdown(keep_backlog=keep_backlog)
+    scope.cancel()
 
 
 def _address(listener: trio.SocketListener) -> str:

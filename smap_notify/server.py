@@ -130,7 +130,6 @@ class Server:
                 )
 
     def stop_accepting(self) -> None:
-        self.draining = True
         self._accept_scope.cancel()
 
     async def _handle(self, raw: trio.SocketStream) -> None:

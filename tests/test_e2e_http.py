@@ -288,3 +288,23 @@ def test_missing_secret_exits_78_listing_every_problem(daemon_process: Any) -> N
     assert daemon.proc.wait(15) == 78
     log = daemon.log()
     assert "JWT_SECRET_KEY" in log and "WS_PING_INTERVAL" in log
+
+
+async def test_drain_reports_on_health_refuses_upgrades_and_closes_spread_out(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon(SHUTDOWN_TIMEOUT="5s")
+    clients = [await daemon.connect(f"u{i}", nursery=nursery) for i in range(20)]
+    await daemon.wait_connections(20)
+    nursery.start_soon(daemon.app.shutdown)
+    await wait_until(lambda: daemon.app.draining)
+    status, _, body = await http_request(daemon.port, "/health")
+    assert status == 503 and json.loads(body)["status"] == "draining"
+    status, headers, _ = await http_request(daemon.port, "/ws", ws_headers(make_token("late")))
+    assert status == 503 and headers["retry-after"]
+    assert 0 < daemon.app.hub.connection_count < 20, "closes are spread over the window"
+    for ws in clients:
+        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as info:
+            await ws.get_message()
+        assert info.value.reason.code == 1006
+    await daemon.wait_connections(0)
