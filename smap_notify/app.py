@@ -189,7 +189,7 @@ class App:
     async def _report_status(self) -> None:
         """STATUS= for systemctl, and WATCHDOG=1 while the loop and the subscriber live."""
         interval = systemd.watchdog_interval(self.environ)
-        tick = min(interval or 5.0, 5.0)
+        tick = min(interval or 1.0, 1.0)
         while True:
             status = self._status_text()
             if status != self._status:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,9 +58,13 @@ def parse_duration(text: str) -> Duration:
     if not s:
         raise ValueError("empty duration")
     try:
-        return Duration(float(s))
+        seconds = float(s)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+        return Duration(seconds)
     pos, total = 0, 0.0
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
@@ -253,7 +258,8 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
                 problems.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
                 continue
         kwargs[field.name] = value
-    if not problems and kwargs["ws_pong_wait"] <= kwargs["ws_ping_interval"]:
+    ping, pong = kwargs.get("ws_ping_interval"), kwargs.get("ws_pong_wait")
+    if ping is not None and pong is not None and pong <= ping:
         problems.append("WS_PONG_WAIT must be longer than WS_PING_INTERVAL")
     if problems:
         raise ConfigError(problems)

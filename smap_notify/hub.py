@@ -150,7 +150,11 @@ class Hub:
         assert nursery is not None, "Hub.serve is not running"
         for channel, data in batch:
             c.received += 1
-            result = parse_message(channel, data, deliver_invalid=deliver_invalid)
+            try:
+                result = parse_message(channel, data, deliver_invalid=deliver_invalid)
+            except Exception as exc:  # one bad message must never stop delivery
+                logger.exception("message parsing failed channel=%.100r", channel)
+                result = Rejected("internal_error", repr(exc))
             if type(result) is Rejected:
                 self._log_rejected(result)
                 c.rejected[result.reason] += 1

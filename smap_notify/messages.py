@@ -212,6 +212,8 @@ def parse_message(
         message = json.loads(data, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejected("invalid_json", f"not JSON: {exc}", user_id)
+    except RecursionError:
+        return Rejected("invalid_json", "JSON nested too deeply", user_id)
     if not isinstance(message, dict):
         return Rejected("not_object", f"message is {_json_kind(message)}, not an object", user_id)
     message_type = message.get("type")
@@ -219,6 +221,11 @@ def parse_message(
         return Rejected(
             "invalid_type", f"type is {_json_kind(message_type)}, not a string", user_id
         )
+    if not message_type.isascii():
+        try:
+            message_type.encode("utf-8")
+        except UnicodeEncodeError:
+            return Rejected("invalid_type", "type is not valid UTF-8 text", user_id)
     payload = message.get("payload")
     try:
         payload_json = json.dumps(
@@ -228,6 +235,8 @@ def parse_message(
         payload_json.encode("utf-8")
     except (ValueError, UnicodeEncodeError) as exc:
         return Rejected("invalid_json", f"payload cannot be re-encoded: {exc}", user_id)
+    except RecursionError:
+        return Rejected("invalid_json", "payload nested too deeply", user_id)
     try:
         typed = structure_payload(message_type, payload)
     except PayloadError as exc:

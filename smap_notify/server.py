@@ -79,8 +79,9 @@ def http_response(
 ) -> bytes:
     """A complete HTTP/1.1 response that closes the connection."""
     conn = h11.Connection(h11.SERVER)
-    # h11 must see a request before it writes a response.
-    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # h11 must see a request before it writes a response (HEAD: headers, no body).
+    method = b"HEAD" if head_only else b"GET"
+    conn.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.next_event()
     headers = [
         ("Content-Type", content_type),

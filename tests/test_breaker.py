@@ -1,0 +1,145 @@
+"""Failure pacing: the circuit breaker guarding Redis checks, and the reconnect backoff."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from smap_notify.breaker import CircuitBreaker
+from smap_notify.subscriber import BACKOFF_BASE, BACKOFF_CAP, backoff_delay
+
+
+def opened(at: float = 100.0) -> CircuitBreaker:
+    breaker = CircuitBreaker(failure_threshold=3, reset_after=5.0)
+    for _ in range(3):
+        assert breaker.allow(at)
+        breaker.record_failure(at)
+    assert breaker.state == "open"
+    return breaker
+
+
+# -- the circuit breaker -------------------------------------------------------------------
+
+
+def test_new_breaker_is_closed_and_allows_calls() -> None:
+    breaker = CircuitBreaker()
+    assert (breaker.failure_threshold, breaker.reset_after) == (3, 5.0)
+    assert breaker.state == "closed"
+    assert all(breaker.allow(t) for t in range(10))
+
+
+def test_closed_breaker_stays_closed_below_the_threshold() -> None:
+    breaker = CircuitBreaker()
+    breaker.record_failure(1.0)
+    breaker.record_failure(2.0)
+    assert breaker.state == "closed"
+    assert breaker.allow(2.0)
+
+
+def test_three_consecutive_failures_open_the_breaker() -> None:
+    breaker = opened(at=100.0)
+    assert breaker.opened_at == 100.0
+    assert not breaker.allow(100.0)
+
+
+def test_a_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker()
+    breaker.record_failure(1.0)
+    breaker.record_failure(2.0)
+    breaker.record_success()
+    breaker.record_failure(3.0)
+    breaker.record_failure(4.0)
+    assert breaker.state == "closed"
+    breaker.record_failure(5.0)
+    assert breaker.state == "open"
+
+
+@pytest.mark.parametrize("elapsed", [0.0, 1.0, 4.0, 4.999])
+def test_open_breaker_rejects_until_reset_after(elapsed: float) -> None:
+    breaker = opened(at=100.0)
+    assert not breaker.allow(100.0 + elapsed)
+    assert breaker.state == "open"
+
+
+def test_open_breaker_rejects_every_call_while_open() -> None:
+    breaker = opened(at=100.0)
+    assert not any(breaker.allow(100.0 + n * 0.1) for n in range(50))
+
+
+@pytest.mark.parametrize("elapsed", [5.0, 5.001, 60.0])
+def test_after_reset_after_exactly_one_trial_goes_through(elapsed: float) -> None:
+    breaker = opened(at=100.0)
+    assert breaker.allow(100.0 + elapsed)
+    assert breaker.state == "half_open"
+    assert not breaker.allow(100.0 + elapsed)
+    assert not breaker.allow(100.0 + elapsed + 100)
+
+
+def test_successful_trial_closes_the_breaker() -> None:
+    breaker = opened(at=100.0)
+    assert breaker.allow(105.0)
+    breaker.record_success()
+    assert breaker.state == "closed"
+    assert breaker.failures == 0
+    assert all(breaker.allow(105.0) for _ in range(5))
+
+
+def test_failed_trial_reopens_the_breaker_for_another_reset_after() -> None:
+    breaker = opened(at=100.0)
+    assert breaker.allow(105.0)
+    breaker.record_failure(105.5)
+    assert breaker.state == "open"
+    assert breaker.opened_at == 105.5
+    assert not breaker.allow(110.0)
+    assert breaker.allow(110.5)
+    assert breaker.state == "half_open"
+
+
+def test_one_failure_in_half_open_is_enough_to_reopen() -> None:
+    breaker = CircuitBreaker(failure_threshold=10, reset_after=1.0)
+    for _ in range(10):
+        breaker.record_failure(0.0)
+    assert breaker.allow(1.0)
+    breaker.record_failure(1.0)
+    assert breaker.state == "open"
+
+
+def test_threshold_and_reset_are_configurable() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_after=0.5)
+    breaker.record_failure(10.0)
+    assert not breaker.allow(10.4)
+    assert breaker.allow(10.5)
+
+
+# -- the subscriber's reconnect backoff ----------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 2, 3, 5, 10, 16, 17, 100, 10**9])
+def test_backoff_is_within_half_and_full_of_the_capped_delay(attempt: int) -> None:
+    capped = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 16))
+    rng = random.Random(attempt)
+    for _ in range(200):
+        delay = backoff_delay(attempt, rng)
+        assert capped * 0.5 <= delay <= capped
+
+
+def test_backoff_never_exceeds_the_cap() -> None:
+    rng = random.Random(1)
+    assert max(backoff_delay(a, rng) for a in range(1000)) <= BACKOFF_CAP
+
+
+def test_backoff_grows_from_the_base() -> None:
+    low = random.Random(0)
+    low.random = lambda: 0.0  # type: ignore[method-assign]
+    assert [backoff_delay(a, low) for a in range(5)] == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5])
+
+
+def test_backoff_is_jittered() -> None:
+    rng = random.Random(42)
+    assert len({backoff_delay(10, rng) for _ in range(20)}) > 1
+
+
+def test_backoff_without_rng_uses_the_module_random() -> None:
+    delay = backoff_delay(3)
+    assert 0.4 <= delay <= 0.8

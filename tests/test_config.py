@@ -1,0 +1,435 @@
+"""Configuration: CONTRACT section 7 defaults, Go durations, every problem at once, --config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from smap_notify import cli
+from smap_notify.config import (
+    DEV_SUBNETS,
+    ENV_NAMES,
+    PRODUCTION_ORIGINS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_duration,
+    read_env_file,
+)
+
+SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+VALID = {"JWT_SECRET_KEY": SECRET}
+
+
+def problems_of(environ: dict[str, str], path: Path | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ, path)
+    return info.value.problems
+
+
+# -- defaults ------------------------------------------------------------------------------
+
+
+def test_defaults_equal_contract_section_7() -> None:
+    config = load_config(VALID)
+    assert (config.ws_host, config.ws_port) == ("0.0.0.0", 8081)
+    assert config.env == "production"
+    assert config.redis_host == "localhost:6379"
+    assert (config.redis_password, config.redis_db, config.redis_use_tls) == ("", 0, False)
+    assert (config.ws_ping_interval, config.ws_pong_wait, config.ws_write_wait) == (30, 60, 10)
+    assert config.ws_max_message_size == 512
+    assert config.ws_max_connections == 10000
+    assert config.jwt_secret_key == SECRET
+    assert config.cookie_name == "smap_auth_token"
+    assert config.logger_level == "info"
+    assert config.ws_send_buffer == 256
+    assert config.allowed_origins == PRODUCTION_ORIGINS
+    assert config.dev_origin_subnets == DEV_SUBNETS
+
+
+def test_default_allowed_origins_are_the_originals_list() -> None:
+    assert set(PRODUCTION_ORIGINS) == {
+        "https://smap.tantai.dev",
+        "https://smap-api.tantai.dev",
+        "http://smap.tantai.dev",
+        "http://smap-api.tantai.dev",
+    }
+    assert set(DEV_SUBNETS) == {"172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24"}
+
+
+def test_loaded_defaults_equal_the_attrs_defaults() -> None:
+    assert load_config(VALID) == Config(jwt_secret_key=SECRET)
+
+
+def test_every_environment_name_is_a_config_field_upper_cased() -> None:
+    assert {f.name.upper() for f in attrs.fields(Config)} == ENV_NAMES
+    for name in ("WS_HOST", "WS_PORT", "ENV", "REDIS_HOST", "JWT_SECRET_KEY", "COOKIE_NAME"):
+        assert name in ENV_NAMES
+
+
+def test_environment_values_are_converted_to_their_types() -> None:
+    config = load_config(
+        {
+            **VALID,
+            "WS_HOST": "127.0.0.1",
+            "WS_PORT": " 9000 ",
+            "ENV": "dev",
+            "REDIS_HOST": "redis.internal:6380",
+            "REDIS_PASSWORD": "pw",
+            "REDIS_DB": "3",
+            "REDIS_USE_TLS": "true",
+            "WS_MAX_MESSAGE_SIZE": "1024",
+            "WS_MAX_CONNECTIONS": "50",
+            "COOKIE_NAME": "auth",
+            "LOGGER_LEVEL": "debug",
+            "ALLOWED_ORIGINS": "https://a.example, https://b.example,",
+        }
+    )
+    assert (config.ws_host, config.ws_port, config.env) == ("127.0.0.1", 9000, "dev")
+    assert config.redis_address == ("redis.internal", 6380)
+    assert (config.redis_password, config.redis_db, config.redis_use_tls) == ("pw", 3, True)
+    assert (config.ws_max_message_size, config.ws_max_connections) == (1024, 50)
+    assert (config.cookie_name, config.logger_level) == ("auth", "debug")
+    assert config.allowed_origins == ("https://a.example", "https://b.example")
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    config = load_config({**VALID, "PATH": "/bin", "REDIS_POOL_SIZE": "nonsense", "WS_MODE": "x"})
+    assert config == Config(jwt_secret_key=SECRET)
+
+
+@pytest.mark.parametrize("text", ["true", "TRUE", "1", "yes", "on"])
+def test_true_booleans(text: str) -> None:
+    assert load_config({**VALID, "REDIS_USE_TLS": text}).redis_use_tls is True
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "off", ""])
+def test_false_booleans(text: str) -> None:
+    assert load_config({**VALID, "REDIS_USE_TLS": text}).redis_use_tls is False
+
+
+# -- Go durations --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30.0),
+        ("1m30s", 90.0),
+        ("500ms", 0.5),
+        ("1h", 3600.0),
+        (".5s", 0.5),
+        ("10", 10.0),
+        ("2.5", 2.5),
+        ("1h2m3s", 3723.0),
+        ("1.5m", 90.0),
+        ("250us", 0.00025),
+        ("250µs", 0.00025),
+        ("1000000ns", 0.001),
+        (" 45s ", 45.0),
+    ],
+)
+def test_go_duration_is_parsed_to_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "abc", "30x", "s", "-5s", "1m 30s", "30S", "5s5"])
+def test_bad_duration_raises_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "Infinity"])
+def test_non_finite_duration_is_rejected(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_nan_ping_interval_is_a_config_problem() -> None:
+    assert any("WS_PING_INTERVAL" in p for p in problems_of({**VALID, "WS_PING_INTERVAL": "nan"}))
+
+
+def test_durations_from_environment() -> None:
+    config = load_config(
+        {**VALID, "WS_PING_INTERVAL": "1m30s", "WS_PONG_WAIT": "2m", "WS_WRITE_WAIT": "500ms"}
+    )
+    assert (config.ws_ping_interval, config.ws_pong_wait, config.ws_write_wait) == (90, 120, 0.5)
+
+
+def test_bad_duration_is_reported_with_its_name() -> None:
+    problems = problems_of({**VALID, "WS_WRITE_WAIT": "soon"})
+    assert len(problems) == 1
+    assert problems[0].startswith("WS_WRITE_WAIT")
+    assert "soon" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["WS_PING_INTERVAL", "WS_WRITE_WAIT", "WS_HANDSHAKE_TIMEOUT"])
+def test_zero_duration_is_a_problem(name: str) -> None:
+    assert any(p.startswith(name) for p in problems_of({**VALID, name: "0s"}))
+
+
+# -- validation: every problem at once -----------------------------------------------------
+
+
+def test_missing_jwt_secret_is_a_problem() -> None:
+    problems = problems_of({})
+    assert len(problems) == 1
+    assert "JWT_SECRET_KEY" in problems[0]
+
+
+def test_empty_jwt_secret_is_a_problem() -> None:
+    assert any("JWT_SECRET_KEY" in p for p in problems_of({"JWT_SECRET_KEY": ""}))
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = problems_of(
+        {
+            "WS_PORT": "eighty",
+            "REDIS_HOST": "localhost",
+            "REDIS_DB": "-1",
+            "LOGGER_LEVEL": "loud",
+            "WS_PING_INTERVAL": "often",
+            "REDIS_USE_TLS": "maybe",
+            "WS_OVERFLOW_POLICY": "explode",
+            "DEV_ORIGIN_SUBNETS": "10.0.0.0/8,not-a-net",
+        }
+    )
+    for name in (
+        "WS_PORT",
+        "REDIS_HOST",
+        "REDIS_DB",
+        "LOGGER_LEVEL",
+        "WS_PING_INTERVAL",
+        "REDIS_USE_TLS",
+        "WS_OVERFLOW_POLICY",
+        "DEV_ORIGIN_SUBNETS",
+        "JWT_SECRET_KEY",
+    ):
+        assert sum(name in p for p in problems) == 1, (name, problems)
+    assert len(problems) == 9
+    assert str(ConfigError(problems)) == "; ".join(problems)
+
+
+@pytest.mark.parametrize("value", ["65536", "-1", "x"])
+def test_bad_port_is_a_problem(value: str) -> None:
+    assert any(p.startswith("WS_PORT") for p in problems_of({**VALID, "WS_PORT": value}))
+
+
+@pytest.mark.parametrize("value", ["localhost", ":6379", "localhost:", "localhost:0", "h:99999"])
+def test_redis_host_must_be_host_and_port(value: str) -> None:
+    assert any(p.startswith("REDIS_HOST") for p in problems_of({**VALID, "REDIS_HOST": value}))
+
+
+def test_redis_host_accepts_bracketed_ipv6() -> None:
+    assert load_config({**VALID, "REDIS_HOST": "[::1]:6379"}).redis_address == ("::1", 6379)
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warn", "error", "INFO"])
+def test_logger_levels_of_the_original_are_accepted(level: str) -> None:
+    assert load_config({**VALID, "LOGGER_LEVEL": level}).logger_level == level
+
+
+@pytest.mark.parametrize(
+    ("ping", "pong"), [("30s", "30s"), ("30s", "10s"), ("1m", "59s"), ("2m", "1m")]
+)
+def test_pong_wait_must_exceed_ping_interval(ping: str, pong: str) -> None:
+    problems = problems_of({**VALID, "WS_PING_INTERVAL": ping, "WS_PONG_WAIT": pong})
+    assert problems == ["WS_PONG_WAIT must be longer than WS_PING_INTERVAL"]
+
+
+def test_pong_wait_just_above_ping_interval_is_valid() -> None:
+    config = load_config({**VALID, "WS_PING_INTERVAL": "30s", "WS_PONG_WAIT": "30001ms"})
+    assert config.ws_pong_wait > config.ws_ping_interval
+
+
+def test_pong_wait_problem_is_reported_with_the_other_problems() -> None:
+    problems = problems_of({"WS_PONG_WAIT": "10s"})
+    assert any("JWT_SECRET_KEY" in p for p in problems)
+    assert any("WS_PONG_WAIT" in p for p in problems)
+
+
+# -- ENV and production --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", ["", "production", "Production", " production "])
+def test_empty_or_production_env_is_production(env: str) -> None:
+    assert Config(jwt_secret_key=SECRET, env=env).production
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "anything", "prod", "development"])
+def test_other_env_values_are_not_production(env: str) -> None:
+    assert not Config(jwt_secret_key=SECRET, env=env).production
+
+
+def test_empty_env_variable_loads_as_production() -> None:
+    assert load_config({**VALID, "ENV": ""}).production
+
+
+# -- masking -------------------------------------------------------------------------------
+
+
+def test_masked_never_shows_secrets() -> None:
+    config = Config(
+        jwt_secret_key="current-secret-value",
+        jwt_previous_secret_key="previous-secret-value",
+        redis_password="redis-password-value",
+    )
+    masked = config.masked()
+    text = repr(masked) + repr(config)
+    for secret in ("current-secret-value", "previous-secret-value", "redis-password-value"):
+        assert secret not in text
+    assert masked["JWT_SECRET_KEY"] == "***"
+    assert masked["JWT_PREVIOUS_SECRET_KEY"] == "***"
+    assert masked["REDIS_PASSWORD"] == "***"
+
+
+def test_masked_shows_empty_secrets_as_empty() -> None:
+    masked = Config(jwt_secret_key=SECRET).masked()
+    assert masked["REDIS_PASSWORD"] == ""
+    assert masked["JWT_PREVIOUS_SECRET_KEY"] == ""
+
+
+def test_masked_uses_environment_names_and_readable_values() -> None:
+    masked = load_config({**VALID, "WS_WRITE_WAIT": "500ms"}).masked()
+    assert set(masked) == ENV_NAMES
+    assert masked["WS_PING_INTERVAL"] == "30s"
+    assert masked["WS_WRITE_WAIT"] == "500ms"
+    assert masked["WS_PORT"] == 8081
+    assert masked["ALLOWED_ORIGINS"] == ",".join(PRODUCTION_ORIGINS)
+
+
+def test_masked_values_load_back_to_the_same_config() -> None:
+    original = load_config(
+        {**VALID, "ENV": "dev", "WS_PING_INTERVAL": "1m30s", "WS_PONG_WAIT": "2m"}
+    )
+    environ = {k: str(v) for k, v in original.masked().items()}
+    environ["JWT_SECRET_KEY"] = SECRET
+    assert load_config(environ) == original
+
+
+# -- the --config file ---------------------------------------------------------------------
+
+
+def test_read_env_file_handles_comments_quotes_and_export(tmp_path: Path) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text(
+        "# a comment\n"
+        "; another comment\n"
+        "\n"
+        "WS_PORT=9001\n"
+        "  export ENV=dev\n"
+        'JWT_SECRET_KEY="quoted secret"\n'
+        "COOKIE_NAME='single'\n"
+        "REDIS_PASSWORD = spaced \n"
+        "ALLOWED_ORIGINS=https://a.example,https://b.example\n"
+        'LOGGER_LEVEL="debug\n'
+        "EMPTY=\n"
+        "WITH_EQUALS=a=b=c\n"
+    )
+    assert read_env_file(path) == {
+        "WS_PORT": "9001",
+        "ENV": "dev",
+        "JWT_SECRET_KEY": "quoted secret",
+        "COOKIE_NAME": "single",
+        "REDIS_PASSWORD": "spaced",
+        "ALLOWED_ORIGINS": "https://a.example,https://b.example",
+        "LOGGER_LEVEL": '"debug',
+        "EMPTY": "",
+        "WITH_EQUALS": "a=b=c",
+    }
+
+
+def test_read_env_file_reports_every_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.env"
+    path.write_text("GOOD=1\njust words\n=value\nALSO_GOOD=2\n")
+    with pytest.raises(ConfigError) as info:
+        read_env_file(path)
+    assert info.value.problems == [f"{path}:2: expected KEY=VALUE", f"{path}:3: expected KEY=VALUE"]
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(VALID, tmp_path / "absent.env")
+    assert len(info.value.problems) == 1
+    assert "absent.env" in info.value.problems[0]
+
+
+def test_config_file_values_win_over_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text("WS_PORT=9100\nENV=staging\nJWT_SECRET_KEY=from-file\n")
+    config = load_config(
+        {"WS_PORT": "9000", "ENV": "production", "JWT_SECRET_KEY": "from-env", "COOKIE_NAME": "c"},
+        path,
+    )
+    assert (config.ws_port, config.env, config.jwt_secret_key) == (9100, "staging", "from-file")
+    # Names the file does not set still come from the environment.
+    assert config.cookie_name == "c"
+
+
+def test_config_file_can_supply_the_missing_secret(tmp_path: Path) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text(f"export JWT_SECRET_KEY='{SECRET}'\n")
+    assert load_config({}, path).jwt_secret_key == SECRET
+
+
+def test_config_file_problems_are_reported_like_environment_problems(tmp_path: Path) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text("WS_PORT=nope\nWS_PONG_WAIT=later\n")
+    problems = problems_of(VALID, path)
+    assert [p.split(":")[0] for p in problems] == ["WS_PORT", "WS_PONG_WAIT"]
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_check_config_prints_masked_config_and_exits_0(
+    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_environ.setenv("JWT_SECRET_KEY", "very-secret-cli-value")
+    clean_environ.setenv("REDIS_PASSWORD", "redis-cli-password")
+    clean_environ.setenv("WS_PORT", "9002")
+    assert cli.main(["--check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "very-secret-cli-value" not in out + err
+    assert "redis-cli-password" not in out + err
+    lines = dict(line.split("=", 1) for line in out.splitlines())
+    assert set(lines) == ENV_NAMES
+    assert lines["JWT_SECRET_KEY"] == "***"
+    assert lines["REDIS_PASSWORD"] == "***"
+    assert lines["WS_PORT"] == "9002"
+    assert lines["ENV"] == "production"
+
+
+def test_check_config_exits_78_listing_every_problem(
+    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_environ.setenv("WS_PORT", "eighty")
+    clean_environ.setenv("LOGGER_LEVEL", "loud")
+    assert cli.main(["--check-config"]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    problem_lines = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(problem_lines) == 3
+    for name in ("WS_PORT", "LOGGER_LEVEL", "JWT_SECRET_KEY"):
+        assert any(name in line for line in problem_lines)
+
+
+def test_check_config_reads_the_config_file(
+    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text("JWT_SECRET_KEY=file-secret\nWS_PORT=9003\n")
+    clean_environ.setenv("WS_PORT", "9000")
+    assert cli.main(["--config", str(path), "--check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "WS_PORT=9003" in out.splitlines()
+    assert "file-secret" not in out

@@ -1,0 +1,154 @@
+"""The /health document (CONTRACT section 6): healthy only when Redis and the subscriber are."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smap_notify.health import RedisHealth, health_document
+from smap_notify.subscriber import SubscriberState
+
+SAMPLES = Path("/work/shared/spec/samples")
+UP = RedisHealth(True, ping_ms=0.5)
+DOWN = RedisHealth(False, error="ConnectionError: connection refused")
+LAST = datetime(2025, 12, 7, 9, 59, 55, 250000, tzinfo=UTC)
+
+
+def subscriber(active: bool = True, last: datetime | None = LAST, **kw: Any) -> SubscriberState:
+    state = SubscriberState(active=active, state="subscribed" if active else "retrying", **kw)
+    state.last_message_at = last
+    return state
+
+
+def document(
+    redis_health: RedisHealth = UP,
+    sub: SubscriberState | None = None,
+    *,
+    draining: bool = False,
+    **overrides: Any,
+) -> tuple[int, dict[str, Any]]:
+    kwargs: dict[str, Any] = {
+        "redis_health": redis_health,
+        "subscriber": sub if sub is not None else subscriber(),
+        "connections": 150,
+        "users": 75,
+        "circuit_state": "closed",
+        "draining": draining,
+        "timestamp": "2025-12-07T17:00:00.500000+07:00",
+        "uptime": 86400.9,
+    }
+    kwargs.update(overrides)
+    return health_document(**kwargs)
+
+
+def keys_of(doc: Any, prefix: str = "") -> set[str]:
+    if not isinstance(doc, dict):
+        return set()
+    out = set()
+    for key, value in doc.items():
+        out.add(prefix + key)
+        out |= keys_of(value, f"{prefix}{key}.")
+    return out
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def test_healthy_and_200_when_redis_answers_and_subscriber_is_active() -> None:
+    status, doc = document()
+    assert status == 200
+    assert doc["status"] == "healthy"
+
+
+@pytest.mark.parametrize(("redis_health", "active"), [(DOWN, True), (UP, False), (DOWN, False)])
+def test_degraded_and_503_otherwise(redis_health: RedisHealth, active: bool) -> None:
+    status, doc = document(redis_health, subscriber(active=active))
+    assert status == 503
+    assert doc["status"] == "degraded"
+    assert doc["subscriber"]["active"] is active
+
+
+@pytest.mark.parametrize(("redis_health", "active"), [(UP, True), (DOWN, False)])
+def test_draining_is_503(redis_health: RedisHealth, active: bool) -> None:
+    status, doc = document(redis_health, subscriber(active=active), draining=True)
+    assert status == 503
+    assert doc["status"] != "healthy"
+
+
+# -- shape ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["healthy", "degraded"])
+def test_document_has_every_key_of_the_original(case: str) -> None:
+    original = json.loads((SAMPLES / "http_health_response.json").read_text())[case]
+    _, doc = document(UP if case == "healthy" else DOWN)
+    assert keys_of(original) <= keys_of(doc)
+    assert list(doc)[:2] == ["status", "timestamp"]
+
+
+def test_contract_shape_values() -> None:
+    _, doc = document()
+    assert doc["timestamp"] == "2025-12-07T17:00:00.500000+07:00"
+    assert doc["redis"] == {"status": "connected", "ping_ms": 0.5}
+    assert doc["websocket"] == {"active_connections": 150, "total_unique_users": 75}
+    assert doc["subscriber"]["active"] is True
+    assert doc["subscriber"]["pattern"] == "user_noti:*"
+    assert doc["uptime_seconds"] == 86400
+    assert isinstance(doc["uptime_seconds"], int)
+
+
+def test_disconnected_redis_reports_the_error_and_no_ping() -> None:
+    _, doc = document(DOWN)
+    assert doc["redis"] == {"status": "disconnected", "error": DOWN.error}
+
+
+def test_document_is_json_serialisable() -> None:
+    for args in ((UP, subscriber()), (DOWN, subscriber(active=False, last=None))):
+        _, doc = document(*args)
+        assert json.loads(json.dumps(doc)) == doc
+
+
+def test_circuit_breaker_state_is_reported() -> None:
+    _, doc = document(DOWN, circuit_state="open")
+    assert doc["circuit_breaker"] == {"state": "open"}
+
+
+def test_subscriber_error_is_reported_and_empty_error_is_null() -> None:
+    _, failing = document(sub=subscriber(active=False, last_error="TimeoutError: no reply"))
+    assert failing["subscriber"]["last_error"] == "TimeoutError: no reply"
+    assert failing["subscriber"]["state"] == "retrying"
+    _, fine = document()
+    assert fine["subscriber"]["last_error"] is None
+
+
+# -- last_message_at -----------------------------------------------------------------------
+
+
+def test_last_message_at_is_null_before_the_first_message() -> None:
+    _, doc = document(sub=subscriber(last=None))
+    assert doc["subscriber"]["last_message_at"] is None
+    assert "0001-01-01" not in json.dumps(doc)
+
+
+def test_last_message_at_is_rfc3339_with_offset() -> None:
+    _, doc = document()
+    text = doc["subscriber"]["last_message_at"]
+    assert text == "2025-12-07T09:59:55.250000+00:00"
+    assert datetime.fromisoformat(text) == LAST
+
+
+def test_last_message_at_keeps_a_local_offset() -> None:
+    local = LAST.astimezone(timezone(timedelta(hours=7)))
+    _, doc = document(sub=subscriber(last=local))
+    parsed = datetime.fromisoformat(doc["subscriber"]["last_message_at"])
+    assert parsed == LAST
+    assert parsed.utcoffset() == timedelta(hours=7)
+
+
+def test_no_message_yet_does_not_make_the_service_degraded() -> None:
+    status, _ = document(sub=subscriber(last=None))
+    assert status == 200
