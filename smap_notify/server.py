@@ -146,39 +146,46 @@ class Server:
                 await raw.aclose()
 
     async def _handle_stream(self, stream: ConnStream) -> None:
+        deadline = trio.current_time() + self.config.ws_handshake_timeout
+        with trio.move_on_at(deadline) as scope:
+            accepted = await self._answer_request(stream)
+        if scope.cancelled_caught:
+            self.counters.handshake_rejections["handshake_timeout"] += 1
+            self._log.log(logging.INFO, "timeout", "handshake timed out")
+        elif accepted is not None:
+            # The handshake deadline covers the upgrade, not the connection's life.
+            await self._upgrade_and_run(stream, accepted, deadline)
+
+    async def _answer_request(self, stream: ConnStream) -> Accept | None:
+        """Read the request head and answer it; an Accept means: upgrade this one."""
         config = self.config
-        deadline = trio.current_time() + config.ws_handshake_timeout
-        with trio.move_on_at(deadline):
-            try:
-                head = await read_head(stream, config.http_max_header_size)
-                request = parse_head(head, config.http_max_header_size)
-            except HeadError as exc:
-                if exc.reason != "closed_before_head":
-                    self.counters.handshake_rejections[exc.reason] += 1
-                if exc.status:
-                    body = json.dumps({"error": exc.reason.replace("_", " ")}).encode()
-                    await stream.raw.send_all(http_response(exc.status, body, "application/json"))
-                return
-            if request.path != WS_PATH:
-                await self._serve_http(stream, request)
-                return
-            decision = self._decide(request)
-            if isinstance(decision, Reject):
-                self._reject(decision, request)
-                await stream.raw.send_all(
-                    http_response(
-                        decision.status,
-                        decision.body,
-                        decision.content_type,
-                        decision.extra_headers,
-                    )
+        try:
+            head = await read_head(stream, config.http_max_header_size)
+            request = parse_head(head, config.http_max_header_size)
+        except HeadError as exc:
+            if exc.reason != "closed_before_head":
+                self.counters.handshake_rejections[exc.reason] += 1
+            if exc.status:
+                body = json.dumps({"error": exc.reason.replace("_", " ")}).encode()
+                await stream.raw.send_all(http_response(exc.status, body, "application/json"))
+            return None
+        if request.path != WS_PATH:
+            await self._serve_http(stream, request)
+            return None
+        decision = self._decide(request)
+        if isinstance(decision, Reject):
+            self._reject(decision, request)
+            await stream.raw.send_all(
+                http_response(
+                    decision.status,
+                    decision.body,
+                    decision.content_type,
+                    decision.extra_headers,
                 )
-                return
-            stream.prefix = head
-            await self._upgrade_and_run(stream, decision, deadline)
-            return
-        self.counters.handshake_rejections["handshake_timeout"] += 1
-        self._log.log(logging.INFO, "timeout", "handshake timed out")
+            )
+            return None
+        stream.prefix = head
+        return decision
 
     def _decide(self, request: HandshakeRequest) -> Accept | Reject:
         if self.draining:

@@ -308,3 +308,16 @@ async def test_drain_reports_on_health_refuses_upgrades_and_closes_spread_out(
             await ws.get_message()
         assert info.value.reason.code == 1006
     await daemon.wait_connections(0)
+
+
+async def test_connection_outlives_the_handshake_timeout(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon(WS_HANDSHAKE_TIMEOUT="200ms")
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    await trio.sleep(1.0)  # five handshake timeouts: the time itself is what is tested
+    await daemon.publish("user123", {"type": "notification", "payload": "later"})
+    with trio.fail_after(5):
+        assert json.loads(await ws.get_message())["payload"] == "later"
+    assert daemon.app.counters.handshake_rejections["handshake_timeout"] == 0
