@@ -1,0 +1,983 @@
+"""Load generator for the smap-notify benchmark (issue 4).
+
+The load generator never runs in the server's process. ``run_scenario`` (called by
+``bench/run.py``, or this file's command line) forks:
+
+- W client workers (default 2), each one asyncio loop holding its share of the WebSocket
+  connections. The client is hand-rolled on ``asyncio.Protocol``: the HTTP upgrade is one
+  write, server frames are parsed in place (no per-frame task, future or copy), control frames
+  are answered. ``websockets`` as a client costs several times more CPU per frame and would
+  become the bottleneck first;
+- one publisher speaking RESP on a plain blocking socket: pipelined ``PUBLISH`` batches as
+  fast as Redis answers, or a fixed rate paced with ``time.sleep``.
+
+Correctness is checked on every frame of every run: each text frame must be exactly one JSON
+document (``json.loads`` fails on ``{..}\\n{..}``), an object whose keys are ``type``,
+``payload``, ``timestamp`` in that order, with an RFC 3339 timestamp, for the right user, and
+with the next sequence number of that user (so: in order, no loss, no duplicates); at the end
+every connection must have received exactly the messages published to its user. Frames that
+are byte-for-byte equal (one message fanned out to many connections in one worker) are parsed
+once and the parse result reused: same bytes, same verdict.
+
+Cost accounting: server CPU is utime+stime of the server PID from ``/proc/PID/stat``, RSS is
+``VmRSS`` from ``/proc/PID/status``. The CPU of every load-generator process (workers,
+publisher, coordinator) is read the same way over the measured phase; a process above 90% of
+one core is reported as saturated; a machine above 95% busy while the server got less than
+90% of a core as full, with the CPU that none of the benchmark's processes used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NPROC = os.cpu_count() or 1
+KEYS = ["type", "payload", "timestamp"]
+TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(?:Z|[+-]\d\d:\d\d)")
+ORIGIN = "http://127.0.0.1:3000"
+COOKIE = "smap_auth_token"
+WS_KEY = base64.b64encode(b"smap-notify:benc").decode()
+WS_ACCEPT = base64.b64encode(
+    hashlib.sha1((WS_KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+).decode()
+# The payload of every published message: ~150 bytes published, ~200-byte frames delivered.
+PAD = b"x" * 80
+SATURATED_PROC_PCT = 90.0
+SATURATED_MACHINE_PCT = 95.0
+
+
+def user_id(u: int) -> str:
+    return f"bench-user-{u:05d}"
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# /proc readings
+# ---------------------------------------------------------------------------------------
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])
+    return total - idle, total
+
+
+@dataclass
+class Snapshot:
+    wall: float
+    server_cpu: float
+    procs: dict[str, float]
+    machine: tuple[int, int]
+
+
+@dataclass
+class Probe:
+    """Takes CPU snapshots of the server and of every load-generator process."""
+
+    server_pid: int
+    procs: dict[str, int] = field(default_factory=dict)
+
+    def snap(self) -> Snapshot:
+        return Snapshot(
+            time.monotonic(),
+            proc_cpu_s(self.server_pid),
+            {name: proc_cpu_s(pid) for name, pid in self.procs.items()},
+            machine_ticks(),
+        )
+
+    @staticmethod
+    def delta(a: Snapshot, b: Snapshot) -> dict[str, Any]:
+        """CPU over a phase. The load generator counts as saturated when one of its
+        processes used 90% of a core or more; the machine as full when it was 95% busy
+        while the server got less than 90% of a core (then the server was starved, by us
+        or by something else: see other_cpu_pct)."""
+        wall = max(b.wall - a.wall, 1e-9)
+        procs = {n: round(100 * (b.procs[n] - a.procs[n]) / wall, 1) for n in a.procs}
+        redis = procs.pop("redis", None)
+        busy = b.machine[0] - a.machine[0]
+        total = max(b.machine[1] - a.machine[1], 1)
+        machine = round(100 * busy / total, 1)
+        peak = max(procs.values(), default=0.0)
+        server_pct = 100 * (b.server_cpu - a.server_cpu) / wall
+        ours = server_pct + sum(procs.values()) + (redis or 0.0)
+        return {
+            "wall_s": wall,
+            "server_cpu_s": b.server_cpu - a.server_cpu,
+            "loadgen": {
+                "proc_cpu_pct": procs,
+                "total_cpu_pct": round(sum(procs.values()), 1),
+                "max_proc_cpu_pct": peak,
+                "redis_cpu_pct": redis,
+                "machine_busy_pct": machine,
+                # CPU (in % of one core) that neither the server, the load generator nor
+                # redis-server used: other programs on the machine, unattributed softirq.
+                "other_cpu_pct": round(max(0.0, machine * NPROC - ours), 1),
+                "saturated": peak >= SATURATED_PROC_PCT,
+                "machine_full": machine >= SATURATED_MACHINE_PCT
+                and server_pct < SATURATED_PROC_PCT,
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# client worker
+# ---------------------------------------------------------------------------------------
+class Errors:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.samples: list[str] = []
+
+    def add(self, kind: str, detail: str = "") -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.samples) < 8:
+            self.samples.append(f"{kind}: {detail}"[:300])
+
+
+class WSClient(asyncio.Protocol):
+    """One WebSocket client connection; server frames parsed straight from the socket data."""
+
+    def __init__(self, worker: Worker, uidx: int, request: bytes) -> None:
+        self.w = worker
+        self.uidx = uidx
+        self.request = request
+        self.next_seq = 0
+        self.buf = b""
+        self.open = False
+        self.done = False
+        self.tr: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.tr = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
+        elif not self.done:
+            self.w.errors.add("connection lost", f"user {self.uidx}: {exc}")
+        self.open = False
+
+    def _fail_handshake(self, why: str) -> None:
+        self.done = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(why))
+        assert self.tr is not None
+        self.tr.abort()
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        body = bytes(b ^ mask[i & 3] for i, b in enumerate(payload[:125]))
+        assert self.tr is not None
+        self.tr.write(bytes((0x80 | opcode, 0x80 | len(body))) + mask + body)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            data = self.buf + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = data
+                if len(data) > 8192:
+                    self._fail_handshake("oversized handshake response")
+                return
+            head = data[:end].decode("latin-1")
+            status = head.split("\r\n", 1)[0]
+            if not status.startswith("HTTP/1.1 101"):
+                self._fail_handshake(f"upgrade refused: {status!r}")
+                return
+            if WS_ACCEPT.lower() not in head.lower():
+                self._fail_handshake("bad Sec-WebSocket-Accept")
+                return
+            self.open = True
+            self.buf = b""
+            self.opened.set_result(None)
+            data = data[end + 4 :]
+            if not data:
+                return
+        elif self.buf:
+            data = self.buf + data
+        w = self.w
+        n = len(data)
+        pos = 0
+        frames = 0
+        now = time.monotonic_ns()
+        cache = w.cache
+        lat = w.lat
+        loads = json.loads
+        while n - pos >= 2:
+            b0 = data[pos]
+            ln = data[pos + 1]
+            if ln & 0x80:
+                w.errors.add("masked server frame")
+                ln &= 0x7F
+            if ln < 126:
+                start = pos + 2
+            elif ln == 126:
+                if n - pos < 4:
+                    break
+                ln = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + ln
+            if end > n:
+                break
+            pos = end
+            if b0 != 0x81:  # anything but a final, uncompressed text frame
+                self._control(b0, data[start:end])
+                continue
+            frames += 1
+            payload = data[start:end]
+            r = cache.get(payload) if cache is not None else None
+            if r is None:
+                try:
+                    doc = loads(payload)
+                except ValueError as exc:
+                    w.errors.add(
+                        "frame is not exactly one JSON document", f"{exc}: {payload[:120]!r}"
+                    )
+                    continue
+                if type(doc) is not dict or list(doc) != KEYS:
+                    w.errors.add("bad envelope keys", repr(payload[:120]))
+                    continue
+                ts = doc["timestamp"]
+                p = doc["payload"]
+                if doc["type"] != "notification" or type(ts) is not str or not TS_RE.fullmatch(ts):
+                    w.errors.add("bad type or timestamp", repr(payload[:120]))
+                    continue
+                try:
+                    r = (p["u"], p["seq"], p["ts"])
+                except (KeyError, TypeError):
+                    w.errors.add("payload not kept", repr(payload[:120]))
+                    continue
+                if cache is not None:
+                    if len(cache) > 50_000:
+                        cache.clear()
+                    cache[payload] = r
+            if r[0] != self.uidx:
+                w.errors.add("misrouted", f"user {self.uidx} got message for {r[0]}")
+                continue
+            if r[1] != self.next_seq:
+                w.errors.add(
+                    "out of order, lost or duplicated",
+                    f"user {self.uidx}: expected seq {self.next_seq}, got {r[1]}",
+                )
+            self.next_seq = r[1] + 1
+            if lat is not None:
+                lat.append(now - r[2])
+        self.buf = data[pos:] if pos < n else b""
+        if frames:
+            w.received += frames
+            w.counts[w.idx] = w.received
+            w.last_ns[w.idx] = now
+
+    def _control(self, b0: int, payload: bytes) -> None:
+        opcode = b0 & 0x0F
+        if b0 & 0x80 and opcode == 0x9:
+            self._send_frame(0xA, payload)
+        elif b0 & 0x80 and opcode == 0xA:
+            pass
+        elif b0 & 0x80 and opcode == 0x8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            if not self.done:
+                self.w.errors.add("server closed connection", f"user {self.uidx}: code {code}")
+            self._send_frame(0x8, payload[:2])
+            self.done = True
+            assert self.tr is not None
+            self.tr.close()
+        else:
+            self.w.errors.add(
+                "not one final text frame per message", f"header byte {b0:#x} (fragment/rsv/binary)"
+            )
+
+
+class Worker:
+    def __init__(
+        self,
+        idx: int,
+        port: int,
+        secret: str,
+        users: Sequence[int],
+        conns_per_user: int,
+        pipe: Any,
+        counts: Any,
+        last_ns: Any,
+        dedupe: bool,
+    ) -> None:
+        self.idx = idx
+        self.port = port
+        self.secret = secret
+        self.users = list(users)
+        self.conns_per_user = conns_per_user
+        self.pipe = pipe
+        self.counts = counts
+        self.last_ns = last_ns
+        self.errors = Errors()
+        self.received = 0
+        self.cache: dict[bytes, tuple[int, int, int]] | None = {} if dedupe else None
+        self.lat: array.array[int] | None = None
+        self.clients: list[WSClient] = []
+
+    def requests(self) -> list[tuple[int, bytes]]:
+        import jwt  # only the workers need PyJWT
+
+        now = int(time.time())
+        out = []
+        for u in self.users:
+            claims = {"sub": user_id(u), "email": f"{user_id(u)}@bench.invalid", "iat": now}
+            claims["exp"] = now + 6 * 3600
+            token = jwt.encode(claims, self.secret, algorithm="HS256")
+            req = (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n"
+                f"Cookie: {COOKIE}={token}\r\n\r\n"
+            ).encode()
+            out.extend((u, req) for _ in range(self.conns_per_user))
+        return out
+
+    async def connect_all(self, concurrency: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        todo = iter(self.requests())
+        failed = 0
+
+        async def one_by_one() -> None:
+            nonlocal failed
+            for u, req in todo:
+                client = WSClient(self, u, req)
+                try:
+                    await loop.create_connection(lambda c=client: c, "127.0.0.1", self.port)
+                    await asyncio.wait_for(client.opened, 30)
+                except (OSError, TimeoutError) as exc:
+                    failed += 1
+                    self.errors.add("connect failed", f"{type(exc).__name__}: {exc}")
+                    if client.tr is not None:
+                        client.tr.abort()
+                    continue
+                self.clients.append(client)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one_by_one() for _ in range(concurrency)))
+        return {"start": t0, "end": time.monotonic(), "ok": len(self.clients), "failed": failed}
+
+    def finish(self, published: int, n_users: int) -> dict[str, Any]:
+        missing_conns = 0
+        for c in self.clients:
+            expected = published // n_users + (1 if c.uidx < published % n_users else 0)
+            if c.next_seq != expected:
+                missing_conns += 1
+                self.errors.add(
+                    "wrong count at end", f"user {c.uidx}: got up to {c.next_seq}, want {expected}"
+                )
+            c.done = True
+            if c.tr is not None:
+                c.tr.close()
+        return {
+            "received": self.received,
+            "conns": len(self.clients),
+            "wrong_count_conns": missing_conns,
+            "errors": self.errors.counts,
+            "error_samples": self.errors.samples,
+        }
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        loop.add_reader(self.pipe.fileno(), lambda: inbox.put_nowait(self.pipe.recv()))
+        self.pipe.send(("ready",))
+        while True:
+            cmd = await inbox.get()
+            if cmd[0] == "connect":
+                self.pipe.send(("connected", await self.connect_all(cmd[1])))
+            elif cmd[0] == "latency":
+                taken, self.lat = self.lat, (array.array("q") if cmd[1] else None)
+                self.pipe.send(("latency", taken.tobytes() if taken is not None else b""))
+            elif cmd[0] == "finish":
+                result = self.finish(cmd[1], cmd[2])
+                await asyncio.sleep(0.2)  # let the FINs go out
+                self.pipe.send(("result", result))
+                return
+
+
+def worker_main(*args: Any) -> None:
+    raise_nofile()
+    asyncio.run(Worker(*args).run())
+
+
+# ---------------------------------------------------------------------------------------
+# publisher
+# ---------------------------------------------------------------------------------------
+class Publisher:
+    """RESP over a blocking socket. Message i goes to user i % U with sequence i // U."""
+
+    HEAD = b"*3\r\n$7\r\nPUBLISH\r\n"
+
+    def __init__(
+        self, redis_port: int, n_users: int, conns_per_user: int, pipe: Any, counts: Any
+    ) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", redis_port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.n_users = n_users
+        self.conns_per_user = conns_per_user
+        self.pipe = pipe
+        self.counts = counts
+        self.chans = []
+        for u in range(n_users):
+            ch = b"user_noti:" + user_id(u).encode()
+            self.chans.append(b"$%d\r\n%s\r\n" % (len(ch), ch))
+        self.i = 0
+        self.pending = 0
+        self.zero = 0
+        self.errors = 0
+        self.rbuf = bytearray()
+
+    def command(self, *args: bytes) -> bytes:
+        out = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        self.sock.sendall(out)
+        data = self.sock.recv(65536)
+        return data
+
+    def batch(self, n: int, ts: int) -> bytes:
+        parts = []
+        head, chans, nu, pad = self.HEAD, self.chans, self.n_users, PAD
+        for i in range(self.i, self.i + n):
+            u = i % nu
+            msg = b'{"type":"notification","payload":{"u":%d,"seq":%d,"ts":%d,"pad":"%s"}}' % (
+                u,
+                i // nu,
+                ts,
+                pad,
+            )
+            parts.append(b"%s%s$%d\r\n%s\r\n" % (head, chans[u], len(msg), msg))
+        self.i += n
+        self.pending += n
+        return b"".join(parts)
+
+    def read_replies(self, block: bool) -> None:
+        while self.pending > 0:
+            try:
+                data = self.sock.recv(262144, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.rbuf += data
+            cut = self.rbuf.rfind(b"\r\n") + 2
+            if cut < 2:
+                continue
+            chunk = bytes(self.rbuf[:cut])
+            del self.rbuf[:cut]
+            self.pending -= chunk.count(b"\r\n")
+            self.zero += chunk.count(b":0\r\n")
+            self.errors += chunk.count(b"-")
+
+    def delivered_msgs(self) -> int:
+        return sum(self.counts) // self.conns_per_user
+
+    def wait_subscriber(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.command(b"PUBSUB", b"NUMPAT") not in (b":0\r\n",):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def burst(self, n: int, window_per_user: int) -> dict[str, Any]:
+        """Publish n messages as fast as Redis takes them (pipelined batches), keeping at
+        most window_per_user undelivered messages per user in flight."""
+        window = window_per_user * self.n_users
+        t0 = time.monotonic_ns()
+        end = self.i + n
+        waited = 0
+        while self.i < end:
+            room = window - (self.i - self.delivered_msgs())
+            if room <= 0:
+                waited += 1
+                time.sleep(0.0005)
+                continue
+            k = min(room, 1000, end - self.i)
+            self.sock.sendall(self.batch(k, time.monotonic_ns()))
+            self.read_replies(block=True)
+        return {
+            "t_start_ns": t0,
+            "t_end_ns": time.monotonic_ns(),
+            "sent": n,
+            "window_waits": waited,
+        }
+
+    def rate(self, rate: float, duration: float) -> dict[str, Any]:
+        """Publish at a fixed rate, each message stamped just before its write."""
+        total = max(1, int(rate * duration))
+        t0 = time.monotonic()
+        sent = 0
+        max_lag = 0.0
+        while sent < total:
+            now = time.monotonic()
+            due = min(total, int((now - t0) * rate) + 1) - sent
+            if due <= 0:
+                time.sleep(max(0.0, t0 + sent / rate - now))
+                continue
+            max_lag = max(max_lag, now - (t0 + (sent + due - 1) / rate))
+            k = min(due, 500)
+            self.sock.sendall(self.batch(k, time.monotonic_ns()))
+            sent += k
+            self.read_replies(block=False)
+        t1 = time.monotonic()
+        self.read_replies(block=True)
+        return {
+            "sent": total,
+            "rate_achieved": total / max(t1 - t0, 1e-9),
+            "publisher_max_lag_ms": round(max_lag * 1000, 3),
+        }
+
+    def serve(self) -> None:
+        self.pipe.send(("ready",))
+        while True:
+            cmd = self.pipe.recv()
+            if cmd[0] == "wait_sub":
+                self.pipe.send(("wait_sub", self.wait_subscriber(cmd[1])))
+            elif cmd[0] == "burst":
+                res = self.burst(cmd[1], cmd[2])
+                res.update(zero_receivers=self.zero, redis_errors=self.errors, published=self.i)
+                self.pipe.send(("burst", res))
+            elif cmd[0] == "rate":
+                res = self.rate(cmd[1], cmd[2])
+                res.update(zero_receivers=self.zero, redis_errors=self.errors, published=self.i)
+                self.pipe.send(("rate", res))
+            elif cmd[0] == "stop":
+                self.sock.close()
+                return
+
+
+def publisher_main(*args: Any) -> None:
+    Publisher(*args).serve()
+
+
+# ---------------------------------------------------------------------------------------
+# coordinator
+# ---------------------------------------------------------------------------------------
+QUICK = {
+    "idle": {"conns": 2000},
+    "throughput": {"messages": 40_000},
+    "latency": {"duration": 3.0},
+    "fanout": {"messages": 2_000},
+}
+FULL = {
+    "idle": {"conns": 10_000},
+    "throughput": {"messages": 200_000},
+    "latency": {"duration": 10.0},
+    "fanout": {"messages": 5_000},
+}
+
+
+def percentiles(ns: array.array[int]) -> dict[str, float]:
+    if not ns:
+        return {}
+    s = sorted(ns)
+    n = len(s)
+
+    def at(q: float) -> float:
+        return round(s[min(n - 1, int(q * n))] / 1e6, 3)
+
+    return {
+        "p50_ms": at(0.50),
+        "p90_ms": at(0.90),
+        "p99_ms": at(0.99),
+        "max_ms": round(s[-1] / 1e6, 3),
+        "mean_ms": round(statistics.fmean(s) / 1e6, 3),
+        "samples": n,
+    }
+
+
+class Harness:
+    """Forks the workers and the publisher; talks to them over pipes."""
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        server_pid: int,
+        redis_port: int,
+        secret: str,
+        n_users: int,
+        conns_per_user: int,
+        workers: int,
+        redis_pid: int | None = None,
+    ) -> None:
+        ctx = mp.get_context("fork")
+        self.n_users = n_users
+        self.conns_per_user = conns_per_user
+        workers = max(1, min(workers, n_users))
+        self.counts = ctx.RawArray("q", workers)
+        self.last_ns = ctx.RawArray("q", workers)
+        self.probe = Probe(server_pid, {"coordinator": os.getpid()})
+        if redis_pid:
+            self.probe.procs["redis"] = redis_pid
+        self.server_pid = server_pid
+        self.procs: list[Any] = []
+        self.pipes: list[Any] = []
+        dedupe = conns_per_user > 1
+        for w in range(workers):
+            mine, theirs = ctx.Pipe()
+            users = range(w, n_users, workers)
+            p = ctx.Process(
+                target=worker_main,
+                args=(
+                    w,
+                    port,
+                    secret,
+                    users,
+                    conns_per_user,
+                    theirs,
+                    self.counts,
+                    self.last_ns,
+                    dedupe,
+                ),
+                name=f"loadgen-worker-{w}",
+                daemon=True,
+            )
+            p.start()
+            self.procs.append(p)
+            self.pipes.append(mine)
+            self.probe.procs[f"client{w}"] = p.pid
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(
+            target=publisher_main,
+            args=(redis_port, n_users, conns_per_user, theirs, self.counts),
+            name="loadgen-publisher",
+            daemon=True,
+        )
+        p.start()
+        self.publisher = p
+        self.pub = mine
+        self.probe.procs["publisher"] = p.pid
+        for pipe in [*self.pipes, self.pub]:
+            self.expect(pipe, "ready", 60)
+        self.published = 0
+
+    @staticmethod
+    def expect(pipe: Any, tag: str, timeout: float) -> Any:
+        if not pipe.poll(timeout):
+            raise TimeoutError(f"load generator process did not answer {tag!r} in {timeout}s")
+        msg = pipe.recv()
+        if msg[0] != tag:
+            raise RuntimeError(f"expected {tag!r}, got {msg!r}")
+        return msg[1] if len(msg) > 1 else None
+
+    def wait_subscriber(self) -> None:
+        self.pub.send(("wait_sub", 15.0))
+        if not self.expect(self.pub, "wait_sub", 30):
+            raise RuntimeError("no PSUBSCRIBE on redis: the server is not subscribed")
+
+    def connect(self, concurrency: int) -> dict[str, Any]:
+        per = max(1, concurrency // len(self.pipes))
+        for pipe in self.pipes:
+            pipe.send(("connect", per))
+        res = [self.expect(pipe, "connected", 900) for pipe in self.pipes]
+        ok = sum(r["ok"] for r in res)
+        wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+        return {"ok": ok, "failed": sum(r["failed"] for r in res), "wall_s": wall}
+
+    def delivered(self) -> int:
+        return sum(self.counts)
+
+    def wait_delivered(self, frames: int, stall: float = 10.0) -> bool:
+        last, since = -1, time.monotonic()
+        while True:
+            got = sum(self.counts)
+            if got >= frames:
+                return True
+            now = time.monotonic()
+            if got != last:
+                last, since = got, now
+            elif now - since > stall:
+                return False
+            time.sleep(0.002)
+
+    def burst(self, n: int, window_per_user: int) -> dict[str, Any]:
+        self.pub.send(("burst", n, window_per_user))
+        res = self.expect(self.pub, "burst", 1800)
+        self.published = res["published"]
+        return res
+
+    def rate(self, rate: float, duration: float) -> dict[str, Any]:
+        self.pub.send(("rate", rate, duration))
+        res = self.expect(self.pub, "rate", duration * 10 + 60)
+        self.published = res["published"]
+        return res
+
+    def latency(self, record: bool) -> array.array[int]:
+        out: array.array[int] = array.array("q")
+        for pipe in self.pipes:
+            pipe.send(("latency", record))
+        for pipe in self.pipes:
+            out.frombytes(self.expect(pipe, "latency", 60))
+        return out
+
+    def expected_frames(self) -> int:
+        return self.published * self.conns_per_user
+
+    def finish(self) -> dict[str, Any]:
+        for pipe in self.pipes:
+            pipe.send(("finish", self.published, self.n_users))
+        results = [self.expect(pipe, "result", 120) for pipe in self.pipes]
+        errors: dict[str, int] = {}
+        samples: list[str] = []
+        for r in results:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            samples.extend(r["error_samples"])
+        return {
+            "frames_received": sum(r["received"] for r in results),
+            "frames_expected": self.expected_frames(),
+            "errors": errors,
+            "error_samples": samples[:8],
+        }
+
+    def close(self) -> None:
+        try:
+            self.pub.send(("stop",))
+        except OSError:
+            pass
+        for p in [*self.procs, self.publisher]:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def run_scenario(
+    scenario: str,
+    *,
+    port: int,
+    server_pid: int,
+    redis_port: int,
+    secret: str,
+    quick: bool = False,
+    workers: int = 2,
+    conns: int | None = None,
+    messages: int | None = None,
+    duration: float | None = None,
+    max_rate: float | None = None,
+    concurrency: int = 64,
+    redis_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run one scenario against a running server; returns a dict of figures."""
+    raise_nofile()
+    params = dict((QUICK if quick else FULL)[scenario])
+    if conns:
+        params["conns"] = conns
+    if messages:
+        params["messages"] = messages
+    if duration:
+        params["duration"] = duration
+    if scenario == "idle":
+        n_users, per_user = params["conns"], 1
+    elif scenario in ("throughput", "latency"):
+        n_users, per_user = 1000, 1
+    elif scenario == "fanout":
+        n_users, per_user = 10, 100
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    n_conns = n_users * per_user
+    out: dict[str, Any] = {"scenario": scenario, "conns": n_conns, "users": n_users}
+    h = Harness(
+        port=port,
+        server_pid=server_pid,
+        redis_port=redis_port,
+        secret=secret,
+        n_users=n_users,
+        conns_per_user=per_user,
+        workers=workers,
+        redis_pid=redis_pid,
+    )
+    ok = True
+    try:
+        h.wait_subscriber()
+        # idle: RSS before/after N connections, and the connect rate
+        time.sleep(0.3)
+        rss0 = proc_rss_kb(server_pid)
+        s0 = h.probe.snap()
+        con = h.connect(concurrency)
+        s1 = h.probe.snap()
+        if scenario == "idle":
+            time.sleep(1.0)
+            rss1 = proc_rss_kb(server_pid)
+            d = Probe.delta(s0, s1)
+            out.update(
+                connects_per_s=round(con["ok"] / max(con["wall_s"], 1e-9), 1),
+                connect_wall_s=round(con["wall_s"], 3),
+                server_cpu_us_per_connect=round(1e6 * d["server_cpu_s"] / max(con["ok"], 1), 1),
+                rss_before_kb=rss0,
+                rss_after_kb=rss1,
+                kb_per_conn=round((rss1 - rss0) / max(con["ok"], 1), 2),
+                loadgen=d["loadgen"],
+            )
+        out["connected"] = con["ok"]
+        out["connect_failed"] = con["failed"]
+        if con["failed"]:
+            ok = False
+            raise RuntimeError(f"{con['failed']} of {n_conns} connections failed")
+        # warm-up (and, for idle, the delivery check): one message for every user
+        pub = h.burst(n_users, 1)
+        if not h.wait_delivered(h.expected_frames()):
+            ok = False
+            raise RuntimeError(
+                f"warm-up: {h.delivered()} of {h.expected_frames()} frames arrived "
+                f"(redis saw {pub['zero_receivers']} messages without subscriber)"
+            )
+        if scenario == "throughput":
+            n = params["messages"]
+            a = h.probe.snap()
+            pub = h.burst(n, 200)
+            done = h.wait_delivered(h.expected_frames())
+            b = h.probe.snap()
+            ok &= done
+            d = Probe.delta(a, b)
+            t_end = max(h.last_ns)
+            secs = max((t_end - pub["t_start_ns"]) / 1e9, 1e-9)
+            cpu = d["server_cpu_s"]
+            out.update(
+                messages=n,
+                publish_s=round((pub["t_end_ns"] - pub["t_start_ns"]) / 1e9, 3),
+                delivered_per_s=round(n / secs, 1),
+                server_cpu_us_per_msg=round(1e6 * cpu / n, 2),
+                msgs_per_cpu_s=round(n / max(cpu, 1e-9), 1),
+                server_cpu_pct=round(100 * cpu / d["wall_s"], 1),
+                loadgen=d["loadgen"],
+            )
+        elif scenario == "fanout":
+            n = params["messages"]
+            frames = n * per_user
+            a = h.probe.snap()
+            pub = h.burst(n, 100)
+            done = h.wait_delivered(h.expected_frames())
+            b = h.probe.snap()
+            ok &= done
+            d = Probe.delta(a, b)
+            secs = max((max(h.last_ns) - pub["t_start_ns"]) / 1e9, 1e-9)
+            out.update(
+                messages=n,
+                frames=frames,
+                frames_per_s=round(frames / secs, 1),
+                server_cpu_us_per_frame=round(1e6 * d["server_cpu_s"] / frames, 3),
+                server_cpu_pct=round(100 * d["server_cpu_s"] / d["wall_s"], 1),
+                loadgen=d["loadgen"],
+            )
+        elif scenario == "latency":
+            runs = []
+            rates = [2000.0] + ([round(0.8 * max_rate, 1)] if max_rate else [])
+            for rate in rates:
+                h.latency(True)
+                a = h.probe.snap()
+                pub = h.rate(rate, params["duration"])
+                done = h.wait_delivered(h.expected_frames())
+                b = h.probe.snap()
+                ok &= done
+                d = Probe.delta(a, b)
+                lat = h.latency(False)
+                runs.append(
+                    {
+                        "rate": rate,
+                        "rate_achieved": round(pub["rate_achieved"], 1),
+                        "publisher_max_lag_ms": pub["publisher_max_lag_ms"],
+                        **percentiles(lat),
+                        "server_cpu_pct": round(100 * d["server_cpu_s"] / d["wall_s"], 1),
+                        "loadgen": d["loadgen"],
+                    }
+                )
+            out["runs"] = runs
+            out["loadgen"] = max((r["loadgen"] for r in runs), key=lambda x: x["max_proc_cpu_pct"])
+    except Exception as exc:
+        ok = False
+        out["failure"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            check = h.finish()
+        except Exception as exc:  # a worker that died cannot report
+            check = {"errors": {"load generator failed": 1}, "error_samples": [repr(exc)]}
+        h.close()
+    out["check"] = check
+    out["correct"] = bool(ok and not check["errors"] and "failure" not in out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", choices=["idle", "throughput", "latency", "fanout"])
+    ap.add_argument("--port", type=int, required=True, help="server WebSocket port (loopback)")
+    ap.add_argument("--server-pid", type=int, required=True, help="PID to measure")
+    ap.add_argument("--redis-port", type=int, required=True)
+    ap.add_argument("--redis-pid", type=int, help="also report redis-server's CPU")
+    ap.add_argument("--secret", required=True, help="the server's JWT_SECRET_KEY")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--conns", type=int)
+    ap.add_argument("--messages", type=int)
+    ap.add_argument("--duration", type=float)
+    ap.add_argument("--max-rate", type=float, help="latency: also run at 80%% of this rate")
+    a = ap.parse_args(argv)
+    res = run_scenario(
+        a.scenario,
+        port=a.port,
+        server_pid=a.server_pid,
+        redis_port=a.redis_port,
+        secret=a.secret,
+        quick=a.quick,
+        workers=a.workers,
+        conns=a.conns,
+        messages=a.messages,
+        duration=a.duration,
+        max_rate=a.max_rate,
+        redis_pid=a.redis_pid,
+    )
+    json.dump(res, sys.stdout, indent=2)
+    print()
+    return 0 if res["correct"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""Run the whole smap-notify benchmark (issue 4) and print the results table.
+
+    python bench/run.py [--quick] [--repeats N] [--scenarios idle throughput latency fanout]
+                        [--servers smap-notify asyncio-baseline] [--write]
+
+Starts its own ``redis-server`` on a free loopback port, then for every scenario starts
+smap-notify and the asyncio baseline (``bench/asyncio_relay.py``) afresh, interleaved
+A, B, A, B ... ``--repeats`` times, drives each with ``bench/loadgen.py`` (separate
+processes), and reports the median of each figure, the ratio smap-notify / baseline and the
+issue's targets. ``--write`` also writes the table to ``bench/RESULTS.rst``; raw figures of
+every run go to ``bench/out/`` (not committed). Every process it starts is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+sys.path.insert(0, str(BENCH))
+
+import loadgen  # noqa: E402
+
+SCENARIOS = ["idle", "throughput", "latency", "fanout"]
+SMAP = "smap-notify"
+BASE = "asyncio-baseline"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_pid(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> str:
+    """SIGTERM the process we started, SIGKILL it if it does not exit in time."""
+    if proc.poll() is not None:
+        return f"had exited ({proc.returncode})"
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        return f"killed after {timeout:.0f}s"
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Redis:
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise SystemExit("redis-server not found (apt-get install redis-server)")
+        self.port = free_port()
+        # Without a pubsub output-buffer limit: the throughput scenario publishes faster than
+        # any relay delivers, and Redis must not disconnect the subscriber for being behind.
+        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0"]
+        self.log = open(OUT / "redis.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise SystemExit(f"redis-server did not start:\n{tail(OUT / 'redis.log')}")
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        self.version = out.split("v=")[1].split()[0] if "v=" in out else out.strip()
+
+    def stop(self) -> None:
+        stop_pid(self.proc, 5)
+        self.log.close()
+
+
+class ServerFailed(Exception):
+    pass
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(
+                    f"exited with status {self.proc.returncode} before serving; log:\n"
+                    + tail(self.log)
+                )
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                body = resp.read()
+                conn.close()
+                if resp.status == 200:
+                    return
+                last = f"/health answered {resp.status}: {body[:200]!r}"
+            except OSError as exc:
+                last = f"/health: {exc}"
+            time.sleep(0.1)
+        status = self.stop()
+        raise ServerFailed(
+            f"not healthy after {timeout:.0f}s ({last}); {status}; log:\n{tail(self.log)}"
+        )
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return "not started"
+        status = stop_pid(self.proc)
+        self.proc = None
+        return status
+
+
+def server_for(name: str, redis_port: int, tag: str) -> Server:
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        JWT_SECRET_KEY=secrets.token_urlsafe(32),
+        ENV="dev",
+        WS_HOST="127.0.0.1",
+        WS_PORT=str(port),
+        REDIS_HOST=f"127.0.0.1:{redis_port}",
+        LOGGER_LEVEL="warn",
+        WS_MAX_CONNECTIONS="20000",
+        WS_MAX_CONNECTIONS_PER_USER="200",
+    )
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("LISTEN_FDS", None)
+    if name == SMAP:
+        cmd = [sys.executable, "-m", "smap_notify"]
+    else:
+        cmd = [sys.executable, str(BENCH / "asyncio_relay.py")]
+    return Server(name, cmd, env, port, OUT / f"{tag}.log")
+
+
+def smap_importable() -> str | None:
+    r = subprocess.run(
+        [sys.executable, "-c", "import smap_notify.app"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if r.returncode == 0:
+        return None
+    return (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------
+def dig(run: dict[str, Any], path: str) -> float | None:
+    cur: Any = run
+    for part in path.split("."):
+        if isinstance(cur, list):
+            cur = cur[int(part)] if int(part) < len(cur) else None
+        elif isinstance(cur, dict):
+            cur = cur.get(part)
+        else:
+            return None
+        if cur is None:
+            return None
+    return float(cur) if isinstance(cur, int | float) else None
+
+
+def median_of(runs: list[dict[str, Any]], path: str, only_correct: bool = True) -> float | None:
+    """Median over the runs (by default only those that passed the correctness checks)."""
+    vals = [
+        v
+        for r in runs
+        if (r.get("correct") or not only_correct) and (v := dig(r, path)) is not None
+    ]
+    return statistics.median(vals) if vals else None
+
+
+@dataclass
+class Row:
+    scenario: str
+    label: str
+    path: str
+    fmt: str
+    target: str = ""
+    check: Callable[[float, float | None], bool] | None = None  # (smap, baseline) -> met
+
+
+ROWS = [
+    Row("idle", "RSS per connection (KB)", "kb_per_conn", "{:.1f}", "<= 20", lambda a, b: a <= 20),
+    Row("idle", "connects/s", "connects_per_s", "{:.0f}", ">= 1500", lambda a, b: a >= 1500),
+    Row("idle", "server CPU per connect (µs)", "server_cpu_us_per_connect", "{:.0f}"),
+    Row(
+        "throughput",
+        "server CPU per message (µs)",
+        "server_cpu_us_per_msg",
+        "{:.1f}",
+        "<= 36",
+        lambda a, b: a <= 36,
+    ),
+    Row(
+        "throughput",
+        "messages per server CPU-second",
+        "msgs_per_cpu_s",
+        "{:.0f}",
+        ">= 2.2x baseline",
+        lambda a, b: b is not None and a >= 2.2 * b,
+    ),
+    Row("throughput", "delivered messages/s", "delivered_per_s", "{:.0f}"),
+    Row("latency", "2,000 msg/s: p50 (ms)", "runs.0.p50_ms", "{:.2f}"),
+    Row("latency", "2,000 msg/s: p90 (ms)", "runs.0.p90_ms", "{:.2f}"),
+    Row("latency", "2,000 msg/s: p99 (ms)", "runs.0.p99_ms", "{:.2f}", "<= 2", lambda a, b: a <= 2),
+    Row("latency", "2,000 msg/s: max (ms)", "runs.0.max_ms", "{:.2f}"),
+    Row(
+        "latency",
+        "2,000 msg/s: server CPU (% of a core)",
+        "runs.0.server_cpu_pct",
+        "{:.1f}",
+        "<= 35",
+        lambda a, b: a <= 35,
+    ),
+    Row("latency", "80% of max: rate (msg/s)", "runs.1.rate", "{:.0f}"),
+    Row("latency", "80% of max: p50 (ms)", "runs.1.p50_ms", "{:.2f}"),
+    Row("latency", "80% of max: p99 (ms)", "runs.1.p99_ms", "{:.2f}", "< 10", lambda a, b: a < 10),
+    Row("latency", "80% of max: max (ms)", "runs.1.max_ms", "{:.2f}"),
+    Row("latency", "80% of max: server CPU (% of a core)", "runs.1.server_cpu_pct", "{:.1f}"),
+    Row(
+        "fanout",
+        "server CPU per frame (µs)",
+        "server_cpu_us_per_frame",
+        "{:.2f}",
+        "<= 3",
+        lambda a, b: a <= 3,
+    ),
+    Row("fanout", "delivered frames/s", "frames_per_s", "{:.0f}"),
+]
+
+
+def fmt(v: float | None, f: str) -> str:
+    return "-" if v is None else f.format(v)
+
+
+def rst_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+    return "\n".join([rule, line(header), rule, *map(line, rows), rule])
+
+
+def summarize(
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    failures: dict[str, list[str]],
+    scenarios: list[str],
+) -> tuple[str, str]:
+    header = ["scenario", "figure (median)", SMAP, BASE, "ratio", "target", "met"]
+    rows: list[list[str]] = []
+    for row in ROWS:
+        if row.scenario not in scenarios:
+            continue
+        a = median_of(results[SMAP].get(row.scenario, []), row.path)
+        b = median_of(results[BASE].get(row.scenario, []), row.path)
+        ratio = "-" if a is None or not b else f"{a / b:.2f}"
+        met = ""
+        if row.check is not None:
+            met = "-" if a is None else ("yes" if row.check(a, b) else "NO")
+        label = row.label
+        if row.path == "kb_per_conn":
+            idle = results[SMAP].get("idle", []) + results[BASE].get("idle", [])
+            n = median_of(idle, "conns", only_correct=False)
+            label += f" at {n:.0f} conns" if n else ""
+        rows.append([row.scenario, label, fmt(a, row.fmt), fmt(b, row.fmt), ratio, row.target, met])
+    for scen in scenarios:
+        cells = []
+        for name in (SMAP, BASE):
+            runs = results[name].get(scen, [])
+            good = sum(1 for r in runs if r.get("correct"))
+            cells.append(f"ok {good}/{len(runs)}" if runs else "-")
+        rows.append([scen, "correct runs", *cells, "", "all", ""])
+        peaks, others = [], []
+        for name in (SMAP, BASE):
+            runs = results[name].get(scen, [])
+            peak = median_of(runs, "loadgen.max_proc_cpu_pct", only_correct=False)
+            sat = sum(1 for r in runs if (r.get("loadgen") or {}).get("saturated"))
+            full = sum(1 for r in runs if (r.get("loadgen") or {}).get("machine_full"))
+            flags = (f" SAT x{sat}" if sat else "") + (f" FULL x{full}" if full else "")
+            peaks.append("-" if peak is None else f"{peak:.0f}%{flags}")
+            other = median_of(runs, "loadgen.other_cpu_pct", only_correct=False)
+            others.append("-" if other is None else f"{other:.0f}%")
+        rows.append([scen, "load generator: busiest process (% core)", *peaks, "", "< 90", ""])
+        rows.append([scen, "other CPU on the machine (% core)", *others, "", "~0", ""])
+    table = rst_table(header, rows)
+    notes = []
+    for name, items in failures.items():
+        for item in items:
+            notes.append(f"- {name}: {item}")
+    return table, "\n".join(notes)
+
+
+def machine_info(redis_version: str) -> dict[str, str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "machine": f"{platform.machine()}, Linux {platform.release()}",
+        "python": platform.python_version(),
+        "redis": redis_version,
+    }
+
+
+def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes: str) -> Path:
+    mode = "quick" if args.quick else "full"
+    cmd = "python bench/run.py " + " ".join(sys.argv[1:])
+    lines = [
+        "Benchmark results",
+        "=================",
+        "",
+        f"Latest run of ``{cmd.strip()}`` ({mode} mode, {args.repeats} repeat(s) per server"
+        " and scenario, servers interleaved A, B, A, B; medians).",
+        "",
+        f"- date: {info['date']}",
+        f"- machine: ``nproc`` = {info['nproc']}, {info['cpu']}, {info['machine']}",
+        f"- Python {info['python']}, Redis {info['redis']}",
+        '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
+        "- figures are medians over the runs that passed every correctness check; the load",
+        "  generator rows cover all runs (SAT: a load-generator process at 90%+ of a core;",
+        "  FULL: machine 95%+ busy while the server had under 90% of a core).",
+        "",
+        table,
+        "",
+    ]
+    if notes:
+        lines += ["Failures and notes", "------------------", "", notes, ""]
+    profile = BENCH / "profile-notes.rst"
+    if profile.exists():
+        lines += [profile.read_text().rstrip(), ""]
+    path = BENCH / "RESULTS.rst"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller runs (about 1 minute)")
+    ap.add_argument("--repeats", type=int, help="runs per server and scenario (3; quick: 2)")
+    ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    ap.add_argument("--servers", nargs="+", choices=[SMAP, BASE], default=[SMAP, BASE])
+    ap.add_argument("--workers", type=int, default=2, help="load-generator client processes")
+    ap.add_argument("--write", action="store_true", help="write bench/RESULTS.rst")
+    args = ap.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    scenarios = [s for s in SCENARIOS if s in args.scenarios]
+    OUT.mkdir(exist_ok=True)
+    nofile = loadgen.raise_nofile()
+    if nofile < 21000 and "idle" in scenarios and not args.quick:
+        print(f"note: open-file limit is {nofile}; 10,000 connections need about 10,100")
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {SMAP: {}, BASE: {}}
+    failures: dict[str, list[str]] = {SMAP: [], BASE: []}
+    broken: dict[str, str] = {}
+    if SMAP in args.servers and (why := smap_importable()):
+        broken[SMAP] = f"cannot import smap_notify.app: {why}"
+        failures[SMAP].append(broken[SMAP])
+
+    redis = Redis()
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    try:
+        for scen in scenarios:
+            for rep in range(args.repeats):
+                for name in args.servers:
+                    if name in broken:
+                        continue
+                    tag = f"{name}-{scen}-{rep}"
+                    srv = server_for(name, redis.port, tag)
+                    print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
+                    try:
+                        srv.start()
+                    except ServerFailed as exc:
+                        broken[name] = f"failed to start ({scen}): {exc}"
+                        failures[name].append(broken[name])
+                        print("FAILED TO START")
+                        continue
+                    assert srv.proc is not None
+                    max_rate = None
+                    if scen == "latency":
+                        max_rate = median_of(results[name].get("throughput", []), "delivered_per_s")
+                    res: dict[str, Any]
+                    try:
+                        res = loadgen.run_scenario(
+                            scen,
+                            port=srv.port,
+                            server_pid=srv.proc.pid,
+                            redis_port=redis.port,
+                            secret=srv.env["JWT_SECRET_KEY"],
+                            quick=args.quick,
+                            workers=args.workers,
+                            max_rate=max_rate,
+                            redis_pid=redis.proc.pid,
+                        )
+                    except Exception as exc:  # the load generator itself failed
+                        res = {"scenario": scen, "correct": False, "check": {"errors": {}}}
+                        res["failure"] = f"load generator: {type(exc).__name__}: {exc}"
+                    finally:
+                        alive = srv.proc.poll() is None
+                        res_stop = srv.stop()
+                    if not alive:
+                        res["correct"] = False
+                        res.setdefault("failure", f"server died during the run ({res_stop})")
+                    res["server_stop"] = res_stop
+                    results[name].setdefault(scen, []).append(res)
+                    if not res["correct"]:
+                        check = res.get("check", {})
+                        why = res.get("failure") or f"errors {check.get('errors')}"
+                        first = (check.get("error_samples") or ["-"])[0]
+                        failures[name].append(
+                            f"{scen} run {rep + 1}: incorrect: {why}; first: {first}"
+                        )
+                        print(f"INCORRECT ({res.get('failure') or res['check']['errors']})")
+                    else:
+                        print(brief(res))
+    finally:
+        redis.stop()
+    (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
+    table, notes = summarize(results, failures, scenarios)
+    info = machine_info(redis.version)
+    print()
+    print(f"{info['date']}  nproc={info['nproc']}  {info['cpu']}  Python {info['python']}")
+    print(table)
+    if notes:
+        print("\nFailures and notes:\n" + notes)
+    print(
+        f"\nraw results: {OUT / f'results-{stamp}.json'}; total {time.monotonic() - started:.0f}s"
+    )
+    if args.write:
+        print(f"wrote {write_rst(info, args, table, notes)}")
+    return 0
+
+
+def brief(res: dict[str, Any]) -> str:
+    s = res["scenario"]
+    lg = res.get("loadgen") or {}
+    sat = " LOADGEN SATURATED" if lg.get("saturated") else ""
+    sat += " MACHINE FULL" if lg.get("machine_full") else ""
+    sat += f", other {lg['other_cpu_pct']:.0f}%" if lg.get("other_cpu_pct", 0) >= 10 else ""
+    load = f"[loadgen peak {lg.get('max_proc_cpu_pct', 0):.0f}%{sat}]"
+    if s == "idle":
+        return f"{res['kb_per_conn']:.1f} KB/conn, {res['connects_per_s']:.0f} conn/s {load}"
+    if s == "throughput":
+        return (
+            f"{res['server_cpu_us_per_msg']:.1f} µs/msg, {res['delivered_per_s']:.0f} msg/s {load}"
+        )
+    if s == "fanout":
+        return (
+            f"{res['server_cpu_us_per_frame']:.2f} µs/frame, {res['frames_per_s']:.0f} frames/s"
+            f" {load}"
+        )
+    parts = [
+        f"{r['rate']:.0f}/s: p99 {r.get('p99_ms', float('nan')):.2f} ms,"
+        f" cpu {r['server_cpu_pct']:.0f}%"
+        for r in res.get("runs", [])
+    ]
+    return "; ".join(parts) + f" {load}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
