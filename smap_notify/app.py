@@ -182,8 +182,10 @@ class App:
 
     def _status_text(self) -> str:
         redis_state = "subscribed" if self.subscriber.active else "redis " + self.subscriber.state
+        draining = "draining; " if self.draining else ""
         return (
-            f"{redis_state}; {self.hub.connection_count} connections, {len(self.hub.users)} users"
+            f"{draining}{redis_state}; {self.hub.connection_count} connections, "
+            f"{len(self.hub.users)} users"
         )
 
     async def _report_status(self) -> None:

@@ -203,12 +203,19 @@ _converter.register_structure_hook_func(
 
 def read_env_file(path: Path) -> dict[str, str]:
     """Read KEY=VALUE lines (the systemd EnvironmentFile format; # comments, optional quotes)."""
+    values, problems = _parse_env_file(path)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     values: dict[str, str] = {}
     problems: list[str] = []
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
+        return values, [f"cannot read config file {path}: {exc.strerror or exc}"]
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
@@ -224,9 +231,7 @@ def read_env_file(path: Path) -> dict[str, str]:
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         values[key] = value
-    if problems:
-        raise ConfigError(problems)
-    return values
+    return values, problems
 
 
 def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> Config:
@@ -235,10 +240,11 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
     Raises ConfigError listing every problem at once.
     """
     values = {k: val for k, val in environ.items() if k in ENV_NAMES}
-    if config_file is not None:
-        values.update({k: val for k, val in read_env_file(config_file).items() if k in ENV_NAMES})
-    kwargs: dict[str, Any] = {}
     problems: list[str] = []
+    if config_file is not None:
+        from_file, problems = _parse_env_file(config_file)
+        values.update({k: val for k, val in from_file.items() if k in ENV_NAMES})
+    kwargs: dict[str, Any] = {}
     for field in attrs.fields(Config):
         name = field.name.upper()
         if name in values:

@@ -1,0 +1,831 @@
+"""The daemon under a stand-in systemd: sd_notify, watchdog, socket activation, journald.
+
+Each test binds its own ``NOTIFY_SOCKET`` (an AF_UNIX datagram socket) and runs the daemon
+as a real process (or in this event loop where the test must block the loop or the
+subscriber thread), against a real redis-server and real WebSocket clients on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from smap_notify import subscriber
+from smap_notify.app import SUBSCRIBER_STALE, App
+from smap_notify.config import ENV_NAMES, load_config
+from smap_notify.systemd import Notifier
+
+from .conftest import (
+    DEV_ORIGIN,
+    REPO,
+    SECRET,
+    RedisServer,
+    free_port,
+    http_request,
+    make_token,
+    wait_until,
+)
+
+# AF_UNIX socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+MAX_UNIX_PATH = 100
+MARK = "X_TEST_MARK"
+
+
+# -- a stand-in for systemd's notify socket ---------------------------------------------
+
+
+Notification = dict[str, str]
+
+
+def parse_notification(data: bytes) -> Notification:
+    fields: Notification = {}
+    for line in data.decode().split("\n"):
+        key, _, value = line.partition("=")
+        fields[key] = value
+    return fields
+
+
+def is_(key: str, value: str = "1") -> Callable[[Notification], bool]:
+    return lambda n: n.get(key) == value
+
+
+class NotifyReceiver:
+    """A bound AF_UNIX datagram socket, read by a thread so the sender never waits.
+
+    Linux queues only ``net.unix.max_dgram_qlen`` (often 10) datagrams: a reader that
+    stalls would block the daemon's ``sendto``, so reading must not depend on this
+    test's event loop. Datagrams keep their order, so a marker sent by the test between
+    two moments separates what the daemon sent before and after.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.messages: list[Notification] = []
+        self._cursor = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(path)
+        self._sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run, name="notify-receiver", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(parse_notification(data))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def mark(self, label: str) -> None:
+        """Queue a marker behind everything the daemon has sent so far."""
+        with Notifier(self.path) as notifier:
+            assert notifier.notify(f"{MARK}={label}")
+
+    def snapshot(self) -> list[Notification]:
+        with self._lock:
+            return list(self.messages)
+
+    def between(self, first: str, last: str) -> list[Notification]:
+        """What arrived after marker ``first`` and before marker ``last``."""
+        messages = self.snapshot()
+        start = messages.index({MARK: first})
+        end = messages.index({MARK: last})
+        return messages[start + 1 : end]
+
+    async def expect(
+        self, predicate: Callable[[Notification], bool], timeout: float = 20.0
+    ) -> Notification:
+        """The next notification that satisfies ``predicate``, after the last one returned."""
+        with trio.fail_after(timeout):
+            while True:
+                with self._lock:
+                    pending = self.messages[self._cursor :]
+                for offset, message in enumerate(pending):
+                    if predicate(message):
+                        self._cursor += offset + 1
+                        return message
+                await trio.sleep(0.01)
+
+    async def count(
+        self, predicate: Callable[[Notification], bool], n: int, timeout: float = 20.0
+    ) -> None:
+        for _ in range(n):
+            await self.expect(predicate, timeout)
+
+
+@contextlib.contextmanager
+def open_notify_receiver(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    """A receiver bound in ``tmp_path``, or in a shorter temporary directory if need be."""
+    directory = tmp_path
+    cleanup = None
+    if len(str(tmp_path / "notify")) > MAX_UNIX_PATH:
+        cleanup = tempfile.TemporaryDirectory(prefix="sn-")
+        directory = Path(cleanup.name)
+    receiver = NotifyReceiver(str(directory / "notify"))
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+        if cleanup is not None:
+            cleanup.cleanup()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    with open_notify_receiver(tmp_path) as receiver:
+        yield receiver
+
+
+# -- daemon processes started through a wrapper (socket activation, WATCHDOG_PID) ---------
+
+# Runs in the child: becomes ``python -m smap_notify`` with the same PID, so LISTEN_PID
+# and WATCHDOG_PID can name the daemon, and the passed listening socket lands on fd 3.
+WRAPPER = """
+import os, sys
+fd = os.environ.pop("TEST_LISTEN_FD", "")
+if fd:
+    fd = int(fd)
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+if os.environ.pop("TEST_WATCHDOG_PID_SELF", ""):
+    os.environ["WATCHDOG_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, "-m", "smap_notify", *sys.argv[1:]])
+"""
+
+
+def daemon_env(redis: RedisServer, **overrides: str) -> dict[str, str]:
+    """The environment of a test daemon: none of ours leaks in, dev origins allowed."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_")) and k not in ENV_NAMES
+    }
+    env.update(
+        {
+            "JWT_SECRET_KEY": SECRET,
+            "ENV": "dev",
+            "WS_HOST": "127.0.0.1",
+            "WS_PORT": str(free_port()),
+            "REDIS_HOST": f"127.0.0.1:{redis.port}",
+            "LOGGER_LEVEL": "info",
+            "SHUTDOWN_TIMEOUT": "2s",
+            "PYTHONUNBUFFERED": "1",
+            **overrides,
+        }
+    )
+    return env
+
+
+@attrs.define
+class Spawned:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        return self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def open_spawner(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
+    """Start the daemon through WRAPPER (or ``program``); killed by PID afterwards."""
+    started: list[Spawned] = []
+
+    def start(
+        env: dict[str, str],
+        *,
+        args: tuple[str, ...] = (),
+        listen_sock: socket.socket | None = None,
+        watchdog_pid_self: bool = False,
+        journal: bool = False,
+        program: str = WRAPPER,
+    ) -> Spawned:
+        env = dict(env)
+        pass_fds: tuple[int, ...] = ()
+        if listen_sock is not None:
+            env["TEST_LISTEN_FD"] = str(listen_sock.fileno())
+            pass_fds = (listen_sock.fileno(),)
+        if watchdog_pid_self:
+            env["TEST_WATCHDOG_PID_SELF"] = "1"
+        log_path = tmp_path / f"spawned-{len(started)}.log"
+        log_path.touch()
+        if journal:
+            st = os.stat(log_path)
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", program, *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                pass_fds=pass_fds,
+            )
+        spawned = Spawned(proc, log_path)
+        started.append(spawned)
+        return spawned
+
+    try:
+        yield start
+    finally:
+        for spawned in started:
+            if spawned.proc.poll() is None:
+                spawned.proc.kill()
+                spawned.proc.wait(10)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
+    with open_spawner(tmp_path) as start:
+        yield start
+
+
+def listening_socket() -> socket.socket:
+    """What systemd's socket unit holds: a bound, listening loopback TCP socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+# -- clients ------------------------------------------------------------------------------
+
+
+def ws_headers(token: str, origin: str | None = DEV_ORIGIN) -> list[tuple[bytes, bytes]]:
+    headers = [(b"Cookie", f"smap_auth_token={token}".encode())]
+    if origin is not None:
+        headers.append((b"Origin", origin.encode()))
+    return headers
+
+
+async def open_ws(
+    nursery: trio.Nursery,
+    port: int,
+    user: str = "user123",
+    *,
+    token: str | None = None,
+    origin: str | None = DEV_ORIGIN,
+) -> trio_websocket.WebSocketConnection:
+    token = make_token(user) if token is None else token
+    with trio.fail_after(10):
+        return await trio_websocket.connect_websocket(
+            nursery,
+            "127.0.0.1",
+            port,
+            "/ws",
+            use_ssl=False,
+            extra_headers=ws_headers(token, origin),
+        )
+
+
+async def upgrade_status(
+    port: int, user: str = "user123", *, token: str | None = None, origin: str | None = DEV_ORIGIN
+) -> int:
+    """101 when the daemon accepts a WebSocket (closed again at once), else the HTTP status."""
+    status = 101
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await open_ws(nursery, port, user, token=token, origin=origin)
+            await ws.aclose()
+    except* trio_websocket.ConnectionRejected as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, trio_websocket.ConnectionRejected)
+        status = leaf.status_code
+    return status
+
+
+async def receive_json(ws: trio_websocket.WebSocketConnection, timeout: float = 10) -> Any:
+    with trio.fail_after(timeout):
+        return json.loads(await ws.get_message())
+
+
+async def active_connections(port: int) -> int:
+    _, _, body = await http_request(port, "/health")
+    return int(json.loads(body)["websocket"]["active_connections"])
+
+
+async def wait_connections(port: int, n: int, timeout: float = 15) -> None:
+    with trio.fail_after(timeout):
+        while await active_connections(port) != n:
+            await trio.sleep(0.05)
+
+
+async def publish(redis: RedisServer, user: str, message: Any) -> int:
+    return await trio.to_thread.run_sync(redis.publish, user, message)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    with trio.fail_after(timeout):
+        while proc.poll() is None:
+            await trio.sleep(0.02)
+    return proc.returncode
+
+
+def can_connect(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+STATUS_TEXT = re.compile(r"^(subscribed|redis \w+); (\d+) connections, (\d+) users$")
+
+
+def status_fields(n: Notification) -> tuple[str, int, int]:
+    m = STATUS_TEXT.match(n["STATUS"])
+    assert m is not None, f"unexpected STATUS={n['STATUS']!r}"
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def has_status(redis_state: str | None = None, connections: int | None = None) -> Any:
+    def check(n: Notification) -> bool:
+        if "STATUS" not in n or n.get("STOPPING") == "1":
+            return False
+        state, conns, _ = status_fields(n)
+        return (redis_state is None or state == redis_state) and (
+            connections is None or conns == connections
+        )
+
+    return check
+
+
+# -- readiness and status -----------------------------------------------------------------
+
+
+async def test_ready_comes_once_the_port_accepts_and_says_how_redis_is(
+    daemon_process: Any, notify_socket: NotifyReceiver
+) -> None:
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    ready = await notify_socket.expect(is_("READY"))
+    # One attempt, no retry: READY=1 means the port already accepts.
+    assert can_connect(daemon.port)
+    assert "STATUS" in ready, "READY=1 carries a STATUS= line"
+    state, connections, users = status_fields(ready)
+    assert state in ("subscribed", "redis starting", "redis retrying")
+    assert (connections, users) == (0, 0)
+    await notify_socket.expect(has_status("subscribed"))
+    assert [m for m in notify_socket.snapshot() if m.get("READY")] == [ready], "READY=1 once"
+
+
+async def test_ready_says_redis_is_retried_when_it_is_down_and_status_follows(
+    daemon_process: Any, notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    redis_server.kill()
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    ready = await notify_socket.expect(is_("READY"))
+    assert can_connect(daemon.port), "serving without Redis"
+    assert status_fields(ready)[0] != "subscribed"
+    await notify_socket.expect(has_status("redis retrying"))
+    redis_server.start()
+    await notify_socket.expect(has_status("subscribed"))
+
+
+async def test_status_follows_the_connection_count(
+    daemon_process: Any, notify_socket: NotifyReceiver, nursery: trio.Nursery
+) -> None:
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    await notify_socket.expect(is_("READY"))
+    await notify_socket.expect(has_status("subscribed", connections=0))
+    ws = await open_ws(nursery, daemon.port, "alice")
+    update = await notify_socket.expect(has_status(connections=1))
+    assert status_fields(update) == ("subscribed", 1, 1)
+    await ws.aclose()
+    await notify_socket.expect(has_status(connections=0))
+
+
+# -- watchdog -----------------------------------------------------------------------------
+
+
+async def test_watchdog_pings_periodically_when_watchdog_usec_is_set(
+    daemon_process: Any, notify_socket: NotifyReceiver
+) -> None:
+    daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="1000000")
+    await notify_socket.expect(is_("READY"))
+    # Half of WATCHDOG_USEC is 0.5 s; a run of pings, not one, shows they are periodic.
+    await notify_socket.count(is_("WATCHDOG"), 5)
+
+
+async def test_watchdog_pings_when_watchdog_pid_names_the_daemon(
+    spawn: Callable[..., Spawned], notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="1000000")
+    spawn(env, watchdog_pid_self=True)
+    await notify_socket.expect(is_("READY"))
+    await notify_socket.count(is_("WATCHDOG"), 3)
+
+
+async def test_no_watchdog_when_watchdog_pid_names_another_process(
+    spawn: Callable[..., Spawned], notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    # An environment inherited from a watched parent: the pings are not ours to send.
+    env = daemon_env(
+        redis_server,
+        NOTIFY_SOCKET=notify_socket.path,
+        WATCHDOG_USEC="400000",
+        WATCHDOG_PID=str(os.getpid()),
+    )
+    daemon = spawn(env)
+    await notify_socket.expect(is_("READY"))
+    await notify_socket.expect(has_status("subscribed"))
+    await trio.sleep(2.0)  # ten watchdog intervals: the silence itself is what is tested
+    assert daemon.stop() == 0
+    await notify_socket.expect(is_("STOPPING"))
+    assert not [m for m in notify_socket.snapshot() if "WATCHDOG" in m]
+
+
+async def start_in_process(
+    nursery: trio.Nursery, redis_server: RedisServer, notify_socket: NotifyReceiver
+) -> App:
+    """The daemon in this event loop, with a notify socket and a 0.2 s watchdog interval."""
+    environ = {
+        "JWT_SECRET_KEY": SECRET,
+        "ENV": "dev",
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": "0",
+        "REDIS_HOST": f"127.0.0.1:{redis_server.port}",
+        "NOTIFY_SOCKET": notify_socket.path,
+        "WATCHDOG_USEC": "400000",
+    }
+    app = App.create(load_config(environ), environ=environ)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(app.serve, listeners)
+    return app
+
+
+def block_the_event_loop(seconds: float) -> None:
+    """What a CPU-bound or blocking call in a task does to every other task."""
+    time.sleep(seconds)
+
+
+async def test_no_watchdog_while_the_event_loop_is_blocked(
+    redis_server: RedisServer, notify_socket: NotifyReceiver, nursery: trio.Nursery
+) -> None:
+    await start_in_process(nursery, redis_server, notify_socket)
+    await notify_socket.count(is_("WATCHDOG"), 3)
+    notify_socket.mark("blocked")
+    block_the_event_loop(2.0)  # ten watchdog intervals
+    notify_socket.mark("unblocked")
+    await notify_socket.expect(is_(MARK, "unblocked"))
+    await notify_socket.expect(is_("WATCHDOG"))  # and the pings resume
+    during = notify_socket.between("blocked", "unblocked")
+    assert not [m for m in during if "WATCHDOG" in m]
+
+
+async def test_no_watchdog_while_the_subscriber_thread_hangs(
+    redis_server: RedisServer,
+    notify_socket: NotifyReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+) -> None:
+    hang = threading.Event()
+    hung = threading.Event()
+    release = threading.Event()
+
+    class HangingPubSub:
+        """Blocks in get_message while ``hang`` is set: no heartbeat, no progress."""
+
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def get_message(self, *args: Any, **kwargs: Any) -> Any:
+            if hang.is_set():
+                hung.set()
+                while not release.is_set():
+                    trio.from_thread.check_cancelled()
+                    time.sleep(0.02)
+            return self._inner.get_message(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    original = subscriber._Worker._listen
+
+    def listen(self: Any, pubsub: Any) -> None:
+        original(self, HangingPubSub(pubsub))
+
+    monkeypatch.setattr(subscriber._Worker, "_listen", listen)
+    app = await start_in_process(nursery, redis_server, notify_socket)
+
+    await wait_until(lambda: app.subscriber.active)
+    await notify_socket.count(is_("WATCHDOG"), 3)
+    hang.set()
+    await wait_until(hung.is_set)
+    # The daemon gives a silent thread SUBSCRIBER_STALE seconds before it counts as hung.
+    await wait_until(
+        lambda: time.monotonic() - app.subscriber.heartbeat > SUBSCRIBER_STALE + 0.5,
+        timeout=SUBSCRIBER_STALE + 10,
+    )
+    notify_socket.mark("hung")
+    await trio.sleep(2.0)  # ten watchdog intervals: the silence itself is what is tested
+    notify_socket.mark("released")
+    hang.clear()
+    release.set()
+    await notify_socket.expect(is_(MARK, "released"))
+    await notify_socket.expect(is_("WATCHDOG"))  # and the pings resume
+    during = notify_socket.between("hung", "released")
+    assert not [m for m in during if "WATCHDOG" in m]
+
+
+async def test_watchdog_keeps_pinging_through_a_redis_outage(
+    daemon_process: Any, notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    # A Redis outage is not a daemon failure: a restart would only make every browser
+    # reconnect. The subscriber thread keeps retrying, alive, so the pings go on.
+    daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="400000")
+    await notify_socket.expect(has_status("subscribed"))
+    redis_server.pause()  # a wedged Redis: connections open, nothing answers
+    try:
+        await notify_socket.expect(has_status("redis retrying"))
+        # Past the point where a thread without heartbeats would count as hung.
+        await trio.sleep(SUBSCRIBER_STALE + 1)
+        notify_socket.mark("long outage")
+        await notify_socket.expect(is_(MARK, "long outage"))
+        await notify_socket.expect(is_("WATCHDOG"), timeout=5)
+    finally:
+        redis_server.resume()
+    await notify_socket.expect(has_status("subscribed"))
+
+
+# The daemon with a subscriber thread that dies of an unexpected error.
+CRASHING_SUBSCRIBER = """
+import sys
+from smap_notify import cli, subscriber
+
+def crash(self, pubsub):
+    raise RuntimeError("simulated subscriber bug")
+
+subscriber._Worker._listen = crash
+sys.exit(cli.main())
+"""
+
+
+async def test_a_dead_subscriber_thread_ends_the_pings_and_the_process_with_70(
+    spawn: Callable[..., Spawned], notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="400000")
+    daemon = spawn(env, program=CRASHING_SUBSCRIBER)
+    # 70 (EX_SOFTWARE) is a failure: Restart=on-failure brings up a fresh process.
+    assert await wait_exit(daemon.proc) == 70
+    assert "simulated subscriber bug" in daemon.log()
+    assert not [m for m in notify_socket.snapshot() if m.get("STOPPING")]
+
+
+# -- reload and stop ----------------------------------------------------------------------
+
+
+async def test_sighup_sends_reloading_with_monotonic_usec_then_ready(
+    daemon_process: Any, notify_socket: NotifyReceiver
+) -> None:
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    await notify_socket.expect(is_("READY"))
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloading = await notify_socket.expect(is_("RELOADING"))
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert before <= int(reloading["MONOTONIC_USEC"]) <= after
+    ready = await notify_socket.expect(is_("READY"))
+    assert "STATUS" in ready
+    assert daemon.proc.poll() is None
+    assert can_connect(daemon.port)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_stop_signal_sends_stopping_and_exits_0(
+    daemon_process: Any,
+    notify_socket: NotifyReceiver,
+    nursery: trio.Nursery,
+    signum: signal.Signals,
+) -> None:
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    await notify_socket.expect(is_("READY"))
+    ws = await open_ws(nursery, daemon.port)
+    await wait_connections(daemon.port, 1)
+    daemon.proc.send_signal(signum)
+    await notify_socket.expect(is_("STOPPING"))
+    assert await wait_exit(daemon.proc) == 0
+    # Dropped without a close frame, so SMAP's web UI reconnects (it does on !wasClean).
+    with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        await ws.get_message()
+    reason = closed.value.reason
+    assert reason is not None and reason.code == 1006
+
+
+async def test_status_keeps_saying_draining_while_connections_are_closed(
+    daemon_process: Any, notify_socket: NotifyReceiver, nursery: trio.Nursery
+) -> None:
+    daemon = daemon_process(
+        wait_ready=False, NOTIFY_SOCKET=notify_socket.path, SHUTDOWN_TIMEOUT="5s"
+    )
+    await notify_socket.expect(is_("READY"))
+    for n in range(20):
+        await open_ws(nursery, daemon.port, f"user{n}")
+    await wait_connections(daemon.port, 20)
+    daemon.proc.send_signal(signal.SIGTERM)
+    stopping = await notify_socket.expect(is_("STOPPING"))
+    assert "draining" in stopping["STATUS"]
+    # `systemctl status` during the stop shows the last STATUS=: it should say why the
+    # connection count is falling.
+    update = await notify_socket.expect(lambda n: "STATUS" in n and "STOPPING" not in n)
+    assert await wait_exit(daemon.proc) == 0
+    assert "draining" in update["STATUS"], update
+
+
+# -- socket activation --------------------------------------------------------------------
+
+
+async def test_socket_activated_daemon_serves_websockets_on_fd_3(
+    spawn: Callable[..., Spawned],
+    notify_socket: NotifyReceiver,
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+) -> None:
+    with listening_socket() as listener:
+        port = listener.getsockname()[1]
+        not_bound = free_port()
+        env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path, WS_PORT=str(not_bound))
+        daemon = spawn(env, listen_sock=listener)
+        await notify_socket.expect(is_("READY"))
+        await notify_socket.expect(has_status("subscribed"))
+        ws = await open_ws(nursery, port, "alice")
+        await wait_connections(port, 1)
+        assert await publish(redis_server, "alice", {"type": "alert", "payload": 1}) == 1
+        assert (await receive_json(ws))["payload"] == 1
+        assert f"listening on 127.0.0.1:{port}" in daemon.log()
+        assert not can_connect(not_bound), "WS_PORT is not bound when a socket is passed"
+        assert daemon.stop() == 0
+
+
+async def test_restart_on_a_held_socket_refuses_no_connection(
+    spawn: Callable[..., Spawned],
+    notify_socket: NotifyReceiver,
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+) -> None:
+    with listening_socket() as listener:
+        port = listener.getsockname()[1]
+        env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path)
+        first = spawn(env, listen_sock=listener)
+        await notify_socket.expect(is_("READY"))
+        ws = await open_ws(nursery, port, "alice")
+        await wait_connections(port, 1)
+        assert first.stop() == 0
+        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+
+        # No daemon runs now. The kernel completes the TCP handshake into the held
+        # socket's backlog: the client is not refused, it waits.
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        upgraded: list[trio_websocket.WebSocketConnection] = []
+
+        async def handshake() -> None:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, "127.0.0.1", "/ws", extra_headers=ws_headers(make_token("bob"))
+            )
+            upgraded.append(ws)
+
+        nursery.start_soon(handshake)
+        await trio.sleep(0.2)  # the request is sent, and nobody answers it yet
+        assert not upgraded
+
+        second = spawn(env, listen_sock=listener)
+        await notify_socket.expect(is_("READY"))
+        await wait_until(lambda: bool(upgraded), timeout=20)
+        await wait_connections(port, 1)
+        await notify_socket.expect(has_status("subscribed"))
+        assert await publish(redis_server, "bob", {"type": "alert", "payload": "again"}) == 1
+        assert (await receive_json(upgraded[0]))["payload"] == "again"
+        assert second.stop() == 0
+
+
+# -- journald -----------------------------------------------------------------------------
+
+
+async def test_journal_stream_lines_carry_priorities_and_no_timestamp(
+    spawn: Callable[..., Spawned], notify_socket: NotifyReceiver, redis_server: RedisServer
+) -> None:
+    env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path)
+    daemon = spawn(env, journal=True)
+    await notify_socket.expect(is_("READY"))
+    await notify_socket.expect(has_status("subscribed"))
+    await publish(redis_server, "alice", {"type": "brand_new_type", "payload": None})
+    await wait_until(lambda: "unknown message type" in daemon.log())
+    assert daemon.stop() == 0
+    lines = daemon.log().splitlines()
+    assert lines
+    for line in lines:
+        assert re.match(r"<[0-7]>", line), f"no priority prefix: {line!r}"
+        assert not re.search(r"\d\d:\d\d:\d\d", line), f"journald stamps time itself: {line!r}"
+    assert any(line.startswith("<6>") and "listening on" in line for line in lines)
+    assert any(line.startswith("<4>") and "unknown message type" in line for line in lines)
+
+
+async def test_without_journal_stream_lines_carry_a_timestamp_and_level(
+    daemon_process: Any, notify_socket: NotifyReceiver
+) -> None:
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    await notify_socket.expect(is_("READY"))
+    assert daemon.stop() == 0
+    listening = [line for line in daemon.log().splitlines() if "listening on" in line]
+    assert len(listening) == 1
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00 INFO ", listening[0])
+
+
+# -- exit statuses --------------------------------------------------------------------------
+
+
+def run_cli(redis: RedisServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "smap_notify", *args],
+        env=daemon_env(redis, **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_invalid_configuration_exits_78_listing_every_problem(redis_server: RedisServer) -> None:
+    result = run_cli(
+        redis_server,
+        JWT_SECRET_KEY="",
+        WS_PORT="eighty",
+        LOGGER_LEVEL="loud",
+        WS_PING_INTERVAL="soon",
+    )
+    assert result.returncode == 78
+    assert result.stdout == ""
+    for name in ("JWT_SECRET_KEY", "WS_PORT", "LOGGER_LEVEL", "WS_PING_INTERVAL"):
+        assert name in result.stderr
+
+
+def test_check_config_exits_0_with_secrets_masked(redis_server: RedisServer) -> None:
+    result = run_cli(
+        redis_server,
+        "--check-config",
+        JWT_SECRET_KEY="a-very-secret-signing-key-0123456789",
+        JWT_PREVIOUS_SECRET_KEY="the-previous-signing-key-0123456789",
+        REDIS_PASSWORD="hunter2-redis-password",
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for secret in ("a-very-secret", "the-previous", "hunter2"):
+        assert secret not in output
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert values["JWT_SECRET_KEY"] == "***"
+    assert values["JWT_PREVIOUS_SECRET_KEY"] == "***"
+    assert values["REDIS_PASSWORD"] == "***"
+    assert values["ENV"] == "dev"
+
+
+async def test_port_in_use_fails_without_ever_reporting_ready(
+    daemon_process: Any, notify_socket: NotifyReceiver
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        daemon = daemon_process(
+            wait_ready=False, NOTIFY_SOCKET=notify_socket.path, WS_PORT=str(port)
+        )
+        status = await wait_exit(daemon.proc)
+    assert status not in (0, 78)
+    assert not [m for m in notify_socket.snapshot() if m.get("READY")]
