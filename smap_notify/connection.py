@@ -48,7 +48,6 @@ class ConnStream(trio.abc.Stream):
         self.raw = raw
         self.prefix = b""
         self.last_receive = trio.current_time()
-        self.write_lock = trio.Lock()
         self.conn: Connection | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -61,14 +60,14 @@ class ConnStream(trio.abc.Stream):
         return bytes(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # trio-websocket calls this holding its stream lock, which is also Connection.lock.
         conn = self.conn
-        async with self.write_lock:
-            if conn is not None:
-                if data and data[0] & 0x0F == _OPCODE_CLOSE:
-                    # No notification frame may follow our close frame.
-                    conn.close_sent = True
-                await conn.flush_pending_locked()
-            await self.raw.send_all(data)
+        if conn is not None:
+            if data and data[0] & 0x0F == _OPCODE_CLOSE:
+                # No notification frame may follow our close frame.
+                conn.close_sent = True
+            await conn.flush_pending_locked()
+        await self.raw.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.raw.wait_send_all_might_not_block()
@@ -88,6 +87,7 @@ class Connection:
         "id",
         "user_id",
         "stream",
+        "lock",
         "expires_at",
         "max_messages",
         "max_bytes",
@@ -107,6 +107,7 @@ class Connection:
         self,
         user_id: str,
         stream: ConnStream,
+        lock: trio.StrictFIFOLock | trio.Lock,
         *,
         expires_at: float,
         max_messages: int,
@@ -116,6 +117,8 @@ class Connection:
         self.id = next(_ids)
         self.user_id = user_id
         self.stream = stream
+        # trio-websocket's own stream lock: held by it for every write it makes.
+        self.lock = lock
         self.expires_at = expires_at
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -159,7 +162,7 @@ class Connection:
         self.dirty = False
         if not self.pending or self.flushing or not self.writable:
             return
-        if self.stream.write_lock.locked():
+        if self.lock.locked():
             self._start_flush(nursery)
             return
         fd = self.stream.raw.socket.fileno()
@@ -200,7 +203,7 @@ class Connection:
 
     async def _flush(self) -> None:
         try:
-            async with self.stream.write_lock:
+            async with self.lock:
                 await self.flush_pending_locked()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(f"write_error: {exc}")
@@ -208,7 +211,7 @@ class Connection:
             self.flushing = False
 
     async def flush_pending_locked(self) -> None:
-        """Send everything pending; the caller holds ``stream.write_lock``."""
+        """Send everything pending; the caller holds ``lock``."""
         while self.pending and not self.closed:
             data = b"".join(self.pending)
             self.pending.clear()

@@ -11,6 +11,7 @@ import trio
 
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame
+from .inbox import Inbox
 from .logs import LimitedLogger
 from .messages import (
     DryRunPayload,
@@ -171,7 +172,7 @@ class Hub:
             if not conns:
                 c.dropped["no_connection"] += 1
                 continue
-            frame = text_frame(envelope(result.type, result.payload_json, timestamp).encode())
+            frame = text_frame(envelope(result.type_json, result.payload_json, timestamp))
             queued = 0
             for conn in conns:
                 if not conn.writable:
@@ -219,9 +220,7 @@ class Hub:
     def broadcast_resync(self, resync: Resync) -> None:
         if not self.config.resync_on_reconnect:
             return
-        frame = text_frame(
-            resync_envelope(resync.reason, resync.since, format_timestamp()).encode()
-        )
+        frame = text_frame(resync_envelope(resync.reason, resync.since, format_timestamp()))
         sent = 0
         for conn in self.connections():
             if conn.writable and conn.push(frame):
@@ -275,7 +274,7 @@ class Hub:
 
     async def serve(
         self,
-        inbox: trio.MemoryReceiveChannel[Batch],
+        inbox: Inbox[Batch],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -284,15 +283,18 @@ class Hub:
             self._nursery = nursery
             nursery.start_soon(self._keepalive)
             task_status.started()
-            async with inbox:
-                async for item in inbox:
+            receive = inbox.receive
+            async with receive:
+                async for item in receive:
+                    inbox.taken()
                     self._handle(item)
                     # Drain what is already waiting: fewer wake-ups, bigger writes.
                     while True:
                         try:
-                            item = inbox.receive_nowait()
+                            item = receive.receive_nowait()
                         except trio.WouldBlock:
                             break
+                        inbox.taken()
                         self._handle(item)
             nursery.cancel_scope.cancel()
 

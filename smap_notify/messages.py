@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import attrs
 import cattrs
+import orjson
 from attrs import validators as v
 
 CHANNEL_PREFIX: Final = "user_noti:"
 CHANNEL_PATTERN: Final = CHANNEL_PREFIX + "*"
 UNKNOWN_TYPE_LABEL: Final = "unknown"
+# 19 or more digits in a row may be an integer beyond 64 bits: parse those exactly.
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")
 
 
 class MessageType(enum.StrEnum):
@@ -172,10 +176,15 @@ class Routed:
 
     user_id: str
     type: str
-    payload_json: str
+    type_json: bytes
+    payload_json: bytes
     known: bool
     payload: Any = None
     invalid: PayloadError | None = None
+
+    @property
+    def payload_text(self) -> str:
+        return self.payload_json.decode("utf-8")
 
     @property
     def type_label(self) -> str:
@@ -197,6 +206,32 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _loads(data: bytes | str) -> tuple[Any, bool]:
+    """Parse JSON; the second value says whether orjson (the fast path) parsed it.
+
+    orjson turns integers beyond 64 bits into floats and cannot keep every input; those
+    inputs, and everything orjson refuses, take the standard library's exact path.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw), True
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data, parse_constant=_no_constants), False
+
+
+def _dumps(value: Any, fast: bool) -> bytes:
+    """Compact JSON with key order, numbers and non-ASCII text kept."""
+    if fast:
+        return orjson.dumps(value)
+    # Values parsed by the standard library may hold inf (from 1e999), huge integers or
+    # lone surrogates, which orjson would write as null or refuse.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
 def parse_message(
     channel: bytes | str, data: bytes | str, *, deliver_invalid: bool = False
 ) -> Routed | Rejected:
@@ -209,7 +244,7 @@ def parse_message(
     if not user_id:
         return Rejected("empty_user_id", "channel has no user id after user_noti:")
     try:
-        message = json.loads(data, parse_constant=_no_constants)
+        message, fast = _loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejected("invalid_json", f"not JSON: {exc}", user_id)
     except RecursionError:
@@ -221,19 +256,15 @@ def parse_message(
         return Rejected(
             "invalid_type", f"type is {_json_kind(message_type)}, not a string", user_id
         )
-    if not message_type.isascii():
-        try:
-            message_type.encode("utf-8")
-        except UnicodeEncodeError:
-            return Rejected("invalid_type", "type is not valid UTF-8 text", user_id)
     payload = message.get("payload")
     try:
-        payload_json = json.dumps(
-            payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        )
-        # A lone surrogate (\ud800) parses but cannot be sent as UTF-8 text.
-        payload_json.encode("utf-8")
+        type_json = _dumps(message_type, fast)
+    except UnicodeEncodeError:
+        return Rejected("invalid_type", "type is not valid UTF-8 text", user_id)
+    try:
+        payload_json = _dumps(payload, fast)
     except (ValueError, UnicodeEncodeError) as exc:
+        # e.g. a lone surrogate (\ud800): it parses, but cannot be sent as UTF-8 text.
         return Rejected("invalid_json", f"payload cannot be re-encoded: {exc}", user_id)
     except RecursionError:
         return Rejected("invalid_json", "payload nested too deeply", user_id)
@@ -242,8 +273,10 @@ def parse_message(
     except PayloadError as exc:
         if not deliver_invalid:
             return Rejected("invalid_payload", str(exc), user_id, message_type)
-        return Routed(user_id, message_type, payload_json, True, None, exc)
-    return Routed(user_id, message_type, payload_json, message_type in KNOWN_TYPES, typed)
+        return Routed(user_id, message_type, type_json, payload_json, True, None, exc)
+    return Routed(
+        user_id, message_type, type_json, payload_json, message_type in KNOWN_TYPES, typed
+    )
 
 
 def format_timestamp(moment: datetime | None = None) -> str:
@@ -251,19 +284,19 @@ def format_timestamp(moment: datetime | None = None) -> str:
     return (moment or datetime.now(UTC)).isoformat(timespec="microseconds")
 
 
-def envelope(message_type: str, payload_json: str, timestamp: str) -> str:
-    """The outbound frame text: type, payload, timestamp, in that key order."""
+def envelope(type_json: bytes, payload_json: bytes, timestamp: str) -> bytes:
+    """The outbound frame text (UTF-8): type, payload, timestamp, in that key order."""
     return (
-        '{"type":'
-        + json.dumps(message_type, ensure_ascii=False)
-        + ',"payload":'
+        b'{"type":'
+        + type_json
+        + b',"payload":'
         + payload_json
-        + ',"timestamp":"'
-        + timestamp
-        + '"}'
+        + b',"timestamp":"'
+        + timestamp.encode("ascii")
+        + b'"}'
     )
 
 
-def resync_envelope(reason: str, since: str | None, timestamp: str) -> str:
-    payload = json.dumps({"reason": reason, "since": since}, separators=(",", ":"))
-    return envelope(MessageType.RESYNC, payload, timestamp)
+def resync_envelope(reason: str, since: str | None, timestamp: str) -> bytes:
+    payload = orjson.dumps({"reason": reason, "since": since})
+    return envelope(orjson.dumps(MessageType.RESYNC.value), payload, timestamp)

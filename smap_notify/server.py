@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 import h11
@@ -97,6 +97,46 @@ def http_response(
     return out
 
 
+def release_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
+    """Drop what an open connection no longer needs: the upgrade's h11 state and the
+    request headers (which include the token's cookie). About 2 KB per connection.
+
+    Private attributes of wsproto and trio-websocket, pinned in pyproject.toml and checked
+    by tests/test_internals.py.
+    """
+    ws._wsproto.handshake = _FINISHED_HANDSHAKE  # type: ignore[assignment]
+    ws._handshake_headers = ()
+
+
+class _FinishedHandshake:
+    """Stands in for wsproto's H11Handshake once the connection is open: wsproto then only
+    asks it for (no more) events."""
+
+    def events(self) -> Iterator[object]:
+        return iter(())
+
+
+_FINISHED_HANDSHAKE: Final = _FinishedHandshake()
+
+
+class _ReaderNursery:
+    """Runs trio-websocket's reader tasks in the server's connection nursery, so that a
+    connection needs no nursery of its own; a reader that fails is logged, not fatal."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]], name: object = None) -> None:
+        self._nursery.start_soon(_guarded, fn)
+
+
+async def _guarded(fn: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await fn()
+    except Exception:
+        logger.exception("websocket reader failed")
+
+
 class Server:
     """Accepts connections; answers HTTP; upgrades /ws and runs each WebSocket."""
 
@@ -112,6 +152,7 @@ class Server:
         self.endpoints = endpoints
         self.draining = False
         self._accept_scope = trio.CancelScope()
+        self._readers: _ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
 
     async def serve(
@@ -122,6 +163,7 @@ class Server:
     ) -> None:
         """Accept until ``stop_accepting``; connections live on until the caller cancels."""
         async with trio.open_nursery() as connections:
+            self._readers = _ReaderNursery(connections)
             with self._accept_scope:
                 await trio.serve_listeners(
                     self._handle,
@@ -136,7 +178,15 @@ class Server:
     async def _handle(self, raw: trio.SocketStream) -> None:
         stream = ConnStream(raw)
         try:
-            await self._handle_stream(stream)
+            deadline = trio.current_time() + self.config.ws_handshake_timeout
+            with trio.move_on_at(deadline) as scope:
+                accepted = await self._answer_request(stream)
+            if scope.cancelled_caught:
+                self.counters.handshake_rejections["handshake_timeout"] += 1
+                self._log.log(logging.INFO, "timeout", "handshake timed out")
+            elif accepted is not None:
+                # The handshake deadline covers the upgrade, not the connection's life.
+                await self._upgrade_and_run(stream, accepted, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -144,17 +194,6 @@ class Server:
         finally:
             with trio.CancelScope(shield=True):
                 await raw.aclose()
-
-    async def _handle_stream(self, stream: ConnStream) -> None:
-        deadline = trio.current_time() + self.config.ws_handshake_timeout
-        with trio.move_on_at(deadline) as scope:
-            accepted = await self._answer_request(stream)
-        if scope.cancelled_caught:
-            self.counters.handshake_rejections["handshake_timeout"] += 1
-            self._log.log(logging.INFO, "timeout", "handshake timed out")
-        elif accepted is not None:
-            # The handshake deadline covers the upgrade, not the connection's life.
-            await self._upgrade_and_run(stream, accepted, deadline)
 
     async def _answer_request(self, stream: ConnStream) -> Accept | None:
         """Read the request head and answer it; an Accept means: upgrade this one."""
@@ -245,44 +284,47 @@ class Server:
             )
         registered = False
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.move_on_at(deadline) as scope:
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery,
-                        stream,
-                        message_queue_size=4,
-                        max_message_size=config.ws_max_message_size,
-                    )
-                    ws = await request.accept()
-                if scope.cancelled_caught:
-                    self.counters.handshake_rejections["handshake_timeout"] += 1
-                    stream.abort()
-                    return
-                conn = Connection(
-                    accept.user_id,
+            with trio.move_on_at(deadline) as scope:
+                assert self._readers is not None, "Server.serve is not running"
+                request = await trio_websocket.wrap_server_stream(
+                    self._readers,  # type: ignore[arg-type]  # only start_soon is used
                     stream,
-                    expires_at=accept.expires_at,
-                    max_messages=config.ws_send_buffer,
-                    max_bytes=config.ws_send_buffer_bytes,
-                    write_wait=config.ws_write_wait,
+                    message_queue_size=4,
+                    max_message_size=config.ws_max_message_size,
                 )
-                self.hub.register(conn)
-                registered = True
-                logger.debug("connection opened conn=%d user=%s", conn.id, conn.user_id)
-                reason = "closed"
-                try:
-                    reason = await self._run(conn, ws)
-                finally:
-                    self.hub.unregister(conn, reason)
-                    if not conn.closed:
-                        conn.closed = True
-                        stream.abort()
-                    logger.debug(
-                        "connection closed conn=%d user=%s reason=%s",
-                        conn.id,
-                        conn.user_id,
-                        conn.close_reason or reason,
-                    )
+                ws = await request.accept()
+            if scope.cancelled_caught:
+                self.counters.handshake_rejections["handshake_timeout"] += 1
+                stream.abort()
+                return
+            del request
+            release_handshake_state(ws)
+            conn = Connection(
+                accept.user_id,
+                stream,
+                ws._stream_lock,
+                expires_at=accept.expires_at,
+                max_messages=config.ws_send_buffer,
+                max_bytes=config.ws_send_buffer_bytes,
+                write_wait=config.ws_write_wait,
+            )
+            self.hub.register(conn)
+            registered = True
+            logger.debug("connection opened conn=%d user=%s", conn.id, conn.user_id)
+            reason = "closed"
+            try:
+                reason = await self._run(conn, ws)
+            finally:
+                self.hub.unregister(conn, reason)
+                if not conn.closed:
+                    conn.closed = True
+                    stream.abort()
+                logger.debug(
+                    "connection closed conn=%d user=%s reason=%s",
+                    conn.id,
+                    conn.user_id,
+                    conn.close_reason or reason,
+                )
         finally:
             if not registered:
                 self.hub.release(accept.user_id)

@@ -162,8 +162,8 @@ def test_parse_message_never_raises_and_every_rejection_has_a_reason(
     if result.invalid is not None:
         assert deliver_invalid
         assert result.invalid.field and result.invalid.reason
-    frame = envelope(result.type, result.payload_json, format_timestamp())
-    decoded = json.loads(frame.encode("utf-8"))
+    frame = envelope(result.type_json, result.payload_json, format_timestamp())
+    decoded = json.loads(frame.decode("utf-8"))
     assert list(decoded) == ["type", "payload", "timestamp"]
 
 
@@ -218,7 +218,8 @@ allowed_origins = st.sampled_from(
     ]
 )
 claim_values = st.one_of(json_values, st.integers(), st.floats())
-future = st.integers(int(time.time()) + 60, int(time.time()) + 10**6)
+# Relative to when each example is drawn: the suite may run long before this file.
+future = st.integers(60, 10**6).map(lambda ahead: int(time.time()) + ahead)
 good_claims = st.fixed_dictionaries(
     {"sub": st.text(min_size=1, max_size=20), "exp": future},
     optional={"email": st.emails(), "aud": st.just(["smap"]), "iss": st.just("smap-identity")},

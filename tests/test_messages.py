@@ -158,11 +158,11 @@ def test_every_publisher_sample_is_delivered_with_payload_kept(
     result = routed(channel.encode(), data)
     assert result.user_id == channel.removeprefix("user_noti:")
     assert result.type == msg["type"]
-    assert result.payload_json == json.dumps(
+    assert result.payload_text == json.dumps(
         msg["payload"], separators=(",", ":"), ensure_ascii=False
     )
     # Key order kept, recursively.
-    assert json.dumps(json.loads(result.payload_json)) == json.dumps(msg["payload"])
+    assert json.dumps(json.loads(result.payload_text)) == json.dumps(msg["payload"])
     assert result.invalid is None
     assert result.known == (msg["type"] in KNOWN_TYPES)
 
@@ -192,7 +192,7 @@ def test_sample_payload_becomes_the_ws_out_frame() -> None:
     redis_in = json.loads((SAMPLES / "redis-in_user_noti_project_progress.json").read_text())
     ws_out = json.loads((SAMPLES / "ws-out_project_progress.json").read_text())["frame"]
     result = routed(redis_in["channel"], json.dumps(redis_in["message"]))
-    frame = json.loads(envelope(result.type, result.payload_json, ws_out["timestamp"]))
+    frame = json.loads(envelope(result.type_json, result.payload_json, ws_out["timestamp"]))
     assert frame == ws_out
     assert list(frame) == list(ws_out)
 
@@ -203,7 +203,7 @@ def test_sample_payload_becomes_the_ws_out_frame() -> None:
 def test_numbers_keep_their_value_and_kind(number: str) -> None:
     data = '{"type":"notification","payload":{"n":' + number + "}}"
     result = routed(CHANNEL, data)
-    kept = json.loads(result.payload_json)["n"]
+    kept = json.loads(result.payload_text)["n"]
     assert kept == json.loads(number)
     assert type(kept) is type(json.loads(number))
 
@@ -211,31 +211,31 @@ def test_numbers_keep_their_value_and_kind(number: str) -> None:
 def test_integer_15_stays_15_and_float_15_stays_15_point_0() -> None:
     as_int = routed(CHANNEL, message("project_progress", progress(progress_percent=15)))
     as_float = routed(CHANNEL, message("project_progress", progress(progress_percent=15.0)))
-    assert '"progress_percent":15,' in as_int.payload_json
-    assert '"progress_percent":15.0,' in as_float.payload_json
+    assert '"progress_percent":15,' in as_int.payload_text
+    assert '"progress_percent":15.0,' in as_float.payload_text
 
 
 def test_payload_is_reserialised_compactly_in_original_key_order() -> None:
     data = '{ "type" : "update" ,\n "payload" : { "z" : 1 , "a" : [ 1 , 2 ] , "m" : { "y" : null , "b" : true } } }'
-    assert routed(CHANNEL, data).payload_json == '{"z":1,"a":[1,2],"m":{"y":null,"b":true}}'
+    assert routed(CHANNEL, data).payload_text == '{"z":1,"a":[1,2],"m":{"y":null,"b":true}}'
 
 
 def test_non_ascii_text_is_kept_verbatim() -> None:
     text = "Tiến độ dự án: 15% ✅ 🚀 日本語"
     for data in (message("notification", {"title": text}), message("notification", text)):
         result = routed(CHANNEL, data.encode())
-        assert text in result.payload_json
-        assert "\\u" not in result.payload_json
+        assert text in result.payload_text
+        assert "\\u" not in result.payload_text
 
 
 def test_escaped_non_ascii_input_is_delivered_as_text() -> None:
     result = routed(CHANNEL, '{"type":"alert","payload":"caf\\u00e9 \\ud83d\\ude80"}')
-    assert result.payload_json == '"café 🚀"'
+    assert result.payload_text == '"café 🚀"'
 
 
 def test_missing_payload_is_delivered_as_null() -> None:
     result = routed(CHANNEL, '{"type":"notification"}')
-    assert result.payload_json == "null"
+    assert result.payload_text == "null"
 
 
 @pytest.mark.parametrize(
@@ -243,14 +243,14 @@ def test_missing_payload_is_delivered_as_null() -> None:
 )
 def test_any_json_payload_of_an_untyped_message_is_delivered(payload: Any) -> None:
     result = routed(CHANNEL, message("notification", payload))
-    assert json.loads(result.payload_json) == payload
+    assert json.loads(result.payload_text) == payload
     assert result.payload is None
 
 
 def test_other_top_level_keys_are_ignored() -> None:
     data = '{"timestamp":"2020-01-01T00:00:00Z","type":"alert","payload":{"a":1},"extra":[1]}'
     result = routed(CHANNEL, data)
-    assert (result.type, result.payload_json) == ("alert", '{"a":1}')
+    assert (result.type, result.payload_text) == ("alert", '{"a":1}')
 
 
 def test_bytes_and_str_inputs_give_the_same_result() -> None:
@@ -335,7 +335,7 @@ def test_lone_surrogate_in_payload_is_rejected() -> None:
 def test_lone_surrogate_in_type_is_rejected() -> None:
     result = parse_message(CHANNEL, '{"type":"\\ud800","payload":1}')
     if isinstance(result, Routed):
-        envelope(result.type, result.payload_json, format_timestamp()).encode("utf-8")
+        envelope(result.type_json, result.payload_json, format_timestamp()).decode("utf-8")
     assert isinstance(result, Rejected)
 
 
@@ -349,7 +349,7 @@ def test_deeply_nested_json_is_rejected_not_raised(where: str) -> None:
 
 def test_nesting_a_publisher_could_plausibly_send_is_delivered() -> None:
     deep = "[" * 200 + "]" * 200
-    assert routed(CHANNEL, '{"type":"alert","payload":' + deep + "}").payload_json == deep
+    assert routed(CHANNEL, '{"type":"alert","payload":' + deep + "}").payload_text == deep
 
 
 # -- unknown types -------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def test_unknown_type_is_delivered_unchanged_with_the_unknown_label(type_: str) 
     assert result.type == type_
     assert result.known is False
     assert result.type_label == "unknown"
-    assert result.payload_json == '{"order_id":"12345","total":99.99}'
+    assert result.payload_text == '{"order_id":"12345","total":99.99}'
 
 
 @pytest.mark.parametrize("type_", sorted(KNOWN_TYPES))
@@ -427,7 +427,7 @@ def test_invalid_typed_payload_is_delivered_with_invalid_set_when_asked() -> Non
     assert result.invalid.field == "progress_percent"
     assert result.payload is None
     assert result.known is True
-    assert json.loads(result.payload_json)["progress_percent"] == 101
+    assert json.loads(result.payload_text)["progress_percent"] == 101
 
 
 def test_valid_payload_with_deliver_invalid_has_no_invalid() -> None:
@@ -440,7 +440,7 @@ def test_extra_payload_fields_are_allowed_and_delivered() -> None:
     payload = progress(eta=12.5, phase={"name": "crawl"})
     result = routed(CHANNEL, message("project_progress", payload))
     assert isinstance(result.payload, ProgressPayload)
-    assert json.loads(result.payload_json) == payload
+    assert json.loads(result.payload_text) == payload
 
 
 def test_dryrun_content_and_errors_may_be_null_or_absent() -> None:
@@ -460,7 +460,7 @@ def test_untyped_types_have_no_structured_payload() -> None:
 
 def test_envelope_keys_are_type_payload_timestamp_in_order() -> None:
     ts = "2025-12-07T10:00:00.123456+00:00"
-    text = envelope("project_progress", '{"b":1,"a":2}', ts)
+    text = envelope(b'"project_progress"', b'{"b":1,"a":2}', ts).decode("utf-8")
     frame = json.loads(text)
     assert list(frame) == ["type", "payload", "timestamp"]
     assert frame == {"type": "project_progress", "payload": {"b": 1, "a": 2}, "timestamp": ts}
@@ -470,16 +470,17 @@ def test_envelope_keys_are_type_payload_timestamp_in_order() -> None:
 
 @pytest.mark.parametrize("type_", ['quo"te', "back\\slash", "new\nline", "é🚀", "</script>"])
 def test_envelope_escapes_the_type(type_: str) -> None:
-    text = envelope(type_, "null", format_timestamp())
-    assert json.loads(text)["type"] == type_
-    text.encode("utf-8")
+    result = parse_message(CHANNEL, json.dumps({"type": type_, "payload": None}))
+    assert isinstance(result, Routed)
+    frame = envelope(result.type_json, result.payload_json, format_timestamp())
+    assert json.loads(frame.decode("utf-8"))["type"] == type_
 
 
 def test_envelope_of_every_routed_sample_is_valid_json() -> None:
     ts = format_timestamp()
     for _, channel, msg in SAMPLE_MESSAGES:
         result = routed(channel, json.dumps(msg))
-        frame = json.loads(envelope(result.type, result.payload_json, ts))
+        frame = json.loads(envelope(result.type_json, result.payload_json, ts))
         assert frame == {"type": msg["type"], "payload": msg["payload"], "timestamp": ts}
 
 
@@ -513,3 +514,20 @@ def test_format_timestamp_keeps_a_non_utc_offset() -> None:
     text = format_timestamp(moment)
     assert text == "2025-12-07T17:00:00.123456+07:00"
     assert datetime.fromisoformat(text) == moment
+
+
+def test_integers_beyond_64_bits_are_kept_exactly() -> None:
+    big = "123456789012345678901234567890"
+    result = parse_message(
+        CHANNEL, '{"type":"update","payload":{"n":' + big + ',"m":-' + big + "}}"
+    )
+    assert isinstance(result, Routed)
+    assert result.payload_text == '{"n":' + big + ',"m":-' + big + "}"
+
+
+def test_fast_and_exact_paths_agree_on_ordinary_messages() -> None:
+    text = '{"type":"update","payload":{"a":1.5,"b":[true,false,null],"c":"x\\"y","d":-0.25}}'
+    fast = parse_message(CHANNEL, text)
+    exact = parse_message(CHANNEL, text.replace('"x', '"1234567890123456789 x'))
+    assert isinstance(fast, Routed) and isinstance(exact, Routed)
+    assert fast.payload_text.replace('"x', '"1234567890123456789 x') == exact.payload_text

@@ -1,0 +1,48 @@
+"""The link from the subscriber thread to the hub: a bounded Trio memory channel.
+
+``trio.from_thread.run(send.send, item)`` costs a full round trip per item (the thread
+waits until the event loop has run the send). Here the thread takes a credit (one per
+free slot in the channel), hands the item over with ``run_sync_soon`` and goes back to
+Redis at once; the hub returns the credit when it has taken the item. The channel can
+therefore never be full when ``send_nowait`` runs, and the thread blocks, as before,
+only when the hub is ``size`` items behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class Inbox(Generic[T]):
+    def __init__(self, size: int) -> None:
+        self.send, self.receive = trio.open_memory_channel[T](size)
+        self._credits = threading.Semaphore(size)
+        self._token = trio.lowlevel.current_trio_token()
+
+    def put_from_thread(self, item: T, while_waiting: Callable[[], None]) -> None:
+        """From the worker thread: queue ``item``; waits only while the hub is behind.
+
+        ``while_waiting`` runs about every 0.25 s of waiting (heartbeats, cancellation).
+        """
+        while not self._credits.acquire(timeout=0.25):
+            while_waiting()
+        self._token.run_sync_soon(self._put, item)
+
+    def _put(self, item: T) -> None:
+        try:
+            self.send.send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._credits.release()  # shutting down: the hub is gone
+
+    def taken(self) -> None:
+        """From the hub: one item was taken off the channel."""
+        self._credits.release()
+
+    def close(self) -> None:
+        self.send.close()
