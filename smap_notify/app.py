@@ -18,6 +18,7 @@ from .config import RESTART_FIELDS, Config, ConfigError, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
 from .hub import Batch, Hub, Notifier
+from .inbox import Inbox
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .server import Server
@@ -89,7 +90,7 @@ class App:
 
     async def _health(self, request: HandshakeRequest) -> tuple[int, str, bytes]:
         status, doc = health_document(
-            redis_health=await self.probe.check(),
+            redis_health=await self.probe.check(self.subscriber.subscriptions),
             subscriber=self.subscriber,
             connections=self.hub.connection_count,
             users=len(self.hub.users),
@@ -119,12 +120,12 @@ class App:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until cancelled; ``started`` once the listener accepts."""
-        send, inbox = trio.open_memory_channel[Batch](INBOX_SIZE)
+        inbox = Inbox[Batch](INBOX_SIZE)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.serve, inbox)
             bound = await nursery.start(self.server.serve, listeners)
             await nursery.start(
-                run_redis_subscriber, self.config, send, self.subscriber, self.counters
+                run_redis_subscriber, self.config, inbox, self.subscriber, self.counters
             )
             nursery.start_soon(self._report_status)
             task_status.started(bound)

@@ -29,6 +29,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def retry_now(self) -> None:
+        """Other evidence says the dependency is back: let the next call through."""
+        if self.state == "open":
+            self.state = "half_open"
+            self.trial_in_flight = False
+
     def record_success(self) -> None:
         self.state = "closed"
         self.failures = 0

@@ -43,8 +43,14 @@ class RedisProbe:
         self._limiter = trio.CapacityLimiter(1)
         self._in_flight: trio.Event | None = None
         self._last = RedisHealth(False, error="not checked yet")
+        self._subscriptions_seen = 0
 
-    async def check(self) -> RedisHealth:
+    async def check(self, subscriptions: int = 0) -> RedisHealth:
+        """PING Redis; ``subscriptions`` (the subscriber's count of successful subscribes)
+        changing means Redis is back, so an open breaker tries again at once."""
+        if subscriptions != self._subscriptions_seen:
+            self._subscriptions_seen = subscriptions
+            self.breaker.retry_now()
         if self._in_flight is not None:
             await self._in_flight.wait()
             return self._last

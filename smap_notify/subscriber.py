@@ -24,6 +24,7 @@ from redis.retry import Retry
 
 from .config import Config
 from .hub import Batch, RawMessage, Resync
+from .inbox import Inbox
 from .messages import CHANNEL_PATTERN
 from .metrics import Counters
 
@@ -48,6 +49,7 @@ class SubscriberState:
     last_error: str = ""
     heartbeat: float = attrs.Factory(time.monotonic)
     attempts: int = 0
+    subscriptions: int = 0  # successful PSUBSCRIBEs so far
 
 
 class SubscriptionDead(Exception):
@@ -82,15 +84,15 @@ def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> re
 
 async def run_redis_subscriber(
     config: Config,
-    send: trio.MemorySendChannel[Batch],
+    inbox: Inbox[Batch],
     state: SubscriberState,
     counters: Counters,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the subscriber thread until cancelled; started at once, subscribed or not."""
-    worker = _Worker(config, send, state, counters)
-    async with send:
+    worker = _Worker(config, inbox, state, counters)
+    with inbox.send:
         task_status.started()
         await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
 
@@ -99,15 +101,16 @@ class _Worker:
     def __init__(
         self,
         config: Config,
-        send: trio.MemorySendChannel[Batch],
+        inbox: Inbox[Batch],
         state: SubscriberState,
         counters: Counters,
     ) -> None:
         self.config = config
-        self.send = send
+        self.inbox = inbox
         self.state = state
         self.counters = counters
         self.lost_at: datetime | None = None
+        self.alive_at: float | None = None  # wall clock of the last reply from Redis
         self.ever_subscribed = False
 
     def run(self) -> None:
@@ -121,7 +124,10 @@ class _Worker:
                 error = f"{type(exc).__name__}: {exc}"
                 state.last_error = error
                 if state.active or state.state == "starting":
-                    self.lost_at = self.lost_at or datetime.now(UTC)
+                    # A wedged connection was lost when it went silent, not when noticed.
+                    self.lost_at = self.lost_at or datetime.fromtimestamp(
+                        self.alive_at or time.time(), UTC
+                    )
                     logger.warning(
                         "redis subscription %s, retrying redis=%s error=%s",
                         "lost" if state.active else "unavailable",
@@ -142,6 +148,10 @@ class _Worker:
             delay = backoff_delay(state.attempts)
             state.attempts += 1
             self._sleep(delay)
+
+    def _waiting(self) -> None:
+        trio.from_thread.check_cancelled()
+        self.state.heartbeat = time.monotonic()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -182,6 +192,7 @@ class _Worker:
                     probed_at = now
                 continue
             last_rx = now
+            self.alive_at = time.time()
             batch: list[RawMessage] = []
             while message is not None:
                 self._take(message, batch)
@@ -189,8 +200,8 @@ class _Worker:
                     break
                 message = pubsub.get_message(timeout=0.0)
             if batch:
-                state.last_message_at = datetime.now(UTC)
-                trio.from_thread.run(self.send.send, batch)
+                state.last_message_at = datetime.fromtimestamp(self.alive_at, UTC)
+                self.inbox.put_from_thread(batch, self._waiting)
 
     def _take(self, message: dict[str, Any], batch: list[RawMessage]) -> None:
         kind = message["type"]
@@ -202,23 +213,30 @@ class _Worker:
 
     def _subscribed(self) -> None:
         state = self.state
-        if self.ever_subscribed:
-            self.counters.redis_reconnects += 1
-            since = self.lost_at.isoformat(timespec="microseconds") if self.lost_at else None
-            outage = (datetime.now(UTC) - self.lost_at).total_seconds() if self.lost_at else 0.0
+        lost_at = self.lost_at
+        if lost_at is None:
+            logger.info(
+                "redis subscribed pattern=%s redis=%s", CHANNEL_PATTERN, self.config.redis_host
+            )
+        else:
+            outage = (datetime.now(UTC) - lost_at).total_seconds()
+            if self.ever_subscribed:
+                self.counters.redis_reconnects += 1
             logger.warning(
-                "redis subscription restored pattern=%s outage=%.1fs attempts=%d",
+                "redis subscription %s pattern=%s outage=%.1fs attempts=%d",
+                "restored" if self.ever_subscribed else "established",
                 CHANNEL_PATTERN,
                 outage,
                 state.attempts,
             )
-            trio.from_thread.run(self.send.send, Resync("redis_reconnected", since))
-        else:
-            logger.info(
-                "redis subscribed pattern=%s redis=%s", CHANNEL_PATTERN, self.config.redis_host
-            )
+            # Clients connected during the outage may have missed messages: tell them.
+            reason = "redis_reconnected" if self.ever_subscribed else "redis_connected"
+            since = lost_at.isoformat(timespec="microseconds")
+            self.inbox.put_from_thread(Resync(reason, since), self._waiting)
         self.ever_subscribed = True
         self.lost_at = None
+        self.alive_at = time.time()
+        state.subscriptions += 1
         state.active = True
         state.state = "subscribed"
         state.attempts = 0

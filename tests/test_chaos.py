@@ -1,0 +1,1145 @@
+"""Chaos: Redis faults, connection churn, a stalled reader, SIGTERM mid fan-out, hostile
+clients. Each test states its invariant in its docstring and checks it.
+
+The time bounds asserted here are the contract (issue 3): a fault is detected within
+5 s and delivery resumes within 2 s of Redis coming back. Everything else waits for
+events or polls a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import pytest
+import redis
+import trio
+import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from smap_notify.breaker import CircuitBreaker
+from smap_notify.health import PING_TIMEOUT
+
+from .conftest import (
+    DEV_ORIGIN,
+    Daemon,
+    DaemonProcess,
+    RedisServer,
+    http_request,
+    make_token,
+    wait_until,
+)
+
+DETECT_WITHIN: Final = 5.0  # contract: a dead or wedged subscription is noticed this fast
+RECOVER_WITHIN: Final = 2.0  # contract: delivery resumes this soon after Redis is back
+HEALTH_EVERY: Final = 0.1
+BREAKER_RESET: Final = CircuitBreaker().reset_after
+FAULTS: Final = ("kill_restart", "pause_resume", "cut_connection", "down_at_start")
+
+
+# -- clients ---------------------------------------------------------------------------
+
+
+def redis_publisher(port: int) -> redis.Redis:
+    """A publisher that fails fast during an outage instead of retrying for seconds."""
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=0.3,
+        socket_connect_timeout=0.3,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+async def ws_connect(
+    port: int, user: str, nursery: trio.Nursery
+) -> trio_websocket.WebSocketConnection:
+    return await trio_websocket.connect_websocket(
+        nursery,
+        "127.0.0.1",
+        port,
+        "/ws",
+        use_ssl=False,
+        extra_headers=[("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={make_token(user)}")],
+    )
+
+
+def upgrade_head(port: int, user: str, *, extra: str = "") -> bytes:
+    return (
+        "GET /ws HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {DEV_ORIGIN}\r\nCookie: smap_auth_token={make_token(user)}\r\n"
+        f"{extra}\r\n"
+    ).encode()
+
+
+class RawWebSocket:
+    """A minimal client on a plain socket: it can stop reading, or vanish without a close
+    frame, which no well-behaved library does on purpose."""
+
+    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+        self.stream = stream
+        self.buf = bytearray(buffered)
+
+    @classmethod
+    async def open(cls, port: int, user: str, *, rcvbuf: int | None = None) -> RawWebSocket:
+        sock = trio.socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        await stream.send_all(upgrade_head(port, user))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            assert chunk, "closed during the handshake"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(stream, rest)
+
+    async def _fill(self, size: int) -> None:
+        while len(self.buf) < size:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+
+    async def next_text(self) -> str:
+        """The next text frame (server frames are unmasked and unfragmented); pings skipped."""
+        while True:
+            await self._fill(2)
+            opcode, size, offset = self.buf[0] & 0x0F, self.buf[1] & 0x7F, 2
+            if size == 126:
+                await self._fill(4)
+                size, offset = int.from_bytes(self.buf[2:4], "big"), 4
+            elif size == 127:
+                await self._fill(10)
+                size, offset = int.from_bytes(self.buf[2:10], "big"), 10
+            await self._fill(offset + size)
+            payload = bytes(self.buf[offset : offset + size])
+            del self.buf[: offset + size]
+            if opcode == 0x1:
+                return payload.decode()
+            if opcode == 0x8:
+                raise EOFError("close frame")
+
+    async def vanish(self) -> None:
+        """Close the TCP connection without a WebSocket close frame."""
+        await self.stream.aclose()
+
+
+@attrs.define
+class Inbox:
+    """Everything one WebSocket client received, with the (Trio) time it arrived."""
+
+    frames: list[tuple[float, dict[str, Any]]] = attrs.Factory(list)
+    closed: trio_websocket.ConnectionClosed | None = None
+
+    async def collect(self, ws: trio_websocket.WebSocketConnection) -> None:
+        try:
+            while True:
+                text = await ws.get_message()
+                self.frames.append((trio.current_time(), json.loads(text)))
+        except trio_websocket.ConnectionClosed as exc:
+            self.closed = exc
+
+    def data(self) -> list[tuple[float, int]]:
+        """(arrival time, sequence number) of each notification."""
+        return [(t, doc["payload"]["seq"]) for t, doc in self.frames if doc["type"] != "resync"]
+
+    def resyncs(self) -> list[tuple[int, float, dict[str, Any]]]:
+        """(position in the stream, arrival time, frame) of each resync frame."""
+        return [(i, t, doc) for i, (t, doc) in enumerate(self.frames) if doc["type"] == "resync"]
+
+
+@attrs.frozen
+class Published:
+    seq: int
+    started: float
+    finished: float
+    receivers: int | None  # PUBLISH's answer; None when the publish failed
+
+
+class Flow:
+    """Numbered notifications to one user at a steady rate, carrying on through faults."""
+
+    def __init__(self, redis_port: int, user: str, interval: float = 0.02) -> None:
+        self.client = redis_publisher(redis_port)
+        self.channel = f"user_noti:{user}"
+        self.interval = interval
+        self.published: list[Published] = []
+
+    async def run(self) -> None:
+        for seq in range(1, 1_000_000):
+            started = trio.current_time()
+            data = json.dumps({"type": "notification", "payload": {"seq": seq}})
+            try:
+                receivers = await trio.to_thread.run_sync(self.client.publish, self.channel, data)
+            except (redis.RedisError, OSError):
+                receivers = None
+            self.published.append(Published(seq, started, trio.current_time(), receivers))
+            await trio.sleep(self.interval)
+
+    def first_started_after(self, moment: float) -> int | None:
+        return next((p.seq for p in self.published if p.started >= moment), None)
+
+
+# -- observing the daemon ------------------------------------------------------------------
+
+
+@attrs.frozen
+class HealthSample:
+    started: float
+    finished: float
+    status: int
+    doc: dict[str, Any]
+
+    @property
+    def circuit(self) -> str:
+        return str(self.doc["circuit_breaker"]["state"])
+
+
+async def get_health(port: int) -> HealthSample:
+    started = trio.current_time()
+    status, _, body = await http_request(port, "/health")
+    return HealthSample(started, trio.current_time(), status, json.loads(body))
+
+
+async def poll_health(port: int, samples: list[HealthSample]) -> None:
+    while True:
+        samples.append(await get_health(port))
+        await trio.sleep(HEALTH_EVERY)
+
+
+async def watch_active(is_active: Callable[[], bool], changes: list[tuple[float, bool]]) -> None:
+    """Record every change of the subscriber's ``active`` flag, polled every 2 ms."""
+    last: bool | None = None
+    while True:
+        now = is_active()
+        if now != last:
+            changes.append((trio.current_time(), now))
+            last = now
+        await trio.sleep(0.002)
+
+
+async def hammer_health(port: int, count: int = 100) -> tuple[list[HealthSample], int]:
+    """``count`` concurrent /health requests; their answers and the most threads seen."""
+    samples: list[HealthSample] = []
+    most_threads = threading.active_count()
+
+    async def one() -> None:
+        samples.append(await get_health(port))
+
+    async def count_threads() -> None:
+        nonlocal most_threads
+        while True:
+            most_threads = max(most_threads, threading.active_count())
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as watcher:
+        watcher.start_soon(count_threads)
+        async with trio.open_nursery() as requests:
+            for _ in range(count):
+                requests.start_soon(one)
+        watcher.cancel_scope.cancel()
+    return samples, most_threads
+
+
+def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+@attrs.frozen
+class Accounting:
+    received: float
+    delivered: float
+    dropped: dict[str, float]
+    rejected: dict[str, float]
+    frames_dropped: dict[str, float]
+    metrics: dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+    @property
+    def balanced(self) -> bool:
+        return self.received == self.delivered + sum(self.dropped.values()) + sum(
+            self.rejected.values()
+        )
+
+    def gauge(self, name: str) -> float:
+        return self.metrics[name][()]
+
+
+def by_reason(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    return {dict(labels)["reason"]: value for labels, value in samples.items()}
+
+
+async def scrape(port: int) -> Accounting:
+    """The message accounting, from /metrics alone (Prometheus text format)."""
+    status, _, body = await http_request(port, "/metrics")
+    assert status == 200
+    m = parse_metrics(body.decode())
+    return Accounting(
+        received=m["smap_notify_messages_received_total"][()],
+        delivered=m["smap_notify_messages_delivered_total"][()],
+        dropped=by_reason(m.get("smap_notify_messages_dropped_total", {})),
+        rejected=by_reason(m.get("smap_notify_messages_rejected_total", {})),
+        frames_dropped=by_reason(m.get("smap_notify_frames_dropped_total", {})),
+        metrics=m,
+    )
+
+
+# -- Redis faults ----------------------------------------------------------------------------
+
+
+async def inject(fault: str, server: RedisServer) -> None:
+    if fault == "kill_restart":
+        await trio.to_thread.run_sync(server.kill)
+    elif fault == "pause_resume":
+        server.pause()
+    elif fault == "cut_connection":
+        with server.client() as client:
+            killed = await trio.to_thread.run_sync(
+                lambda: client.client_kill_filter(_type="pubsub")
+            )
+        assert killed == 1, "exactly the daemon's subscription was cut"
+
+
+async def restore(fault: str, server: RedisServer) -> None:
+    if fault in ("kill_restart", "down_at_start"):
+        await trio.to_thread.run_sync(server.start)  # same port; returns once PING answers
+    elif fault == "pause_resume":
+        server.resume()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resync", [True, False], ids=["resync_on", "resync_off"])
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_redis_fault_is_detected_reported_and_recovered_while_messages_flow(
+    fault: str, resync: bool, start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant, for each Redis fault while notifications flow to a connected client:
+    the fault is detected within 5 s (subscriber inactive, /health 503 "degraded" with the
+    error); delivery resumes within 2 s of Redis being back; the client is never
+    reconnected (the same WebSocket keeps receiving, in order, without duplicates); it gets
+    exactly one resync frame after the restore (none with RESYNC_ON_RECONNECT=false);
+    /health never answers 200 while the subscription is down, answers 503 fast and without
+    piling up threads, shows the circuit breaker opening, and is 200 again afterwards;
+    received == delivered + dropped + rejected.
+    """
+    at_start = fault == "down_at_start"
+    outage = fault != "cut_connection"
+    if at_start:
+        await trio.to_thread.run_sync(redis_server.kill)
+    t_begin = trio.current_time()
+    wall_begin = datetime.now(UTC)
+    daemon: Daemon = await start_daemon(
+        wait_subscribed=not at_start, RESYNC_ON_RECONNECT=str(resync).lower()
+    )
+    app = daemon.app
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    inbox, changes, health = Inbox(), [], []
+    flow = Flow(redis_server.port, "user123")
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(inbox.collect, ws)
+        tasks.start_soon(watch_active, lambda: app.subscriber.active, changes)
+        tasks.start_soon(poll_health, daemon.port, health)
+        tasks.start_soon(flow.run)
+        if at_start:
+            t_fault, wall_fault = t_begin, wall_begin
+        else:
+            await wait_until(lambda: len(inbox.data()) >= 5)
+            t_fault, wall_fault = trio.current_time(), datetime.now(UTC)
+            await inject(fault, redis_server)
+
+        # Detected: the subscription is known to be down, and /health says so with the reason.
+        await wait_until(
+            lambda: any(not active and t >= t_fault for t, active in changes), DETECT_WITHIN + 1
+        )
+        t_inactive = next(t for t, active in changes if not active and t >= t_fault)
+        assert t_inactive - t_fault <= DETECT_WITHIN
+        if outage:
+            threads_before = threading.active_count()
+            hammered, most_threads = await hammer_health(daemon.port)
+
+            def says_down(s: HealthSample) -> bool:
+                sub = s.doc["subscriber"]
+                return s.status == 503 and not sub["active"] and bool(sub["last_error"])
+
+            await wait_until(lambda: any(says_down(s) for s in health), DETECT_WITHIN + 2)
+            reported = next(s for s in health if says_down(s))
+            assert reported.finished - t_fault <= DETECT_WITHIN + HEALTH_EVERY + PING_TIMEOUT
+            assert reported.doc["status"] == "degraded"
+            # The breaker opens after repeated failed PINGs, and /health stays fast.
+            await wait_until(lambda: any(s.circuit == "open" for s in health), BREAKER_RESET + 5)
+            during = await scrape(daemon.port)
+            t_restore_begin = trio.current_time()
+            await restore(fault, redis_server)
+        else:
+            t_restore_begin = t_fault
+        # Redis is back once it answers PING (the subscriber may even beat our check).
+        t_restore = trio.current_time() if outage else t_fault
+
+        # Recovered: subscribed again, and new notifications arrive on the same WebSocket.
+        await wait_until(
+            lambda: any(a and t >= t_restore_begin for t, a in changes), RECOVER_WITHIN + 3
+        )
+        t_active = next(t for t, active in changes if active and t >= t_restore_begin)
+        await wait_until(
+            lambda: (
+                (first := flow.first_started_after(t_restore)) is not None
+                and any(seq >= first for _, seq in inbox.data())
+            ),
+            RECOVER_WITHIN + 3,
+        )
+        first_new = flow.first_started_after(t_restore)
+        assert first_new is not None
+        t_resumed = next(t for t, seq in inbox.data() if seq >= first_new)
+        await wait_until(
+            lambda: any(s.status == 200 and s.started >= t_active for s in health),
+            RECOVER_WITHIN + BREAKER_RESET + 2,
+        )
+        settled = len(inbox.data()) + 10
+        await wait_until(lambda: len(inbox.data()) >= settled)
+        restored = await scrape(daemon.port)
+        tasks.cancel_scope.cancel()
+
+    assert t_active - t_restore <= RECOVER_WITHIN
+    assert t_resumed - t_restore <= RECOVER_WITHIN
+
+    # The client was never reconnected, and saw notifications in order, once each.
+    assert inbox.closed is None
+    assert app.counters.handshakes_accepted == 1 and app.hub.connection_count == 1
+    assert not app.counters.connections_closed
+    seqs = [seq for _, seq in inbox.data()]
+    assert seqs == sorted(set(seqs)), "in order, no duplicates"
+    if not at_start:
+        assert any(t < t_fault for t, _ in inbox.data()), "the same client received before"
+    assert app.counters.redis_reconnects == (0 if at_start else 1)
+
+    # Exactly one resync after the restore (none when turned off).
+    resyncs = inbox.resyncs()
+    if not resync:
+        assert resyncs == []
+    elif at_start:
+        # Whether a client connected before the first subscription gets one is
+        # test_client_connected_before_the_first_subscription_gets_a_resync.
+        assert len(resyncs) <= 1
+    else:
+        assert len(resyncs) == 1, resyncs
+        position, arrived, frame = resyncs[0]
+        assert arrived >= t_restore_begin
+        assert list(frame) == ["type", "payload", "timestamp"]
+        assert set(frame["payload"]) == {"reason", "since"}
+        assert isinstance(frame["payload"]["reason"], str) and frame["payload"]["reason"]
+        since = datetime.fromisoformat(frame["payload"]["since"])
+        stamp = datetime.fromisoformat(frame["timestamp"])
+        assert wall_fault - timedelta(seconds=1.5) <= since <= stamp
+        first_new_position = next(
+            i
+            for i, (_, doc) in enumerate(inbox.frames)
+            if doc["type"] != "resync" and doc["payload"]["seq"] >= first_new
+        )
+        assert position < first_new_position, "the resync comes before the new messages"
+
+    # /health told the truth throughout.
+    for sample in health:
+        if not at_start and sample.finished < t_fault:
+            assert sample.status == 200, sample
+        if outage and sample.started >= t_inactive and sample.finished <= t_restore_begin:
+            assert sample.status == 503 and sample.doc["status"] == "degraded", sample
+            assert sample.doc["subscriber"]["active"] is False
+            assert sample.doc["subscriber"]["last_error"], "the reason is given"
+    if outage:
+        # While open (reset_after from the failure that opened it) no PING is attempted.
+        t_open = next(s.finished for s in health if s.circuit == "open")
+        for sample in health:
+            if t_open <= sample.started <= min(t_open + BREAKER_RESET - 0.2, t_restore_begin):
+                assert sample.finished - sample.started < 0.25, "an open breaker answers at once"
+    after = [s for s in health if s.started >= t_active]
+    first_ok = next(i for i, s in enumerate(after) if s.status == 200)
+    # Until the first 200 only a still-open breaker may hold /health at 503 (see
+    # test_health_is_200_within_2s_of_redis_returning_after_the_breaker_opened).
+    assert all(s.circuit in ("open", "half_open") for s in after[:first_ok]), after[:first_ok]
+    assert all(s.status == 200 for s in after[first_ok:]), "no flapping after recovery"
+    assert health[-1].circuit == "closed"
+    circuit = "smap_notify_redis_circuit_state"
+    assert restored.metrics[circuit][(("state", "closed"),)] == 1
+    assert restored.gauge("smap_notify_subscriber_active") == 1
+    assert restored.gauge("smap_notify_redis_reconnects_total") == (0 if at_start else 1)
+    if outage:
+        assert any(s.circuit == "open" for s in health), "the breaker opened"
+        assert during.metrics[circuit][(("state", "open"),)] == 1
+        assert during.gauge("smap_notify_subscriber_active") == 0
+        assert len(hammered) == 100 and all(s.status == 503 for s in hammered)
+        assert max(s.finished - s.started for s in hammered) <= PING_TIMEOUT + 1.0
+        assert most_threads <= threads_before + 2, "no thread pile-up"
+
+    assert app.counters.received == app.counters.accounted()
+
+
+async def test_client_connected_before_the_first_subscription_gets_a_resync(
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant: a client that was connected while the daemon could not subscribe may have
+    missed notifications, so once the subscription is established it receives exactly
+    one resync frame (Redis down at start, then started)."""
+    await trio.to_thread.run_sync(redis_server.kill)
+    daemon: Daemon = await start_daemon(wait_subscribed=False)
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    await wait_until(lambda: daemon.app.subscriber.state == "retrying")
+    await trio.to_thread.run_sync(redis_server.start)
+    await daemon.wait_subscribed()
+    await daemon.publish("user123", {"type": "notification", "payload": {"seq": 1}})
+    with trio.fail_after(5):
+        first = json.loads(await ws.get_message())
+    assert first["type"] == "resync", first
+
+
+async def test_health_is_200_within_2s_of_redis_returning_after_the_breaker_opened(
+    start_daemon: Any, redis_server: RedisServer
+) -> None:
+    """Invariant: /health tells the truth, so within 2 s of Redis being back (and the
+    subscription restored) it answers 200, even if the breaker had just opened."""
+    daemon: Daemon = await start_daemon()
+    await trio.to_thread.run_sync(redis_server.kill)
+    with trio.fail_after(5):
+        while (await get_health(daemon.port)).circuit != "open":
+            pass
+    await trio.to_thread.run_sync(redis_server.start)
+    t_back = trio.current_time()
+    await daemon.wait_subscribed()
+    with trio.fail_after(BREAKER_RESET + 5):
+        while (sample := await get_health(daemon.port)).status != 200:
+            await trio.sleep(HEALTH_EVERY)
+    assert sample.finished - t_back <= RECOVER_WITHIN, sample.doc
+
+
+@pytest.mark.slow
+async def test_resync_since_is_no_later_than_when_a_wedged_subscription_went_silent(
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant: ``since`` says when the subscription was lost, so a client refetching
+    what changed since then misses nothing: for a Redis that stops answering it is no
+    later than the moment it stopped (its last reply), not when the silence was noticed."""
+    daemon: Daemon = await start_daemon()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    wall_fault = datetime.now(UTC)
+    redis_server.pause()
+    await wait_until(lambda: not daemon.app.subscriber.active, DETECT_WITHIN + 1)
+    redis_server.resume()
+    with trio.fail_after(RECOVER_WITHIN + 3):
+        frame = json.loads(await ws.get_message())
+    assert frame["type"] == "resync"
+    since = datetime.fromisoformat(frame["payload"]["since"])
+    assert since <= wall_fault + timedelta(seconds=0.5), (since - wall_fault).total_seconds()
+
+
+@pytest.mark.slow
+async def test_an_idle_healthy_subscription_is_not_declared_dead(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """Invariant: silence is normal. With no notifications for longer than the dead-after
+    limit the liveness probe keeps a healthy subscription up: no reconnect, no resync,
+    /health 200 throughout."""
+    daemon: Daemon = await start_daemon()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    inbox, changes, health = Inbox(), [], []
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(inbox.collect, ws)
+        tasks.start_soon(watch_active, lambda: daemon.app.subscriber.active, changes)
+        tasks.start_soon(poll_health, daemon.port, health)
+        await trio.sleep(4.0)  # longer than DEAD_AFTER: the silence itself is what is tested
+        tasks.cancel_scope.cancel()
+    assert [active for _, active in changes] == [True]
+    assert daemon.app.counters.redis_reconnects == 0
+    assert inbox.frames == []
+    assert health and all(s.status == 200 for s in health)
+
+
+# -- accounting --------------------------------------------------------------------------
+
+
+@attrs.define
+class Mix:
+    """Publishes a mix of valid, invalid, offline-user and slow-client messages."""
+
+    client: redis.Redis
+    sent: dict[str, int] = attrs.Factory(dict)  # kind -> PUBLISH receivers summed
+    attempted: dict[str, int] = attrs.Factory(dict)
+    unconfirmed: int = 0  # in pipelines that failed: maybe published, maybe not
+    fast_seq: int = 0
+
+    def kinds(self) -> list[tuple[str, str, str]]:
+        self.fast_seq += 1
+        good = {"type": "notification", "payload": {"seq": self.fast_seq}}
+        bulky = {"type": "notification", "payload": {"blob": "z" * 8000}}
+        progress_bad = {
+            "type": "project_progress",
+            "payload": {
+                "project_id": "p",
+                "status": "X",
+                "total": 1,
+                "done": 1,
+                "errors": 0,
+                "progress_percent": 101,
+            },
+        }
+        return [
+            ("fast", "fast", json.dumps(good)),
+            ("slow", "slow", json.dumps(bulky)),
+            ("offline", "nobody", json.dumps(good)),
+            ("invalid_json", "fast", "{not json"),
+            ("not_object", "fast", "[1, 2]"),
+            ("invalid_payload", "fast", json.dumps(progress_bad)),
+        ]
+
+    def publish_round(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        round_ = self.kinds()
+        for _, user, data in round_:
+            pipe.publish(f"user_noti:{user}", data)
+        try:
+            answers = pipe.execute()
+        except (redis.RedisError, OSError):
+            answers = [0] * len(round_)
+            self.unconfirmed += len(round_)
+        for (kind, _, _), n in zip(round_, answers, strict=True):
+            self.sent[kind] = self.sent.get(kind, 0) + int(n)
+            self.attempted[kind] = self.attempted.get(kind, 0) + 1
+
+
+@pytest.mark.slow
+async def test_accounting_invariant_holds_under_faults_from_metrics_alone(
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant, at every /metrics scrape while a mix of valid, invalid, offline-user and
+    slow-client messages flows through a Redis kill/restart and a cut subscription:
+    received == delivered + sum(dropped) + sum(rejected). And after the faults, every
+    published message is received and counted under the outcome its kind implies."""
+    daemon: Daemon = await start_daemon(WS_SEND_BUFFER="16", WS_SEND_BUFFER_BYTES="65536")
+    fast = await daemon.connect("fast", nursery=nursery)
+    stalled = await RawWebSocket.open(daemon.port, "slow", rcvbuf=4096)
+    await daemon.wait_connections(2)
+    inbox = Inbox()
+    mix = Mix(redis_publisher(redis_server.port))
+    scrapes: list[Accounting] = []
+
+    async def publish_rounds() -> None:
+        while True:
+            await trio.to_thread.run_sync(mix.publish_round)
+            await trio.sleep(0.01)
+
+    async def keep_scraping() -> None:
+        while True:
+            scrapes.append(await scrape(daemon.port))
+            await trio.sleep(0.05)
+
+    async def sync() -> None:
+        """Everything published so far has been routed: Redis keeps order per subscription."""
+        mix.fast_seq += 1
+        message = {"type": "notification", "payload": {"seq": mix.fast_seq}}
+        assert await daemon.publish("fast", message) == 1
+        mix.sent["sentinel"] = mix.sent.get("sentinel", 0) + 1
+        await wait_until(lambda: bool(inbox.data()) and inbox.data()[-1][1] == mix.fast_seq)
+
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(inbox.collect, fast)
+        tasks.start_soon(keep_scraping)
+        async with trio.open_nursery() as publishing:
+            publishing.start_soon(publish_rounds)
+            await wait_until(lambda: mix.attempted.get("fast", 0) >= 30)
+            await trio.to_thread.run_sync(redis_server.kill)
+            await wait_until(lambda: not daemon.app.subscriber.active)
+            await trio.to_thread.run_sync(redis_server.start)
+            await daemon.wait_subscribed()
+            sent_at_restore = mix.sent.get("fast", 0)
+            await wait_until(lambda: mix.sent["fast"] >= sent_at_restore + 30)
+            await inject("cut_connection", redis_server)
+            await wait_until(lambda: daemon.app.counters.redis_reconnects == 2)
+            await wait_until(lambda: mix.sent["fast"] >= sent_at_restore + 60)
+            publishing.cancel_scope.cancel()
+        # Only the faults lose messages; a quiet phase must account for every one.
+        await sync()
+        before = await scrape(daemon.port)
+        sent_before = dict(mix.sent)
+        for _ in range(20):
+            await trio.to_thread.run_sync(mix.publish_round)
+        await sync()
+        after = await scrape(daemon.port)
+        tasks.cancel_scope.cancel()
+    await stalled.vanish()
+    quiet = {kind: mix.sent[kind] - sent_before[kind] for kind in mix.sent}
+
+    assert len(scrapes) > 5
+    unbalanced = [s for s in scrapes if not s.balanced]
+    assert not unbalanced, unbalanced[0]
+    assert before.balanced and after.balanced
+    published = sum(mix.sent.values())
+    assert after.received <= published + mix.unconfirmed, "nothing counted that was not published"
+    assert quiet.pop("sentinel") == 1
+    assert all(n == 20 for n in quiet.values()), "the daemon was subscribed for the quiet phase"
+    delta = {
+        "received": after.received - before.received,
+        "delivered": after.delivered - before.delivered,
+    }
+    for reason in ("invalid_json", "not_object", "invalid_payload"):
+        assert after.rejected[reason] - before.rejected.get(reason, 0) == 20
+    assert after.dropped["no_connection"] - before.dropped["no_connection"] == 20
+    queue_full = after.dropped.get("queue_full", 0) - before.dropped.get("queue_full", 0)
+    assert delta["delivered"] + queue_full == 20 + 20 + 1  # fast, slow, the sentinel
+    assert delta["received"] == 120 + 1
+    assert after.dropped.get("queue_full", 0) > 0, "the stalled client overflowed"
+    seqs = [seq for _, seq in inbox.data()]
+    assert seqs == sorted(set(seqs))
+
+
+# -- connection churn ------------------------------------------------------------------------
+
+
+@attrs.define
+class Churn:
+    """Per-user numbered notifications, published in rounds to every user."""
+
+    client: redis.Redis
+    users: list[str]
+    seq: int = 0
+    done: list[tuple[int, float, float]] = attrs.Factory(list)  # seq, started, finished
+
+    def publish_round(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        seq = self.seq + 1
+        for user in self.users:
+            pipe.publish(
+                f"user_noti:{user}", json.dumps({"type": "notification", "payload": {"seq": seq}})
+            )
+        pipe.execute()
+        self.seq = seq
+
+    async def run(self) -> None:
+        while True:
+            started = trio.current_time()
+            await trio.to_thread.run_sync(self.publish_round)
+            self.done.append((self.seq, started, trio.current_time()))
+            await trio.sleep(0.005)
+
+
+@pytest.mark.slow
+async def test_1000_connections_opening_and_closing_while_messages_flow(
+    start_daemon: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant: with 1,000 WebSocket connections opening and closing (cleanly, by
+    vanishing, or by abandoning the handshake) while notifications flow, every connection
+    receives every notification published while it was open (contiguous, in order, no
+    duplicates), no connection handler fails, and the connection count returns to 0."""
+    caplog.set_level(logging.WARNING, logger="smap_notify")
+    daemon: Daemon = await start_daemon(WS_MAX_CONNECTIONS_PER_USER="1000")
+    users = [f"churn{i}" for i in range(10)]
+    churn = Churn(redis_publisher(redis_server.port), users)
+    problems: list[str] = []
+    opened = 0
+    per_worker, workers = 20, 50
+
+    def last_done() -> int:
+        return churn.done[-1][0] if churn.done else 0
+
+    def first_after(moment: float) -> int:
+        for seq, started, _ in reversed(churn.done):
+            if started < moment:
+                return seq + 1
+        return 1
+
+    async def check(name: str, received: list[int], t_open: float, last: int) -> None:
+        expected = list(range(first_after(t_open), last + 1))
+        missing = sorted(set(expected) - set(received))
+        if received != sorted(set(received)) or missing:
+            problems.append(f"{name}: missing={missing[:5]} got={received[:3]}..{received[-3:]}")
+
+    async def library_client(user: str, name: str, life: float) -> None:
+        nonlocal opened
+        async with trio.open_nursery() as own:
+            ws = await ws_connect(daemon.port, user, own)
+            t_open = trio.current_time()
+            opened += 1
+            received: list[int] = []
+            with trio.move_on_after(life):
+                while True:
+                    received.append(json.loads(await ws.get_message())["payload"]["seq"])
+            last = last_done()
+            with trio.fail_after(5):
+                while not received or received[-1] < last:
+                    received.append(json.loads(await ws.get_message())["payload"]["seq"])
+            await ws.aclose()
+        await check(name, received, t_open, last)
+
+    async def vanishing_client(user: str, name: str, life: float) -> None:
+        nonlocal opened
+        raw = await RawWebSocket.open(daemon.port, user)
+        t_open = trio.current_time()
+        opened += 1
+        received: list[int] = []
+        with trio.move_on_after(life):
+            while True:
+                received.append(json.loads(await raw.next_text())["payload"]["seq"])
+        last = last_done()
+        with trio.fail_after(5):
+            while not received or received[-1] < last:
+                received.append(json.loads(await raw.next_text())["payload"]["seq"])
+        await raw.vanish()
+        await check(name, received, t_open, last)
+
+    async def abandoned_handshake(user: str) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        await stream.send_all(upgrade_head(daemon.port, user))
+        await stream.aclose()
+
+    async def worker(index: int) -> None:
+        for k in range(per_worker):
+            user = users[(index + k) % len(users)]
+            life = 0.02 + 0.01 * ((index * 7 + k * 3) % 10)
+            if k % 4 == 3:
+                await vanishing_client(user, f"raw{index}.{k}", life)
+            else:
+                await library_client(user, f"lib{index}.{k}", life)
+            if k % 5 == 0:
+                await abandoned_handshake(user)
+
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(churn.run)
+        await wait_until(lambda: len(churn.done) > 2)
+        async with trio.open_nursery() as clients:
+            for index in range(workers):
+                clients.start_soon(worker, index)
+        tasks.cancel_scope.cancel()
+
+    await daemon.wait_connections(0)
+    hub, counters = daemon.app.hub, daemon.app.counters
+    assert opened == per_worker * workers == 1000
+    assert not problems, f"{len(problems)} connections missed messages: {problems[:5]}"
+    assert counters.handshakes_accepted >= 1000
+    assert sum(counters.connections_closed.values()) == counters.handshakes_accepted
+    assert hub.users == {} and hub._reserved_total == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors[:3]]
+    assert counters.received == counters.accounted()
+
+
+# -- a stalled reader: bounded memory ----------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def publish_and_read(
+    client: redis.Redis,
+    reader: trio_websocket.WebSocketConnection,
+    start: int,
+    count: int,
+    step: int = 100,
+) -> list[int]:
+    """Publish ~1 KB notifications in steps the reader keeps up with; return what it got."""
+    got: list[int] = []
+    for first in range(start, start + count, step):
+        pipe = client.pipeline(transaction=False)
+        for seq in range(first, min(start + count, first + step)):
+            message = {"type": "notification", "payload": {"seq": seq, "b": "m" * 1000}}
+            pipe.publish("user_noti:user123", json.dumps(message))
+        await trio.to_thread.run_sync(pipe.execute)
+        with trio.fail_after(10):
+            while len(got) < min(count, first - start + step):
+                got.append(json.loads(await reader.get_message())["payload"]["seq"])
+    return got
+
+
+@pytest.mark.slow
+async def test_a_reader_that_stops_does_not_grow_memory_or_hold_up_its_other_tab(
+    daemon_process: Callable[..., DaemonProcess],
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+) -> None:
+    """Invariant: while one WebSocket of a user stops reading and 10,000 notifications are
+    published, the daemon's RSS grows by at most 30 MB over its start (its queue is bounded
+    by WS_SEND_BUFFER_BYTES, 4 MiB here) and stays flat once that queue is full, the lost
+    frames are counted, and the user's other WebSocket receives all 10,000 in order."""
+    daemon = await trio.to_thread.run_sync(
+        lambda: daemon_process(
+            WS_WRITE_WAIT="60s", WS_SEND_BUFFER="100000", WS_SEND_BUFFER_BYTES=str(4 << 20)
+        )
+    )
+    stalled = await RawWebSocket.open(daemon.port, "user123", rcvbuf=4096)
+    reader = await ws_connect(daemon.port, "user123", nursery)
+    client = redis_server.client()
+    with trio.fail_after(10):
+        while (await scrape(daemon.port)).gauge("websocket_active_connections") != 2:
+            await trio.sleep(0.05)
+    idle = rss_kib(daemon.proc.pid)
+    # Fill the stalled client's queue until it drops: the steady state.
+    warm = await publish_and_read(client, reader, 0, 5000)
+    assert warm == list(range(5000))
+    assert (await scrape(daemon.port)).frames_dropped.get("queue_full", 0) > 0
+    full = rss_kib(daemon.proc.pid)
+    got = await publish_and_read(client, reader, 5000, 10_000)
+    after = rss_kib(daemon.proc.pid)
+    metrics = await scrape(daemon.port)
+    await stalled.vanish()
+    print(f"RSS idle {idle} KiB, queue full {full} KiB, after 10,000 more {after} KiB")
+
+    assert got == list(range(5000, 15_000))
+    assert after - idle <= 30 * 1024, f"RSS grew {after - idle} KiB"
+    assert after - full <= 5 * 1024, f"RSS grew {after - full} KiB in the steady state"
+    assert metrics.frames_dropped["queue_full"] >= 10_000, metrics.frames_dropped
+    assert metrics.delivered == 15_000 and metrics.balanced
+    assert metrics.gauge("websocket_active_connections") == 2, "drop policy keeps it open"
+
+
+# -- SIGTERM mid fan-out -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_sigterm_in_the_middle_of_a_fan_out_exits_0_and_drops_every_client(
+    daemon_process: Callable[..., DaemonProcess],
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+) -> None:
+    """Invariant: SIGTERM while 100 connections receive a fan-out makes the daemon exit 0
+    within SHUTDOWN_TIMEOUT, every client sees an unclean close (1006, so browsers
+    reconnect), and the log holds no traceback."""
+    timeout = 3.0
+    daemon = await trio.to_thread.run_sync(lambda: daemon_process(SHUTDOWN_TIMEOUT=f"{timeout}s"))
+    users = [f"fan{i}" for i in range(10)]
+    inboxes = [Inbox() for _ in range(100)]
+    async with trio.open_nursery() as tasks:
+        for i, inbox in enumerate(inboxes):
+            ws = await ws_connect(daemon.port, users[i % 10], nursery)
+            tasks.start_soon(inbox.collect, ws)
+        churn = Churn(redis_publisher(redis_server.port), users)
+        tasks.start_soon(churn.run)
+        await wait_until(lambda: all(len(inbox.frames) >= 3 for inbox in inboxes))
+        t_signal = trio.current_time()
+        daemon.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: daemon.proc.poll() is not None, timeout + 5)
+        elapsed = trio.current_time() - t_signal
+        await wait_until(lambda: all(inbox.closed for inbox in inboxes), 5)
+        tasks.cancel_scope.cancel()
+
+    log = daemon.log()
+    assert daemon.proc.returncode == 0, log[-2000:]
+    assert elapsed <= timeout, f"exited after {elapsed:.2f}s"
+    codes = {inbox.closed.reason.code for inbox in inboxes if inbox.closed}
+    assert codes == {1006}, codes
+    assert "Traceback" not in log, log[-3000:]
+    assert "stopped" in log
+
+
+# -- slow and hostile clients -------------------------------------------------------------------
+
+
+async def test_per_user_connection_cap_answers_429_before_the_upgrade(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """Invariant: the (N+1)th connection of a user gets HTTP 429 with Retry-After and no
+    upgrade; the user's open connections and other users are unaffected."""
+    daemon: Daemon = await start_daemon(WS_MAX_CONNECTIONS_PER_USER="2")
+    tabs = [await daemon.connect("greedy", nursery=nursery) for _ in range(2)]
+    status, headers, body = await raw_upgrade(daemon.port, "greedy")
+    assert status == 429 and "retry-after" in headers and "upgrade" not in headers
+    assert json.loads(body)["error"]
+    other = await daemon.connect("someone_else", nursery=nursery)
+    await daemon.wait_connections(3)
+    await daemon.publish("greedy", {"type": "notification", "payload": {"seq": 1}})
+    for tab in tabs:
+        with trio.fail_after(5):
+            assert json.loads(await tab.get_message())["payload"] == {"seq": 1}
+    assert other.closed is None
+    assert daemon.app.counters.handshake_rejections["max_connections_per_user"] == 1
+
+
+async def test_max_connections_answers_503_before_the_upgrade(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """Invariant: once WS_MAX_CONNECTIONS are open, a new upgrade gets HTTP 503, no upgrade."""
+    daemon: Daemon = await start_daemon(WS_MAX_CONNECTIONS="3")
+    for i in range(3):
+        await daemon.connect(f"u{i}", nursery=nursery)
+    status, headers, _ = await raw_upgrade(daemon.port, "u9")
+    assert status == 503 and "upgrade" not in headers
+    assert daemon.app.counters.handshake_rejections["max_connections"] == 1
+    assert daemon.app.hub.connection_count == 3
+
+
+async def test_oversized_request_head_gets_431(start_daemon: Any) -> None:
+    """Invariant: a request head larger than HTTP_MAX_HEADER_SIZE is answered 431 and
+    closed, whatever the path."""
+    daemon: Daemon = await start_daemon(HTTP_MAX_HEADER_SIZE="4096")
+    for extra in ("X-Pad: " + "a" * 5000 + "\r\n", "".join(f"X-{i}: v\r\n" for i in range(900))):
+        status, _, _ = await raw_upgrade(daemon.port, "user123", extra=extra)
+        assert status == 431
+    assert daemon.app.counters.handshake_rejections["head_too_large"] == 2
+
+
+async def test_a_websocket_outlives_the_handshake_deadline(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """Invariant: WS_HANDSHAKE_TIMEOUT bounds the handshake only; an upgraded, answering
+    WebSocket stays open and receives after it, and nothing counts as a handshake timeout."""
+    daemon: Daemon = await start_daemon(WS_HANDSHAKE_TIMEOUT="500ms")
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    await trio.sleep(1.0)  # twice the deadline: the time itself is what is tested
+    await daemon.publish("user123", {"type": "notification", "payload": {"seq": 1}})
+    with trio.fail_after(5):
+        assert json.loads(await ws.get_message())["payload"] == {"seq": 1}
+    assert daemon.app.hub.connection_count == 1
+    assert daemon.app.counters.handshake_rejections["handshake_timeout"] == 0
+
+
+async def raw_upgrade(
+    port: int, user: str, *, extra: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """Send an upgrade request on a plain socket; the status, headers and body of the answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(upgrade_head(port, user, extra=extra))
+    data = b""
+    with trio.fail_after(5):
+        while not (data.startswith(b"HTTP/1.1 101") and b"\r\n\r\n" in data):
+            try:
+                chunk = await stream.receive_some()
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.slow
+async def test_hostile_clients_do_not_delay_delivery_to_others(
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant: while slowloris clients (one head byte per second), oversized heads and
+    over-the-cap upgrades hammer the daemon, each is refused as specified (dropped at
+    WS_HANDSHAKE_TIMEOUT, 431, 429), new clients connect and receive normally, and an
+    existing client receives every notification without extra delay (< 250 ms each)."""
+    handshake_timeout = 1.5
+    daemon: Daemon = await start_daemon(
+        WS_HANDSHAKE_TIMEOUT=f"{handshake_timeout}s",
+        HTTP_MAX_HEADER_SIZE="4096",
+        WS_MAX_CONNECTIONS_PER_USER="2",
+    )
+    reader = await daemon.connect("reader", nursery=nursery)
+    for _ in range(2):
+        await daemon.connect("greedy", nursery=nursery)
+    await daemon.wait_connections(3)
+    publisher = redis_publisher(redis_server.port)
+    sent: dict[int, float] = {}
+    latencies: dict[int, float] = {}
+    slowloris_lived: list[float] = []
+    refused: list[int] = []
+    late_ok: list[float] = []
+
+    async def publish() -> None:
+        for seq in range(1, 1_000_000):
+            sent[seq] = trio.current_time()
+            data = json.dumps({"type": "notification", "payload": {"seq": seq}})
+            await trio.to_thread.run_sync(publisher.publish, "user_noti:reader", data)
+            await trio.sleep(0.02)
+
+    async def read() -> None:
+        while True:
+            seq = json.loads(await reader.get_message())["payload"]["seq"]
+            latencies[seq] = trio.current_time() - sent[seq]
+
+    async def slowloris() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        t0 = trio.current_time()
+        head = upgrade_head(daemon.port, "reader")
+        async with trio.open_nursery() as own:
+
+            async def drip() -> None:
+                for i in range(len(head)):
+                    await stream.send_all(head[i : i + 1])
+                    await trio.sleep(1.0)
+
+            own.start_soon(drip)
+            try:
+                while await stream.receive_some():
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            slowloris_lived.append(trio.current_time() - t0)
+            own.cancel_scope.cancel()
+        await stream.aclose()
+
+    async def oversized() -> None:
+        status, _, _ = await raw_upgrade(daemon.port, "x", extra="X-Pad: " + "b" * 8000 + "\r\n")
+        refused.append(status)
+
+    async def over_cap() -> None:
+        status, _, _ = await raw_upgrade(daemon.port, "greedy")
+        refused.append(status)
+
+    async def late_client(i: int) -> None:
+        t0 = trio.current_time()
+        async with trio.open_nursery() as own:
+            ws = await ws_connect(daemon.port, f"late{i}", own)
+            await wait_until(lambda: daemon.app.hub.users.get(f"late{i}") is not None)
+            await daemon.publish(f"late{i}", {"type": "notification", "payload": {"seq": i}})
+            with trio.fail_after(2):
+                assert json.loads(await ws.get_message())["payload"] == {"seq": i}
+            late_ok.append(trio.current_time() - t0)
+            await ws.aclose()
+
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(read)
+        tasks.start_soon(publish)
+        async with trio.open_nursery() as hostile:
+            for _ in range(20):
+                hostile.start_soon(slowloris)
+            await trio.sleep(0.1)  # the slowloris clients are connected (nothing to await)
+            for i in range(10):
+                hostile.start_soon(oversized)
+                hostile.start_soon(over_cap)
+                hostile.start_soon(late_client, i)
+        settled = max(sent)
+        await wait_until(lambda: settled in latencies)
+        tasks.cancel_scope.cancel()
+
+    assert len(slowloris_lived) == 20
+    assert all(handshake_timeout - 0.1 <= t <= handshake_timeout + 1.0 for t in slowloris_lived), (
+        slowloris_lived
+    )
+    assert sorted(refused) == [429] * 10 + [431] * 10
+    assert len(late_ok) == 10 and max(late_ok) < 1.0, late_ok
+    assert sorted(latencies) == list(range(1, settled + 1)), "every notification arrived"
+    assert max(latencies.values()) < 0.25, max(latencies.values())
+    rejections = daemon.app.counters.handshake_rejections
+    assert rejections["handshake_timeout"] == 20
+    assert rejections["head_too_large"] == 10
+    assert rejections["max_connections_per_user"] == 10
