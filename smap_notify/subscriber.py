@@ -76,6 +76,8 @@ def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> re
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        # RESP2: Pub/Sub messages are plain replies (RESP3 pushes bypass read_response).
+        protocol=2,
         # No CLIENT SETINFO or maintenance-notification handshake: one round trip per connect.
         driver_info=None,
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
@@ -174,16 +176,17 @@ class _Worker:
                 logger.debug("closing redis connection failed", exc_info=True)
 
     def _listen(self, pubsub: Any) -> None:
+        # Replies are read straight off the subscribed connection: PubSub.get_message
+        # builds a dict and runs its handler bookkeeping for every message.
+        conn = pubsub.connection
         state = self.state
         last_rx = time.monotonic()
         probed_at = 0.0
         while True:
             trio.from_thread.check_cancelled()
-            now = time.monotonic()
-            state.heartbeat = now
-            message = pubsub.get_message(timeout=POLL_SECONDS)
-            now = time.monotonic()
-            if message is None:
+            state.heartbeat = time.monotonic()
+            if not conn.can_read(timeout=POLL_SECONDS):
+                now = time.monotonic()
                 silent = now - last_rx
                 if silent > DEAD_AFTER:
                     raise SubscriptionDead(f"no reply from redis for {silent:.1f}s")
@@ -191,23 +194,22 @@ class _Worker:
                     pubsub.ping()
                     probed_at = now
                 continue
-            last_rx = now
+            last_rx = time.monotonic()
             self.alive_at = time.time()
             batch: list[RawMessage] = []
-            while message is not None:
-                self._take(message, batch)
-                if len(batch) >= MAX_BATCH:
+            while True:
+                self._take(conn.read_response(), batch)
+                if len(batch) >= MAX_BATCH or not conn.can_read(timeout=0):
                     break
-                message = pubsub.get_message(timeout=0.0)
             if batch:
                 state.last_message_at = datetime.fromtimestamp(self.alive_at, UTC)
                 self.inbox.put_from_thread(batch, self._waiting)
 
-    def _take(self, message: dict[str, Any], batch: list[RawMessage]) -> None:
-        kind = message["type"]
-        if kind == "pmessage":
-            batch.append((message["channel"], message["data"]))
-        elif kind == "psubscribe":
+    def _take(self, reply: Any, batch: list[RawMessage]) -> None:
+        kind = reply[0] if isinstance(reply, list) else reply
+        if kind == b"pmessage":
+            batch.append((reply[2], reply[3]))
+        elif kind == b"psubscribe":
             self._subscribed()
         # pong (our probe) and anything else only prove the connection is alive
 
