@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    sys.setswitchinterval(0.0005)
     try:
         trio.run(
             lambda: app.run(config, config_file=args.config, environ=environ),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 import trio
+import trio_websocket
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Connection:
         "closed",
         "close_reason",
         "on_abort",
+        "ws",
     )
 
     def __init__(
@@ -132,6 +134,7 @@ class Connection:
         self.closed = False
         self.close_reason = ""
         self.on_abort: Callable[[Connection, str], None] | None = None
+        self.ws: trio_websocket.WebSocketConnection | None = None
         stream.conn = self
 
     def __repr__(self) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -26,6 +27,9 @@ from .messages import (
 from .metrics import Counters
 
 logger = logging.getLogger(__name__)
+
+TOKEN_EXPIRED_CODE: Final = 4001
+CLOSE_GRACE: Final = 2.0
 
 # One item from the subscriber: a batch of (channel, data), or a resync marker.
 RawMessage = tuple[bytes, bytes]
@@ -305,12 +309,14 @@ class Hub:
             self.route_batch(item)
 
     async def _keepalive(self) -> None:
-        """One timer for every connection: pings, and closing the silent ones."""
+        """One timer for every connection: pings, closing the silent ones, and closing
+        those whose token has expired."""
         next_ping = trio.current_time() + self.config.ws_ping_interval
         while True:
             tick = min(1.0, self.config.ws_ping_interval / 2, self.config.ws_pong_wait / 4)
             await trio.sleep(tick)
             now = trio.current_time()
+            wall = time.time()
             pong_wait = self.config.ws_pong_wait
             ping = now >= next_ping
             if ping:
@@ -318,12 +324,28 @@ class Hub:
             for conn in list(self.connections()):
                 if now - conn.stream.last_receive > pong_wait:
                     conn.abort("pong_timeout")
+                elif conn.expires_at <= wall and not conn.close_reason:
+                    conn.close_reason = "token_expired"
+                    self._nursery_or_fail().start_soon(self._expire, conn)
                 elif ping and conn.writable:
                     conn.push_control(PING_FRAME)
                     if not conn.dirty:
                         conn.dirty = True
                         self._dirty.append(conn)
             self.flush()
+
+    def _nursery_or_fail(self) -> trio.Nursery:
+        assert self._nursery is not None, "Hub.serve is not running"
+        return self._nursery
+
+    async def _expire(self, conn: Connection) -> None:
+        """A clean close (4001), so SMAP's web UI does not reconnect with a dead token."""
+        logger.info("token expired, closing conn=%d user=%s", conn.id, conn.user_id)
+        assert conn.ws is not None
+        with trio.move_on_after(CLOSE_GRACE) as scope:
+            await conn.ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
+        if scope.cancelled_caught:
+            conn.abort("token_expired")
 
     async def drain(self, window: float) -> None:
         """Close every connection, spread over ``window`` seconds so reconnects spread too."""

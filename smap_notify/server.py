@@ -20,8 +20,6 @@ from .logs import LimitedLogger
 
 logger = logging.getLogger(__name__)
 
-TOKEN_EXPIRED_CODE: Final = 4001
-CLOSE_GRACE: Final = 2.0
 
 # An HTTP endpoint: (request, remote) -> (status, content type, body).
 Endpoint = Callable[[HandshakeRequest], Awaitable[tuple[int, str, bytes]]]
@@ -311,9 +309,15 @@ class Server:
             self.hub.register(conn)
             registered = True
             logger.debug("connection opened conn=%d user=%s", conn.id, conn.user_id)
+            conn.ws = ws
             reason = "closed"
             try:
-                reason = await self._run(conn, ws)
+                # Client messages are read and dropped; this also keeps trio-websocket's
+                # reader answering pings and close frames.
+                while True:
+                    await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                reason = _closed_reason(exc)
             finally:
                 self.hub.unregister(conn, reason)
                 if not conn.closed:
@@ -329,21 +333,9 @@ class Server:
             if not registered:
                 self.hub.release(accept.user_id)
 
-    async def _run(self, conn: Connection, ws: trio_websocket.WebSocketConnection) -> str:
-        """Read and discard client messages until the socket closes or the token expires."""
-        expires_in = conn.expires_at - time.time()
-        with trio.move_on_after(max(0.0, expires_in)) as expiry:
-            while True:
-                try:
-                    await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    code = exc.reason.code if exc.reason else None
-                    if code == 1009:
-                        return "message_too_big"
-                    return "client_closed" if code != 1006 else "connection_lost"
-        if expiry.cancelled_caught:
-            logger.info("token expired, closing conn=%d user=%s", conn.id, conn.user_id)
-            with trio.move_on_after(CLOSE_GRACE):
-                await ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
-            return "token_expired"
-        return "closed"
+
+def _closed_reason(exc: trio_websocket.ConnectionClosed) -> str:
+    code = exc.reason.code if exc.reason else None
+    if code == 1009:
+        return "message_too_big"
+    return "connection_lost" if code == 1006 else "client_closed"
