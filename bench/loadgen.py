@@ -49,6 +49,11 @@ from typing import Any
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NPROC = os.cpu_count() or 1
 KEYS = ["type", "payload", "timestamp"]
+try:  # the daemon's own dependency; keeps the clients' parsing cost low
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(?:Z|[+-]\d\d:\d\d)")
 ORIGIN = "http://127.0.0.1:3000"
 COOKIE = "smap_auth_token"
@@ -243,7 +248,7 @@ class WSClient(asyncio.Protocol):
         now = time.monotonic_ns()
         cache = w.cache
         lat = w.lat
-        loads = json.loads
+        loads = _loads
         while n - pos >= 2:
             b0 = data[pos]
             ln = data[pos + 1]

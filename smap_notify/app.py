@@ -26,7 +26,7 @@ from .subscriber import SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
 
-INBOX_SIZE: Final = 64  # batches (of up to 256 messages) between subscriber and hub
+INBOX_SIZE: Final = 2  # batches in flight; see Inbox for why so few
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
 
 

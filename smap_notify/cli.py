@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    # The event loop and the Redis thread hand the GIL to each other all the time; the
+    # default 5 ms switch interval would let one wait that long for the other.
     sys.setswitchinterval(0.0005)
     try:
         trio.run(

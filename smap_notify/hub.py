@@ -290,15 +290,14 @@ class Hub:
             receive = inbox.receive
             async with receive:
                 async for item in receive:
-                    inbox.taken()
                     self._handle(item)
                     # Drain what is already waiting: fewer wake-ups, bigger writes.
                     while True:
+                        inbox.taken()
                         try:
                             item = receive.receive_nowait()
                         except trio.WouldBlock:
                             break
-                        inbox.taken()
                         self._handle(item)
             nursery.cancel_scope.cancel()
 
