@@ -190,16 +190,20 @@ class App:
         )
 
     async def _report_status(self) -> None:
-        """STATUS= for systemctl, and WATCHDOG=1 while the loop and the subscriber live."""
+        """STATUS= when it changes (checked every second), and WATCHDOG=1 every half
+        WATCHDOG_USEC while the event loop runs and the subscriber thread is alive."""
         interval = systemd.watchdog_interval(self.environ)
         tick = min(interval or 1.0, 1.0)
+        next_ping = trio.current_time()
         while True:
             status = self._status_text()
             if status != self._status:
                 self._status = status
                 self.notifier.status(status)
-            if interval is not None and self.subscriber_alive():
+            now = trio.current_time()
+            if interval is not None and now >= next_ping and self.subscriber_alive():
                 self.notifier.watchdog()
+                next_ping = now + interval
             await trio.sleep(tick)
 
     def subscriber_alive(self) -> bool:

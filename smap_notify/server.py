@@ -224,6 +224,11 @@ class Server:
         stream.prefix = head
         return decision
 
+    async def _on_client_message(
+        self, ws: trio_websocket.WebSocketConnection, message: str | bytes
+    ) -> None:
+        """Client data messages (the web UI's JSON pings) carry nothing for us."""
+
     def _decide(self, request: HandshakeRequest) -> Accept | Reject:
         if self.draining:
             return Reject(
@@ -315,7 +320,7 @@ class Server:
                 # Client messages are read and dropped; this also keeps trio-websocket's
                 # reader answering pings and close frames.
                 while True:
-                    await ws.get_message()
+                    await self._on_client_message(ws, await ws.get_message())
             except trio_websocket.ConnectionClosed as exc:
                 reason = _closed_reason(exc)
             finally:

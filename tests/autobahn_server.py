@@ -3,7 +3,7 @@
 It is ``smap_notify.server.Server`` unchanged up to the upgrade (request head reading and
 parsing, ``ConnStream``, ``trio_websocket.wrap_server_stream``, registration in the hub),
 with two things swapped: every handshake is accepted (no origin or token: the suite sends
-neither), and the per-connection loop echoes each message instead of discarding it.
+neither), and each client message is echoed instead of dropped.
 
 Run alone: ``python -m tests.autobahn_server [PORT]`` serves ``ws://127.0.0.1:PORT/ws``.
 """
@@ -18,7 +18,6 @@ import trio
 import trio_websocket
 
 from smap_notify.config import Config, load_config
-from smap_notify.connection import Connection
 from smap_notify.handshake import Accept, HandshakeRequest, Reject
 from smap_notify.hub import Hub
 from smap_notify.metrics import Counters
@@ -52,13 +51,10 @@ class EchoServer(Server):
             return Reject(full[0], full[1], b"{}")
         return Accept("autobahn", time.time() + 86400, token_in_query=False)
 
-    async def _run(self, conn: Connection, ws: trio_websocket.WebSocketConnection) -> str:
-        while True:
-            try:
-                message = await ws.get_message()
-                await ws.send_message(message)
-            except trio_websocket.ConnectionClosed:
-                return "client_closed"
+    async def _on_client_message(
+        self, ws: trio_websocket.WebSocketConnection, message: str | bytes
+    ) -> None:
+        await ws.send_message(message)
 
 
 async def serve_echo(

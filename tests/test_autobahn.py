@@ -36,7 +36,10 @@ def run_cases(url: str, cases: tuple[str, ...]) -> list[Any]:
 
     async def go() -> list[Any]:
         try:
-            return list(await kosoku.run_fuzzingclient(url, list(cases)))
+            # A server that stops answering must fail the test, not hang CI.
+            return list(
+                await asyncio.wait_for(kosoku.run_fuzzingclient(url, list(cases)), timeout=300)
+            )
         except kosoku.FailureError as failure:
             return failure.results
 

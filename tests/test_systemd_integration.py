@@ -519,19 +519,29 @@ async def test_no_watchdog_while_the_subscriber_thread_hangs(
     hung = threading.Event()
     release = threading.Event()
 
-    class HangingPubSub:
-        """Blocks in get_message while ``hang`` is set: no heartbeat, no progress."""
+    class HangingConnection:
+        """Blocks in can_read while ``hang`` is set: no heartbeat, no progress."""
 
         def __init__(self, inner: Any) -> None:
             self._inner = inner
 
-        def get_message(self, *args: Any, **kwargs: Any) -> Any:
+        def can_read(self, *args: Any, **kwargs: Any) -> Any:
             if hang.is_set():
                 hung.set()
                 while not release.is_set():
                     trio.from_thread.check_cancelled()
                     time.sleep(0.02)
-            return self._inner.get_message(*args, **kwargs)
+            return self._inner.can_read(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    class HangingPubSub:
+        """A PubSub whose subscribed connection can be made to hang."""
+
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+            self.connection = HangingConnection(inner.connection)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._inner, name)
