@@ -25,7 +25,8 @@ from smap_notify.handshake import (
 )
 from smap_notify.server import HeadError, http_response, parse_head, read_head
 
-SAMPLES = Path("/work/shared/spec/samples")
+# Copied from the contract (shared/spec/samples) so the tests run from any checkout.
+SAMPLES = Path(__file__).resolve().parent / "samples"
 SECRET = "current-secret-0123456789abcdef0123456789abcdef0123456789abcdef0"
 OLD_SECRET = "previous-secret-0123456789abcdef0123456789abcdef0123456789abcd"
 OTHER_SECRET = "somebody-elses-secret-0123456789abcdef0123456789abcdef01234567"

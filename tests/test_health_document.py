@@ -12,7 +12,8 @@ import pytest
 from smap_notify.health import RedisHealth, health_document
 from smap_notify.subscriber import SubscriberState
 
-SAMPLES = Path("/work/shared/spec/samples")
+# Copied from the contract (shared/spec/samples) so the tests run from any checkout.
+SAMPLES = Path(__file__).resolve().parent / "samples"
 UP = RedisHealth(True, ping_ms=0.5)
 DOWN = RedisHealth(False, error="ConnectionError: connection refused")
 LAST = datetime(2025, 12, 7, 9, 59, 55, 250000, tzinfo=UTC)

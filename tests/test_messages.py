@@ -28,7 +28,8 @@ from smap_notify.messages import (
     structure_payload,
 )
 
-SAMPLES = Path("/work/shared/spec/samples")
+# Copied from the contract (shared/spec/samples) so the tests run from any checkout.
+SAMPLES = Path(__file__).resolve().parent / "samples"
 USER = "8f3c2a9e-1b2d-4c5e-9f00-123456789abc"
 CHANNEL = f"user_noti:{USER}"
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smap_notify.metrics import Counters, Gauges, make_registry, render, stats_document
 
-SAMPLES = Path("/work/shared/spec/samples")
+# Copied from the contract (shared/spec/samples) so the tests run from any checkout.
+SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def gauges(
