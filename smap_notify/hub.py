@@ -177,9 +177,10 @@ class Hub:
                 c.dropped["no_connection"] += 1
                 continue
             frame = text_frame(envelope(result.type_json, result.payload_json, timestamp))
-            queued = 0
+            queued = closing = 0
             for conn in conns:
                 if not conn.writable:
+                    closing += 1
                     continue
                 if not conn.push(frame):
                     # Full of frames from this batch? Write them now, then look again.
@@ -194,6 +195,8 @@ class Hub:
             if queued:
                 c.delivered += 1
                 c.frames_sent += queued
+            elif closing == len(conns):
+                c.dropped["connection_closed"] += 1
             else:
                 c.dropped["queue_full"] += 1
         self.flush()
