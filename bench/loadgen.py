@@ -807,6 +807,7 @@ def run_scenario(
     messages: int | None = None,
     duration: float | None = None,
     max_rate: float | None = None,
+    common_rate: float | None = None,
     concurrency: int = 64,
     redis_pid: int | None = None,
 ) -> dict[str, Any]:
@@ -915,6 +916,8 @@ def run_scenario(
         elif scenario == "latency":
             runs = []
             rates = [2000.0] + ([round(0.8 * max_rate, 1)] if max_rate else [])
+            # The same rate for every server (80% of the slower one's maximum): like for like.
+            rates += [round(common_rate, 1)] if common_rate else []
             for rate in rates:
                 h.latency(True)
                 a = h.probe.snap()
@@ -964,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--messages", type=int)
     ap.add_argument("--duration", type=float)
     ap.add_argument("--max-rate", type=float, help="latency: also run at 80%% of this rate")
+    ap.add_argument("--common-rate", type=float, help="latency: also run at this rate")
     a = ap.parse_args(argv)
     res = run_scenario(
         a.scenario,
@@ -977,6 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         messages=a.messages,
         duration=a.duration,
         max_rate=a.max_rate,
+        common_rate=a.common_rate,
         redis_pid=a.redis_pid,
     )
     json.dump(res, sys.stdout, indent=2)

@@ -264,6 +264,10 @@ ROWS = [
     Row("latency", "80% of max: p99 (ms)", "runs.1.p99_ms", "{:.2f}", "< 10", lambda a, b: a < 10),
     Row("latency", "80% of max: max (ms)", "runs.1.max_ms", "{:.2f}"),
     Row("latency", "80% of max: server CPU (% of a core)", "runs.1.server_cpu_pct", "{:.1f}"),
+    Row("latency", "same rate for both: rate (msg/s)", "runs.2.rate", "{:.0f}"),
+    Row("latency", "same rate for both: p50 (ms)", "runs.2.p50_ms", "{:.2f}"),
+    Row("latency", "same rate for both: p99 (ms)", "runs.2.p99_ms", "{:.2f}"),
+    Row("latency", "same rate for both: server CPU (% core)", "runs.2.server_cpu_pct", "{:.1f}"),
     Row(
         "fanout",
         "server CPU per frame (µs)",
@@ -434,9 +438,15 @@ def main() -> int:
                         print("FAILED TO START")
                         continue
                     assert srv.proc is not None
-                    max_rate = None
+                    max_rate = common_rate = None
                     if scen == "latency":
                         max_rate = median_of(results[name].get("throughput", []), "delivered_per_s")
+                        maxima = [
+                            median_of(results[n].get("throughput", []), "delivered_per_s")
+                            for n in args.servers
+                        ]
+                        if len(maxima) > 1 and all(maxima):
+                            common_rate = 0.8 * min(m for m in maxima if m)
                     res: dict[str, Any]
                     try:
                         res = loadgen.run_scenario(
@@ -448,6 +458,7 @@ def main() -> int:
                             quick=args.quick,
                             workers=args.workers,
                             max_rate=max_rate,
+                            common_rate=common_rate,
                             redis_pid=redis.proc.pid,
                         )
                     except Exception as exc:  # the load generator itself failed
