@@ -214,12 +214,16 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def open_listeners(config: Config, environ: dict[str, str]) -> list[trio.SocketListener]:
-    """Inherited (socket-activated) listeners, else one bound to WS_HOST:WS_PORT."""
+async def open_listeners(
+    config: Config, environ: dict[str, str]
+) -> tuple[list[trio.SocketListener], bool]:
+    """Inherited (socket-activated) listeners, else one bound to WS_HOST:WS_PORT; the
+    second value says whether they were inherited."""
     inherited = systemd.listen_sockets(environ)
     if inherited:
-        return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited]
-    return []
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited], True
+    listeners = await trio.open_tcp_listeners(config.ws_port, host=config.ws_host, backlog=4096)
+    return listeners, False
 
 
 async def run(
@@ -233,10 +237,7 @@ async def run(
     """Run the daemon until SIGTERM or SIGINT, then drain and return."""
     environ = dict(environ or {})
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
-    listeners = open_listeners(config, environ)
-    inherited = bool(listeners)
-    if not listeners:
-        listeners = await trio.open_tcp_listeners(config.ws_port, host=config.ws_host, backlog=4096)
+    listeners, inherited = await open_listeners(config, environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(app.serve, listeners)

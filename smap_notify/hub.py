@@ -150,9 +150,7 @@ class Hub:
         overflow_disconnect = self.config.ws_overflow_policy == "disconnect"
         timestamp = format_timestamp()
         users = self.users
-        dirty = self._dirty
-        nursery = self._nursery
-        assert nursery is not None, "Hub.serve is not running"
+        nursery = self._nursery_or_fail()
         for channel, data in batch:
             c.received += 1
             try:
@@ -190,8 +188,7 @@ class Hub:
                         continue
                 queued += 1
                 if not conn.dirty:
-                    conn.dirty = True
-                    dirty.append(conn)
+                    self._queue_write(conn)
             if queued:
                 c.delivered += 1
                 c.frames_sent += queued
@@ -216,10 +213,14 @@ class Hub:
                 conn.pending_bytes,
             )
 
+    def _queue_write(self, conn: Connection) -> None:
+        """``conn`` has frames: write them at the next ``flush``."""
+        conn.dirty = True
+        self._dirty.append(conn)
+
     def flush(self) -> None:
         """One write per connection that has frames queued."""
-        nursery = self._nursery
-        assert nursery is not None, "Hub.serve is not running"
+        nursery = self._nursery_or_fail()
         for conn in self._dirty:
             conn.write_nowait(nursery)
         self._dirty.clear()
@@ -233,8 +234,7 @@ class Hub:
             if conn.writable and conn.push(frame):
                 sent += 1
                 if not conn.dirty:
-                    conn.dirty = True
-                    self._dirty.append(conn)
+                    self._queue_write(conn)
         self.counters.resyncs_sent += sent
         self.flush()
         logger.info("resync sent to clients connections=%d reason=%s", sent, resync.reason)
@@ -332,8 +332,7 @@ class Hub:
                 elif ping and conn.writable:
                     conn.push_control(PING_FRAME)
                     if not conn.dirty:
-                        conn.dirty = True
-                        self._dirty.append(conn)
+                        self._queue_write(conn)
             self.flush()
 
     def _nursery_or_fail(self) -> trio.Nursery:
