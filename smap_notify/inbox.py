@@ -48,6 +48,3 @@ class Inbox(Generic[T]):
     def taken(self) -> None:
         """From the hub: an item taken off the channel has been dealt with."""
         self._credits.release()
-
-    def close(self) -> None:
-        self.send.close()

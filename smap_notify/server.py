@@ -180,8 +180,7 @@ class Server:
             with trio.move_on_at(deadline) as scope:
                 accepted = await self._answer_request(stream)
             if scope.cancelled_caught:
-                self.counters.handshake_rejections["handshake_timeout"] += 1
-                self._log.log(logging.INFO, "timeout", "handshake timed out")
+                self._handshake_timed_out("request head")
             elif accepted is not None:
                 # The handshake deadline covers the upgrade, not the connection's life.
                 await self._upgrade_and_run(stream, accepted, deadline)
@@ -192,6 +191,10 @@ class Server:
         finally:
             with trio.CancelScope(shield=True):
                 await raw.aclose()
+
+    def _handshake_timed_out(self, phase: str) -> None:
+        self.counters.handshake_rejections["handshake_timeout"] += 1
+        self._log.log(logging.INFO, "timeout", "handshake timed out phase=%s", phase)
 
     async def _answer_request(self, stream: ConnStream) -> Accept | None:
         """Read the request head and answer it; an Accept means: upgrade this one."""
@@ -297,7 +300,7 @@ class Server:
                 )
                 ws = await request.accept()
             if scope.cancelled_caught:
-                self.counters.handshake_rejections["handshake_timeout"] += 1
+                self._handshake_timed_out("upgrade")
                 stream.abort()
                 return
             del request

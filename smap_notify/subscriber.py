@@ -160,8 +160,7 @@ class _Worker:
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            trio.from_thread.check_cancelled()
-            self.state.heartbeat = time.monotonic()
+            self._waiting()
             time.sleep(min(left, 0.1))
 
     def _session(self) -> None:
