@@ -156,6 +156,8 @@ def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
                     "verify_iss": False,
                     # Like the original: a token minted by a clock slightly ahead is fine.
                     "verify_iat": False,
+                    # exp is checked below against the caller's clock, one clock for all.
+                    "verify_exp": False,
                 },
             )
         except jwt.InvalidSignatureError as exc:
@@ -168,7 +170,7 @@ def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
             raise TokenError("claim sub must be a non-empty string")
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, int | float) or exp <= now:
-            raise TokenError("claim exp is not in the future")
+            raise TokenError("token has expired (claim exp is not in the future)")
         return TokenClaims(sub, float(exp), index > 0)
     raise TokenError(f"{type(last).__name__}: {last}" if last else "no secret configured")
 

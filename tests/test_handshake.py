@@ -345,6 +345,14 @@ def test_exp_is_compared_with_the_given_now() -> None:
     assert isinstance(decide(request, PROD, NOW + 100), Reject)
 
 
+def test_only_the_given_now_decides_expiry() -> None:
+    # A clock of the caller's behind the wall clock: PyJWT's own check must not interfere
+    # (it did, and this suite's NOW-based tests failed when run long after import).
+    now = time.time() - 1000
+    token = make_token(exp=int(now) + 500)
+    assert isinstance(decide(ws_request(token), PROD, now), Accept)
+
+
 # -- where the token comes from ------------------------------------------------------------
 
 
