@@ -7,15 +7,23 @@ before the daemon misbehaves.
 from __future__ import annotations
 
 import inspect
+import os
+import socket
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
+import redis
 import trio
 import trio_websocket
 import wsproto
 from trio_websocket import _impl
 from wsproto.handshake import H11Handshake
 
+from smap_notify.config import Config
 from smap_notify.connection import ConnStream
 from smap_notify.server import _FINISHED_HANDSHAKE, release_handshake_state
+from smap_notify.subscriber import MAX_BATCH, Replies, make_client
 
 
 def test_trio_websocket_writes_only_through_send_under_its_stream_lock() -> None:
@@ -81,3 +89,64 @@ async def test_released_connection_still_speaks_websocket() -> None:
             assert await client.get_message() == "echo"
             await done.wait()
         nursery.cancel_scope.cancel()
+
+
+# -- redis-py: the subscriber reads the subscribed connection's socket itself --------------
+
+
+def test_redis_connection_keeps_its_socket_in_sock(redis_server: Any) -> None:
+    client = make_client(Config(jwt_secret_key="x", redis_host=f"127.0.0.1:{redis_server.port}"))
+    pubsub = client.pubsub()
+    try:
+        pubsub.psubscribe("user_noti:*")
+        sock = pubsub.connection._sock
+        assert isinstance(sock, socket.socket)
+        # Timed sockets are non-blocking underneath: a read with nothing there cannot hang.
+        assert os.get_blocking(sock.fileno()) is False
+        replies = Replies(pubsub.connection)
+        assert replies.wait(2.0)
+        batch: list[Any] = []
+        taken: list[Any] = []
+        replies.read(lambda reply, _batch: taken.append(reply), batch)
+        assert taken == [[b"psubscribe", b"user_noti:*", 1]]
+    finally:
+        pubsub.close()
+        client.close()
+
+
+def _pmessage(i: int) -> bytes:
+    data = b'{"type":"n","payload":%d}' % i
+    return b"*4\r\n$8\r\npmessage\r\n$11\r\nuser_noti:*\r\n$11\r\nuser_noti:1\r\n$%d\r\n%s\r\n" % (
+        len(data),
+        data,
+    )
+
+
+def test_replies_split_big_bursts_into_batches_and_say_more_is_there() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        n = MAX_BATCH * 2 + 10
+        b.sendall(b"".join(_pmessage(i) for i in range(n)))
+        replies = Replies(SimpleNamespace(_sock=a))
+        sizes = []
+        seen: list[Any] = []
+        while replies.wait(0.0):
+            batch: list[Any] = []
+            replies.read(lambda reply, into: into.append(reply[3]), batch)
+            sizes.append(len(batch))
+            seen += batch
+        assert sizes == [MAX_BATCH, MAX_BATCH, 10]
+        assert seen == [b'{"type":"n","payload":%d}' % i for i in range(n)]
+        # A partial reply waits for the rest; EOF is a connection error.
+        b.sendall(_pmessage(n)[:20])
+        assert replies.wait(1.0)
+        batch = []
+        replies.read(lambda reply, into: into.append(reply), batch)
+        assert batch == [] and not replies.wait(0.0)
+        b.close()
+        assert replies.wait(1.0)
+        with pytest.raises(redis.ConnectionError):
+            replies.read(lambda reply, into: into.append(reply), batch)
+    finally:
+        a.close()
