@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -10,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import jwt
+from jwt.types import Options
 
 from .config import Config
 
@@ -141,25 +144,40 @@ class TokenError(Exception):
     pass
 
 
+_DECODE_OPTIONS: Final[Options] = {
+    "require": ["exp", "sub"],
+    "verify_aud": False,
+    "verify_iss": False,
+    # Like the original: a token minted by a clock slightly ahead is fine.
+    "verify_iat": False,
+    # exp is checked below against the caller's clock, one clock for all.
+    "verify_exp": False,
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _hs256_key(secret: str) -> jwt.PyJWK:
+    """The secret as a ready HS256 key: PyJWT then skips preparing it for every token."""
+    k = base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()
+    return jwt.PyJWK({"kty": "oct", "k": k}, algorithm="HS256")
+
+
+def _decode(token: str, secret: str) -> dict[str, object]:
+    try:
+        return jwt.decode(
+            token, _hs256_key(secret), algorithms=JWT_ALGORITHMS, options=_DECODE_OPTIONS
+        )
+    except jwt.InvalidAlgorithmError:
+        # HS384/HS512 (or an algorithm that is not allowed: refused here just the same).
+        return jwt.decode(token, secret, algorithms=JWT_ALGORITHMS, options=_DECODE_OPTIONS)
+
+
 def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
     """Verify an HMAC JWT against the current secret, then the previous one (rotation)."""
     last: Exception | None = None
     for index, secret in enumerate(s for s in secrets if s):
         try:
-            claims = jwt.decode(
-                token,
-                secret,
-                algorithms=JWT_ALGORITHMS,
-                options={
-                    "require": ["exp", "sub"],
-                    "verify_aud": False,
-                    "verify_iss": False,
-                    # Like the original: a token minted by a clock slightly ahead is fine.
-                    "verify_iat": False,
-                    # exp is checked below against the caller's clock, one clock for all.
-                    "verify_exp": False,
-                },
-            )
+            claims = _decode(token, secret)
         except jwt.InvalidSignatureError as exc:
             last = exc
             continue
