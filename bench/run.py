@@ -343,7 +343,48 @@ def summarize(
     return table, "\n".join(notes)
 
 
-def machine_info(redis_version: str) -> dict[str, str]:
+def calibrate() -> dict[str, str]:
+    """Two figures that tell machines apart, measured while nothing else of ours runs.
+
+    The servers' costs follow them: interpreter speed (a fixed pure-Python loop) and
+    what a wake-up costs (two processes taking turns over pipes; each turn wakes the
+    other, usually on the other core). On virtual machines the second can be ten times
+    what it is on bare metal, and every message a relay handles costs several wake-ups.
+    """
+    t = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i & 7
+    loop_ms = (time.perf_counter() - t) * 1000
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    n = 5000
+    pid = os.fork()
+    if pid == 0:  # the echoing child: exits by itself after n turns
+        try:
+            for _ in range(n):
+                os.read(r1, 1)
+                os.write(w2, b"x")
+        finally:
+            os._exit(0)
+    cpu0 = time.process_time()
+    t = time.perf_counter()
+    for _ in range(n):
+        os.write(w1, b"x")
+        os.read(r2, 1)
+    wall = time.perf_counter() - t
+    cpu = time.process_time() - cpu0
+    os.waitpid(pid, 0)
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+    return {
+        "python_loop_ms": f"{loop_ms:.0f}",
+        "wakeup_rt_us": f"{wall / n * 1e6:.0f}",
+        "wakeup_cpu_us": f"{cpu / n * 1e6:.0f}",
+    }
+
+
+def machine_info(redis_version: str, calibration: dict[str, str]) -> dict[str, str]:
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -359,6 +400,7 @@ def machine_info(redis_version: str) -> dict[str, str]:
         "machine": f"{platform.machine()}, Linux {platform.release()}",
         "python": platform.python_version(),
         "redis": redis_version,
+        **calibration,
     }
 
 
@@ -375,6 +417,10 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f"- date: {info['date']}",
         f"- machine: ``nproc`` = {info['nproc']}, {info['cpu']}, {info['machine']}",
         f"- Python {info['python']}, Redis {info['redis']}",
+        f"- calibration: a 1,000,000-step Python loop took {info['python_loop_ms']} ms; a"
+        f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
+        f" ({info['wakeup_cpu_us']} µs of CPU on the waking side). Absolute figures follow"
+        " these; compare runs on machines whose calibration matches.",
         '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
         "- figures are medians over the runs that passed every correctness check; the load",
         "  generator rows cover all runs (SAT: a load-generator process at 90%+ of a core;",
@@ -418,6 +464,7 @@ def main() -> int:
         broken[SMAP] = f"cannot import smap_notify.app: {why}"
         failures[SMAP].append(broken[SMAP])
 
+    calibration = calibrate()
     redis = Redis()
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -486,9 +533,13 @@ def main() -> int:
         redis.stop()
     (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
     table, notes = summarize(results, failures, scenarios)
-    info = machine_info(redis.version)
+    info = machine_info(redis.version, calibration)
     print()
     print(f"{info['date']}  nproc={info['nproc']}  {info['cpu']}  Python {info['python']}")
+    print(
+        f"calibration: Python loop {info['python_loop_ms']} ms; wake-up round trip"
+        f" {info['wakeup_rt_us']} µs ({info['wakeup_cpu_us']} µs CPU)"
+    )
     print(table)
     if notes:
         print("\nFailures and notes:\n" + notes)
