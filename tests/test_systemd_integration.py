@@ -519,39 +519,18 @@ async def test_no_watchdog_while_the_subscriber_thread_hangs(
     hung = threading.Event()
     release = threading.Event()
 
-    class HangingConnection:
-        """Blocks in can_read while ``hang`` is set: no heartbeat, no progress."""
+    original = subscriber.Replies.wait
 
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
+    def wait(self: Any, seconds: float) -> bool:
+        """Blocks while ``hang`` is set: no heartbeat, no progress."""
+        if hang.is_set():
+            hung.set()
+            while not release.is_set():
+                trio.from_thread.check_cancelled()
+                time.sleep(0.02)
+        return original(self, seconds)
 
-        def can_read(self, *args: Any, **kwargs: Any) -> Any:
-            if hang.is_set():
-                hung.set()
-                while not release.is_set():
-                    trio.from_thread.check_cancelled()
-                    time.sleep(0.02)
-            return self._inner.can_read(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._inner, name)
-
-    class HangingPubSub:
-        """A PubSub whose subscribed connection can be made to hang."""
-
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
-            self.connection = HangingConnection(inner.connection)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._inner, name)
-
-    original = subscriber._Worker._listen
-
-    def listen(self: Any, pubsub: Any) -> None:
-        original(self, HangingPubSub(pubsub))
-
-    monkeypatch.setattr(subscriber._Worker, "_listen", listen)
+    monkeypatch.setattr(subscriber.Replies, "wait", wait)
     app = await start_in_process(nursery, redis_server, notify_socket)
 
     await wait_until(lambda: app.subscriber.active)
