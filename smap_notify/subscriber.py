@@ -207,8 +207,7 @@ class _Worker:
             # Under a steady stream, linger briefly for the next message: every hand-over
             # costs two thread wake-ups, which would otherwise be paid per message.
             if (
-                LINGER
-                and last_rx - handed_at < COALESCE_WHEN_WITHIN
+                last_rx - handed_at < COALESCE_WHEN_WITHIN
                 and len(batch) < MAX_BATCH
                 and replies.wait(LINGER)
             ):
@@ -282,17 +281,24 @@ class Replies:
         self._more = False  # complete replies may be buffered (a batch filled up)
 
     def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a reply; waits under a millisecond are honoured."""
+        """Wait up to ``seconds`` for a reply.
+
+        ``poll`` counts whole milliseconds (0.3 ms would be 1 ms) and ``select`` fails on
+        descriptors past 1023, which a reconnect among thousands of clients can get: a
+        shorter wait sleeps its full length, then looks.
+        """
         if self._more or (self._tls and self._sock.pending()):
             return True
         if seconds < 0.001:
-            return bool(select.select((self._fd,), (), (), seconds)[0])
+            time.sleep(seconds)
+            seconds = 0.0
         return bool(self._poll.poll(seconds * 1000))
 
     def read(self, take: Callable[[Any, list[RawMessage]], None], batch: list[RawMessage]) -> None:
         """Read what has arrived and ``take`` each complete reply, up to ``MAX_BATCH``."""
         reader = self._reader
         self._more = False
+        unread = True  # the socket may hold more than has been read
         while True:
             reply = reader.gets()
             while reply is not False:
@@ -301,11 +307,12 @@ class Replies:
                     self._more = True
                     return
                 reply = reader.gets()
-            if not self._fill():
+            if not unread:
                 return
+            unread = self._fill()
 
     def _fill(self) -> bool:
-        """One read from the socket; False when nothing more is there right now."""
+        """One read from the socket; True when more may be waiting (the buffer filled up)."""
         try:
             if self._tls:
                 if not self._sock.pending() and not self._poll.poll(0):
@@ -318,4 +325,5 @@ class Replies:
         if n == 0:
             raise redis.ConnectionError("redis closed the connection")
         self._reader.feed(self._buf, 0, n)  # type: ignore[arg-type]  # any buffer works
-        return True
+        # A short read took all there was; what comes later, the next wait sees.
+        return n == len(self._buf) or (self._tls and self._sock.pending() > 0)

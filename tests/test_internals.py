@@ -6,8 +6,10 @@ before the daemon misbehaves.
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import os
+import resource
 import socket
 from types import SimpleNamespace
 from typing import Any
@@ -150,3 +152,29 @@ def test_replies_split_big_bursts_into_batches_and_say_more_is_there() -> None:
             replies.read(lambda reply, into: into.append(reply), batch)
     finally:
         a.close()
+
+
+def test_replies_wait_briefly_on_descriptors_past_1023() -> None:
+    # A reconnect while thousands of clients are connected gets a high descriptor, where
+    # select() raises ValueError: that would kill the subscriber thread.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        if hard != resource.RLIM_INFINITY and hard < 1100:
+            pytest.skip(f"open-file limit {hard} is below 1100")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=fcntl.fcntl(a.fileno(), fcntl.F_DUPFD, 1024))
+    try:
+        assert high.fileno() >= 1024
+        replies = Replies(SimpleNamespace(_sock=high))
+        assert not replies.wait(0.0003)
+        b.sendall(_pmessage(1))
+        assert replies.wait(0.0003)
+        batch: list[Any] = []
+        replies.read(lambda reply, into: into.append(reply[3]), batch)
+        assert batch == [b'{"type":"n","payload":1}']
+    finally:
+        high.close()
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
