@@ -29,13 +29,14 @@ import trio_websocket
 
 from smap_notify import subscriber
 from smap_notify.app import SUBSCRIBER_STALE, App
-from smap_notify.config import ENV_NAMES, load_config
+from smap_notify.config import ENV_NAMES
 from smap_notify.systemd import Notifier
 
 from .conftest import (
     DEV_ORIGIN,
     REPO,
     SECRET,
+    DaemonFactory,
     RedisServer,
     free_port,
     http_request,
@@ -471,23 +472,12 @@ async def test_no_watchdog_when_watchdog_pid_names_another_process(
     assert not [m for m in notify_socket.snapshot() if "WATCHDOG" in m]
 
 
-async def start_in_process(
-    nursery: trio.Nursery, redis_server: RedisServer, notify_socket: NotifyReceiver
-) -> App:
+async def start_in_process(start_daemon: DaemonFactory, notify_socket: NotifyReceiver) -> App:
     """The daemon in this event loop, with a notify socket and a 0.2 s watchdog interval."""
-    environ = {
-        "JWT_SECRET_KEY": SECRET,
-        "ENV": "dev",
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": "0",
-        "REDIS_HOST": f"127.0.0.1:{redis_server.port}",
-        "NOTIFY_SOCKET": notify_socket.path,
-        "WATCHDOG_USEC": "400000",
-    }
-    app = App.create(load_config(environ), environ=environ)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(app.serve, listeners)
-    return app
+    daemon = await start_daemon(
+        wait_subscribed=False, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="400000"
+    )
+    return daemon.app
 
 
 def block_the_event_loop(seconds: float) -> None:
@@ -496,9 +486,9 @@ def block_the_event_loop(seconds: float) -> None:
 
 
 async def test_no_watchdog_while_the_event_loop_is_blocked(
-    redis_server: RedisServer, notify_socket: NotifyReceiver, nursery: trio.Nursery
+    start_daemon: DaemonFactory, notify_socket: NotifyReceiver
 ) -> None:
-    await start_in_process(nursery, redis_server, notify_socket)
+    await start_in_process(start_daemon, notify_socket)
     await notify_socket.count(is_("WATCHDOG"), 3)
     notify_socket.mark("blocked")
     block_the_event_loop(2.0)  # ten watchdog intervals
@@ -510,10 +500,9 @@ async def test_no_watchdog_while_the_event_loop_is_blocked(
 
 
 async def test_no_watchdog_while_the_subscriber_thread_hangs(
-    redis_server: RedisServer,
+    start_daemon: DaemonFactory,
     notify_socket: NotifyReceiver,
     monkeypatch: pytest.MonkeyPatch,
-    nursery: trio.Nursery,
 ) -> None:
     hang = threading.Event()
     hung = threading.Event()
@@ -531,7 +520,7 @@ async def test_no_watchdog_while_the_subscriber_thread_hangs(
         return original(self, seconds)
 
     monkeypatch.setattr(subscriber.Replies, "wait", wait)
-    app = await start_in_process(nursery, redis_server, notify_socket)
+    app = await start_in_process(start_daemon, notify_socket)
 
     await wait_until(lambda: app.subscriber.active)
     await notify_socket.count(is_("WATCHDOG"), 3)
