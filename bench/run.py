@@ -419,7 +419,7 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f"- Python {info['python']}, Redis {info['redis']}",
         f"- calibration: a 1,000,000-step Python loop took {info['python_loop_ms']} ms; a"
         f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
-        f" ({info['wakeup_cpu_us']} µs of CPU on the waking side). Absolute figures follow"
+        f" ({info['wakeup_cpu_us']} µs of CPU for one of the two). Absolute figures follow"
         " these; compare runs on machines whose calibration matches.",
         '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
         "- figures are medians over the runs that passed every correctness check; the load",
