@@ -158,7 +158,7 @@ class App:
         except ConfigError as exc:
             for problem in exc.problems:
                 logger.error("reload rejected, keeping the running configuration: %s", problem)
-            self.notifier.ready(self._status_text())
+            self.announce_ready()
             return
         old = self.config
         changed = [
@@ -179,7 +179,12 @@ class App:
         )
         if restart:
             logger.warning("reload: these settings need a restart to change: %s", ",".join(restart))
-        self.notifier.ready(self._status_text())
+        self.announce_ready()
+
+    def announce_ready(self) -> None:
+        """READY=1 with the current status, which the status reporter then need not repeat."""
+        self._status = self._status_text()
+        self.notifier.ready(self._status)
 
     def _status_text(self) -> str:
         redis_state = "subscribed" if self.subscriber.active else "redis " + self.subscriber.state
@@ -243,7 +248,7 @@ async def run(
             bound = await nursery.start(app.serve, listeners)
             addresses = ", ".join(_address(listener) for listener in bound)
             logger.info("listening on %s", addresses)
-            app.notifier.ready(app._status_text())
+            app.announce_ready()
             task_status.started(app)
             async for signum in signals:
                 name = signal.Signals(signum).name

@@ -134,6 +134,26 @@ class NotifyReceiver:
                         return message
                 await trio.sleep(0.01)
 
+    async def expect_status(
+        self,
+        redis_state: str | None = None,
+        connections: int | None = None,
+        timeout: float = 20.0,
+    ) -> Notification:
+        """The daemon's status as of the last notification returned, if it matches, else
+        the next status that does.
+
+        The status a test waits for may have come before, or with, the notification it
+        waited for first: READY=1 carries a STATUS= line, and a status reported a moment
+        before READY=1 is not repeated after it.
+        """
+        predicate = has_status(redis_state, connections)
+        with self._lock:
+            announced = [m for m in self.messages[: self._cursor] if is_status(m)]
+        if announced and predicate(announced[-1]):
+            return announced[-1]
+        return await self.expect(predicate, timeout)
+
     async def count(
         self, predicate: Callable[[Notification], bool], n: int, timeout: float = 20.0
     ) -> None:
@@ -376,9 +396,13 @@ def status_fields(n: Notification) -> tuple[str, int, int]:
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
+def is_status(n: Notification) -> bool:
+    return "STATUS" in n and n.get("STOPPING") != "1"
+
+
 def has_status(redis_state: str | None = None, connections: int | None = None) -> Any:
     def check(n: Notification) -> bool:
-        if "STATUS" not in n or n.get("STOPPING") == "1":
+        if not is_status(n):
             return False
         state, conns, _ = status_fields(n)
         return (redis_state is None or state == redis_state) and (
@@ -402,7 +426,7 @@ async def test_ready_comes_once_the_port_accepts_and_says_how_redis_is(
     state, connections, users = status_fields(ready)
     assert state in ("subscribed", "redis starting", "redis retrying")
     assert (connections, users) == (0, 0)
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
     assert [m for m in notify_socket.snapshot() if m.get("READY")] == [ready], "READY=1 once"
 
 
@@ -414,9 +438,9 @@ async def test_ready_says_redis_is_retried_when_it_is_down_and_status_follows(
     ready = await notify_socket.expect(is_("READY"))
     assert can_connect(daemon.port), "serving without Redis"
     assert status_fields(ready)[0] != "subscribed"
-    await notify_socket.expect(has_status("redis retrying"))
+    await notify_socket.expect_status("redis retrying")
     redis_server.start()
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
 
 
 async def test_status_follows_the_connection_count(
@@ -424,12 +448,12 @@ async def test_status_follows_the_connection_count(
 ) -> None:
     daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
     await notify_socket.expect(is_("READY"))
-    await notify_socket.expect(has_status("subscribed", connections=0))
+    await notify_socket.expect_status("subscribed", connections=0)
     ws = await open_ws(nursery, daemon.port, "alice")
-    update = await notify_socket.expect(has_status(connections=1))
+    update = await notify_socket.expect_status(connections=1)
     assert status_fields(update) == ("subscribed", 1, 1)
     await ws.aclose()
-    await notify_socket.expect(has_status(connections=0))
+    await notify_socket.expect_status(connections=0)
 
 
 # -- watchdog -----------------------------------------------------------------------------
@@ -465,7 +489,7 @@ async def test_no_watchdog_when_watchdog_pid_names_another_process(
     )
     daemon = spawn(env)
     await notify_socket.expect(is_("READY"))
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
     await trio.sleep(2.0)  # ten watchdog intervals: the silence itself is what is tested
     assert daemon.stop() == 0
     await notify_socket.expect(is_("STOPPING"))
@@ -548,10 +572,10 @@ async def test_watchdog_keeps_pinging_through_a_redis_outage(
     # A Redis outage is not a daemon failure: a restart would only make every browser
     # reconnect. The subscriber thread keeps retrying, alive, so the pings go on.
     daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="400000")
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
     redis_server.pause()  # a wedged Redis: connections open, nothing answers
     try:
-        await notify_socket.expect(has_status("redis retrying"))
+        await notify_socket.expect_status("redis retrying")
         # Past the point where a thread without heartbeats would count as hung.
         await trio.sleep(SUBSCRIBER_STALE + 1)
         notify_socket.mark("long outage")
@@ -559,7 +583,7 @@ async def test_watchdog_keeps_pinging_through_a_redis_outage(
         await notify_socket.expect(is_("WATCHDOG"), timeout=5)
     finally:
         redis_server.resume()
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
 
 
 # The daemon with a subscriber thread that dies of an unexpected error.
@@ -661,7 +685,7 @@ async def test_socket_activated_daemon_serves_websockets_on_fd_3(
         env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path, WS_PORT=str(not_bound))
         daemon = spawn(env, listen_sock=listener)
         await notify_socket.expect(is_("READY"))
-        await notify_socket.expect(has_status("subscribed"))
+        await notify_socket.expect_status("subscribed")
         ws = await open_ws(nursery, port, "alice")
         await wait_connections(port, 1)
         assert await publish(redis_server, "alice", {"type": "alert", "payload": 1}) == 1
@@ -708,7 +732,7 @@ async def test_restart_on_a_held_socket_refuses_no_connection(
         await notify_socket.expect(is_("READY"))
         await wait_until(lambda: bool(upgraded), timeout=20)
         await wait_connections(port, 1)
-        await notify_socket.expect(has_status("subscribed"))
+        await notify_socket.expect_status("subscribed")
         assert await publish(redis_server, "bob", {"type": "alert", "payload": "again"}) == 1
         assert (await receive_json(upgraded[0]))["payload"] == "again"
         assert second.stop() == 0
@@ -723,7 +747,7 @@ async def test_journal_stream_lines_carry_priorities_and_no_timestamp(
     env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path)
     daemon = spawn(env, journal=True)
     await notify_socket.expect(is_("READY"))
-    await notify_socket.expect(has_status("subscribed"))
+    await notify_socket.expect_status("subscribed")
     await publish(redis_server, "alice", {"type": "brand_new_type", "payload": None})
     await wait_until(lambda: "unknown message type" in daemon.log())
     assert daemon.stop() == 0
