@@ -45,6 +45,9 @@ READ_SIZE: Final = 65536
 LINGER: Final = 0.0003  # lingering for more messages adds at most this latency
 COALESCE_WHEN_WITHIN: Final = 0.002  # ... and only when the last hand-over was this recent
 SOCKET_TIMEOUT: Final = 2.0
+# Redis's default pubsub soft limit is 8 MB for 60 s: a cut this long after the thread last
+# waited for the hub may still be because of it.
+BEHIND_WITHIN: Final = 60.0
 
 
 @attrs.define
@@ -131,7 +134,7 @@ class _Worker:
             try:
                 self._session()
             except (redis.RedisError, OSError, SubscriptionDead) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}" + self._behind_hint(exc)
                 state.last_error = error
                 if state.active or state.state == "starting":
                     # A wedged connection was lost when it went silent, not when noticed.
@@ -158,6 +161,21 @@ class _Worker:
             delay = backoff_delay(state.attempts)
             state.attempts += 1
             self._sleep(delay)
+
+    def _behind_hint(self, exc: Exception) -> str:
+        """Why Redis may have closed a subscription that had fallen behind."""
+        held_back_at = self.inbox.held_back_at
+        if (
+            isinstance(exc, redis.ConnectionError)
+            and self.state.active
+            and held_back_at is not None
+            and time.monotonic() - held_back_at < BEHIND_WITHIN
+        ):
+            return (
+                " (delivery was behind the publishers: Redis may have closed the"
+                " subscriber at its client-output-buffer-limit for pubsub)"
+            )
+        return ""
 
     def _waiting(self) -> None:
         trio.from_thread.check_cancelled()

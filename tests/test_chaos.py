@@ -494,6 +494,39 @@ async def test_redis_fault_is_detected_reported_and_recovered_while_messages_flo
     assert app.counters.received == app.counters.accounted()
 
 
+async def test_a_subscriber_cut_for_falling_behind_says_why_and_resyncs(
+    start_daemon: Any,
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Invariant: when Redis closes a subscriber that fell behind a burst (its pubsub
+    output-buffer limit), the log line says that this is the likely reason, and the
+    client gets a resync for what was lost. The event loop is stalled on purpose while
+    Redis takes the burst: the subscriber thread may queue only two batches meanwhile."""
+    caplog.set_level(logging.WARNING, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    publisher = redis_publisher(redis_server.port)
+    publisher.config_set("client-output-buffer-limit", "pubsub 65536 32768 1")
+    message = json.dumps({"type": "notification", "payload": {"pad": "x" * 2000}})
+
+    # Blocks this thread, the event loop's: the hub routes nothing until it returns.
+    pipe = publisher.pipeline(transaction=False)
+    for _ in range(10_000):
+        pipe.publish("user_noti:user123", message)
+    pipe.execute()
+
+    with trio.fail_after(DETECT_WITHIN + RECOVER_WITHIN):
+        while (frame := json.loads(await ws.get_message()))["type"] != "resync":
+            assert frame["type"] == "notification"
+    assert frame["payload"]["reason"] == "redis_reconnected"
+    lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
+    assert len(lost) == 1, lost
+    assert "client-output-buffer-limit" in lost[0], lost[0]
+
+
 async def test_client_connected_before_the_first_subscription_gets_a_resync(
     start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
