@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import functools
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -155,21 +153,8 @@ _DECODE_OPTIONS: Final[Options] = {
 }
 
 
-@functools.lru_cache(maxsize=8)
-def _hs256_key(secret: str) -> jwt.PyJWK:
-    """The secret as a ready HS256 key: PyJWT then skips preparing it for every token."""
-    k = base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()
-    return jwt.PyJWK({"kty": "oct", "k": k}, algorithm="HS256")
-
-
 def _decode(token: str, secret: str) -> dict[str, object]:
-    try:
-        return jwt.decode(
-            token, _hs256_key(secret), algorithms=JWT_ALGORITHMS, options=_DECODE_OPTIONS
-        )
-    except jwt.InvalidAlgorithmError:
-        # HS384/HS512 (or an algorithm that is not allowed: refused here just the same).
-        return jwt.decode(token, secret, algorithms=JWT_ALGORITHMS, options=_DECODE_OPTIONS)
+    return jwt.decode(token, secret, algorithms=JWT_ALGORITHMS, options=_DECODE_OPTIONS)
 
 
 def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
