@@ -48,23 +48,38 @@ def make_token(
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
-class RedisServer:
-    """A redis-server we start, pause, kill and restart on the same port, by PID."""
+@attrs.frozen
+class TlsFiles:
+    """PEM files for a TLS redis-server: the CA that signed it, its chain and key."""
 
-    def __init__(self, workdir: Path) -> None:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class RedisServer:
+    """A redis-server we start, pause, kill and restart on the same port, by PID; with
+    ``tls``, it listens for TLS only."""
+
+    def __init__(self, workdir: Path, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            listen += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            listen += ["--tls-ca-cert-file", str(self.tls.ca)]
         self.proc = subprocess.Popen(
             [
                 binary,
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -87,7 +102,15 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        if self.tls is None:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=5,
+            ssl=True,
+            ssl_ca_certs=str(self.tls.ca),
+        )
 
     def publish(self, user: str, message: Any) -> int:
         data = message if isinstance(message, bytes | str) else json.dumps(message)

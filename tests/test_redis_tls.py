@@ -1,0 +1,116 @@
+"""REDIS_USE_TLS=true against a real redis-server that speaks only TLS.
+
+The subscriber reads the subscribed connection's socket itself (``subscriber.Replies``),
+with a separate branch for TLS that reads through the SSL object, one record of up to
+16 KB at a time. These tests run that branch end to end, with messages spread over many
+records, and show what an operator sees when the server's certificate is not trusted.
+
+The daemon verifies Redis's certificate against the system's trusted CAs, which
+OpenSSL lets ``SSL_CERT_FILE`` replace: that is how these tests trust their own CA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from .conftest import Daemon, RedisServer, TlsFiles, http_request, wait_until
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "redis.pem", tmp_path / "redis.key")
+    ca.cert_pem.write_to_path(str(files.ca))
+    cert.private_key_pem.write_to_path(str(files.key))
+    for index, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(files.cert), append=index > 0)
+    return files
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[RedisServer]:
+    """Overrides conftest's: ``start_daemon`` then points the daemon at this one."""
+    server = RedisServer(tmp_path, tls=tls_files)
+    server.start()
+    yield server
+    server.kill()
+
+
+def burst(server: RedisServer, user: str, count: int) -> list[str]:
+    """Publish ``count`` messages of mixed sizes (up to 40 KB, several TLS records) in
+    one pipeline; returns their payloads' ``pad`` values in order."""
+    pads = ["x" * (1 + (i * 7919) % 40_000) for i in range(count)]
+    with server.client() as client:
+        pipe = client.pipeline(transaction=False)
+        for i, pad in enumerate(pads):
+            pipe.publish(f"user_noti:{user}", json.dumps({"type": "alert", "payload": [i, pad]}))
+        assert pipe.execute() == [1] * count
+    return pads
+
+
+async def test_messages_and_health_go_over_tls_with_the_ca_trusted(
+    start_daemon: Any,
+    redis_server: RedisServer,
+    tls_files: TlsFiles,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    daemon: Daemon = await start_daemon(
+        REDIS_USE_TLS="true", WS_SEND_BUFFER="1000", WS_SEND_BUFFER_BYTES="67108864"
+    )
+    ws = await daemon.connect("alice", nursery=nursery, max_message_size=1 << 20)
+    await daemon.wait_connections(1)
+
+    pads = await trio.to_thread.run_sync(burst, redis_server, "alice", 600)
+    with trio.fail_after(30):
+        for i, pad in enumerate(pads):
+            frame = json.loads(await ws.get_message())
+            assert frame["type"] == "alert"
+            assert frame["payload"] == [i, pad], f"frame {i} is not message {i}"
+
+    status, _, body = await http_request(daemon.port, "/health")
+    doc = json.loads(body)
+    assert status == 200, doc
+    assert doc["redis"]["status"] == "connected"
+    assert doc["subscriber"]["state"] == "subscribed"
+
+
+async def test_an_untrusted_certificate_is_reported_not_fatal(
+    start_daemon: Any,
+    redis_server: RedisServer,
+    tls_files: TlsFiles,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # A CA file that does not hold the one that signed Redis's certificate.
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    daemon: Daemon = await start_daemon(wait_subscribed=False, REDIS_USE_TLS="true")
+    subscriber = daemon.app.subscriber
+    await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in subscriber.last_error)
+    assert subscriber.state == "retrying"
+
+    status, _, body = await http_request(daemon.port, "/health")
+    doc = json.loads(body)
+    assert status == 503, doc
+    assert "CERTIFICATE_VERIFY_FAILED" in doc["subscriber"]["last_error"]
+
+    # Still serving: a client connects, and is told to resync once Redis is trusted.
+    ws = await daemon.connect("alice", nursery=nursery)
+    await daemon.wait_connections(1)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    await daemon.wait_subscribed()
+    with trio.fail_after(10):
+        frame = json.loads(await ws.get_message())
+    assert frame["type"] == "resync"
