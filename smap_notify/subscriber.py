@@ -110,6 +110,14 @@ async def run_redis_subscriber(
         await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
 
 
+def error_reply(reply: Exception) -> redis.RedisError:
+    """An error reply read off the subscribed connection, as redis-py would raise it."""
+    text = str(reply)
+    if text.startswith(("NOAUTH", "WRONGPASS")):
+        return redis.AuthenticationError(text)
+    return redis.ResponseError(text)
+
+
 class _Worker:
     def __init__(
         self,
@@ -241,6 +249,11 @@ class _Worker:
             batch.append((reply[2], reply[3]))
         elif kind == b"psubscribe":
             self._subscribed()
+        elif isinstance(reply, Exception):
+            # Redis refused PSUBSCRIBE or our PING: no password given where one is required
+            # (NOAUTH), an ACL that denies the pattern (NOPERM), ... Waiting on would leave
+            # the daemon unsubscribed and silent about why.
+            raise error_reply(reply)
         # pong (our probe) and anything else only prove the connection is alive
 
     def _subscribed(self) -> None:

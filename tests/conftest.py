@@ -61,10 +61,13 @@ class RedisServer:
     """A redis-server we start, pause, kill and restart on the same port, by PID; with
     ``tls``, it listens for TLS only."""
 
-    def __init__(self, workdir: Path, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self, workdir: Path, tls: TlsFiles | None = None, password: str | None = None
+    ) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.tls = tls
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -76,6 +79,8 @@ class RedisServer:
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
             listen += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
             listen += ["--tls-ca-cert-file", str(self.tls.ca)]
+        if self.password is not None:
+            listen += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -102,14 +107,13 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def client(self) -> redis.Redis:
-        if self.tls is None:
-            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             socket_timeout=5,
-            ssl=True,
-            ssl_ca_certs=str(self.tls.ca),
+            password=self.password,
+            ssl=self.tls is not None,
+            ssl_ca_certs=str(self.tls.ca) if self.tls is not None else None,
         )
 
     def publish(self, user: str, message: Any) -> int:
