@@ -19,6 +19,7 @@ import redis
 import trio
 import trio_websocket
 import wsproto
+from redis._parsers import _RESP2Parser
 from trio_websocket import _impl
 from wsproto.handshake import H11Handshake
 
@@ -111,6 +112,9 @@ def test_redis_connection_keeps_its_socket_in_sock(redis_server: Any) -> None:
         taken: list[Any] = []
         replies.read(lambda reply, _batch: taken.append(reply), batch)
         assert taken == [[b"psubscribe", b"user_noti:*", 1]]
+        # make_client's connections parse with redis-py's pure-Python RESP2 parser (see
+        # there why), chosen through the pool's connection_kwargs.
+        assert isinstance(pubsub.connection._parser, _RESP2Parser)
     finally:
         pubsub.close()
         client.close()
