@@ -16,7 +16,6 @@ socket buffer, to be read as one large batch: fewer hand-overs, at any rate.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -30,19 +29,14 @@ class Inbox(Generic[T]):
         self.send, self.receive = trio.open_memory_channel[T](size)
         self._credits = threading.Semaphore(size)
         self._token = trio.lowlevel.current_trio_token()
-        # When the thread last had to wait for a credit (time.monotonic()): meanwhile Redis
-        # buffers what it cannot send, and may cut the subscriber at its output limit.
-        self.held_back_at: float | None = None
 
     def put_from_thread(self, item: T, while_waiting: Callable[[], None]) -> None:
         """From the worker thread: queue ``item``; waits only while the hub is behind.
 
         ``while_waiting`` runs about every 0.25 s of waiting (heartbeats, cancellation).
         """
-        if not self._credits.acquire(blocking=False):
-            while not self._credits.acquire(timeout=0.25):
-                while_waiting()
-            self.held_back_at = time.monotonic()
+        while not self._credits.acquire(timeout=0.25):
+            while_waiting()
         self._token.run_sync_soon(self._put, item)
 
     def _put(self, item: T) -> None:

@@ -46,9 +46,8 @@ READ_SIZE: Final = 65536
 LINGER: Final = 0.0003  # lingering for more messages adds at most this latency
 COALESCE_WHEN_WITHIN: Final = 0.002  # ... and only when the last hand-over was this recent
 SOCKET_TIMEOUT: Final = 2.0
-# Redis's default pubsub soft limit is 8 MB for 60 s: a cut this long after the thread last
-# waited for the hub may still be because of it.
-BEHIND_WITHIN: Final = 60.0
+# A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
+BEHIND_WITHIN: Final = 2.0
 
 
 @attrs.define
@@ -141,6 +140,7 @@ class _Worker:
         self.lost_at: datetime | None = None
         self.alive_at: float | None = None  # wall clock of the last reply from Redis
         self.ever_subscribed = False
+        self.behind_at: float | None = None  # when a full batch was last handed over
 
     def run(self) -> None:
         state = self.state
@@ -179,13 +179,17 @@ class _Worker:
             self._sleep(delay)
 
     def _behind_hint(self, exc: Exception) -> str:
-        """Why Redis may have closed a subscription that had fallen behind."""
-        held_back_at = self.inbox.held_back_at
+        """Why Redis may have closed a subscription that had fallen behind.
+
+        Redis cuts a subscriber whose unsent replies pass its output limit; the daemon then
+        reads the backlog that reached its socket, in full batches, up to the close.
+        """
+        behind_at = self.behind_at
         if (
-            isinstance(exc, redis.ConnectionError)
+            isinstance(exc, redis.ConnectionError | ConnectionError)
             and self.state.active
-            and held_back_at is not None
-            and time.monotonic() - held_back_at < BEHIND_WITHIN
+            and behind_at is not None
+            and time.monotonic() - behind_at < BEHIND_WITHIN
         ):
             return (
                 " (delivery was behind the publishers: Redis may have closed the"
@@ -249,6 +253,8 @@ class _Worker:
             if batch:
                 state.last_message_at = datetime.fromtimestamp(self.alive_at, UTC)
                 handed_at = time.monotonic()
+                if len(batch) >= MAX_BATCH:
+                    self.behind_at = handed_at
                 self.inbox.put_from_thread(batch, self._waiting)
 
     def _take(self, reply: Any, batch: list[RawMessage]) -> None:
@@ -258,10 +264,15 @@ class _Worker:
         elif kind == b"psubscribe":
             self._subscribed()
         elif isinstance(reply, Exception):
-            # Redis refused PSUBSCRIBE or our PING: no password given where one is required
-            # (NOAUTH), an ACL that denies the pattern (NOPERM), ... Waiting on would leave
-            # the daemon unsubscribed and silent about why.
-            raise error_reply(reply)
+            if not self.state.active:
+                # Redis refused PSUBSCRIBE: no password given where one is required
+                # (NOAUTH), an ACL that denies the pattern (NOPERM), ... Waiting on would
+                # leave the daemon unsubscribed and silent about why.
+                raise error_reply(reply)
+            # Subscribed, only our PING gets other replies: LOADING (Redis loading its
+            # dataset) or BUSY (a long script) still prove Redis is there, and Pub/Sub
+            # keeps working through both.
+            logger.debug("redis answered the liveness probe with an error=%s", reply)
         # pong (our probe) and anything else only prove the connection is alive
 
     def _subscribed(self) -> None:
@@ -364,5 +375,6 @@ class Replies:
         if n == 0:
             raise redis.ConnectionError("redis closed the connection")
         self._reader.feed(self._buf, 0, n)  # type: ignore[arg-type]  # any buffer works
-        # A short read took all there was; what comes later, the next wait sees.
-        return n == len(self._buf) or (self._tls and self._sock.pending() > 0)
+        # A short read took all there was; what comes later, the next wait sees. Over TLS a
+        # read returns one record (16 KB at most): the next call looks for more, cheaply.
+        return self._tls or n == len(self._buf)

@@ -62,29 +62,35 @@ class RedisServer:
     ``tls``, it listens for TLS only."""
 
     def __init__(
-        self, workdir: Path, tls: TlsFiles | None = None, password: str | None = None
+        self,
+        workdir: Path,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.tls = tls
         self.password = password
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        listen = ["--port", str(self.port)]
+        options = ["--port", str(self.port)]
         if self.tls is not None:
-            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
-            listen += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
-            listen += ["--tls-ca-cert-file", str(self.tls.ca)]
+            options = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            options += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            options += ["--tls-ca-cert-file", str(self.tls.ca)]
         if self.password is not None:
-            listen += ["--requirepass", self.password]
+            options += ["--requirepass", self.password]
+        options += self.args
         self.proc = subprocess.Popen(
             [
                 binary,
-                *listen,
+                *options,
                 "--bind",
                 "127.0.0.1",
                 "--save",

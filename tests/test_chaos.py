@@ -29,6 +29,7 @@ from redis.retry import Retry
 
 from smap_notify.breaker import CircuitBreaker
 from smap_notify.health import PING_TIMEOUT
+from smap_notify.subscriber import PROBE_AFTER
 
 from .conftest import (
     DEV_ORIGIN,
@@ -508,7 +509,7 @@ async def test_a_subscriber_cut_for_falling_behind_says_why_and_resyncs(
     daemon: Daemon = await start_daemon()
     ws = await daemon.connect("user123", nursery=nursery)
     await daemon.wait_connections(1)
-    publisher = redis_publisher(redis_server.port)
+    publisher = redis_server.client()
     publisher.config_set("client-output-buffer-limit", "pubsub 65536 32768 1")
     message = json.dumps({"type": "notification", "payload": {"pad": "x" * 2000}})
 
@@ -525,6 +526,34 @@ async def test_a_subscriber_cut_for_falling_behind_says_why_and_resyncs(
     lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
     assert len(lost) == 1, lost
     assert "client-output-buffer-limit" in lost[0], lost[0]
+
+
+async def test_a_subscriber_cut_while_keeping_up_gets_no_falling_behind_hint(
+    start_daemon: Any,
+    redis_server: RedisServer,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Invariant: the output-limit hint is only given when the subscriber was behind;
+    after ordinary traffic, a cut (CLIENT KILL here) is reported plainly."""
+    caplog.set_level(logging.WARNING, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    publisher = redis_server.client()
+    # Fewer messages than a full batch: the subscriber cannot fall behind by a batch.
+    for seq in range(100):
+        message = json.dumps({"type": "alert", "payload": seq})
+        await trio.to_thread.run_sync(publisher.publish, "user_noti:user123", message)
+    with trio.fail_after(10):
+        for seq in range(100):
+            assert json.loads(await ws.get_message())["payload"] == seq
+    assert publisher.client_kill_filter(_type="pubsub") == 1
+    with trio.fail_after(DETECT_WITHIN + RECOVER_WITHIN):
+        assert json.loads(await ws.get_message())["type"] == "resync"
+    lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
+    assert len(lost) == 1, lost
+    assert "client-output-buffer-limit" not in lost[0], lost[0]
 
 
 async def test_client_connected_before_the_first_subscription_gets_a_resync(
@@ -607,6 +636,57 @@ async def test_an_idle_healthy_subscription_is_not_declared_dead(
     assert daemon.app.counters.redis_reconnects == 0
     assert inbox.frames == []
     assert health and all(s.status == 200 for s in health)
+
+
+@pytest.mark.slow
+async def test_redis_loading_its_dataset_is_not_a_lost_subscription(
+    start_daemon: Any, nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant: while Redis loads its dataset (after a restart with persistence, or
+    DEBUG RELOAD) it answers the liveness PING with LOADING, yet Pub/Sub works: the
+    subscription stays, with no reconnect and no resync, and messages flow."""
+    caplog.set_level(logging.WARNING, logger="smap_notify")
+    loading = RedisServer(tmp_path, args=("--enable-debug-command", "yes"))
+    loading.start()
+    try:
+        daemon: Daemon = await start_daemon(REDIS_HOST=f"127.0.0.1:{loading.port}")
+        ws = await daemon.connect("user123", nursery=nursery)
+        await daemon.wait_connections(1)
+        admin = redis.Redis(host="127.0.0.1", port=loading.port, socket_timeout=120)
+        admin.execute_command("DEBUG", "POPULATE", "20000")
+        admin.config_set("key-load-delay", 100)  # µs per key: a load of several seconds
+        admin.config_set("loading-process-events-interval-bytes", 1024)
+        # Connected before the load (a new connection's handshake would wait it out), and
+        # not retrying: LOADING is what it looks for.
+        side = redis.Redis(
+            host="127.0.0.1", port=loading.port, socket_timeout=10, retry=Retry(NoBackoff(), 0)
+        )
+        side.ping()
+
+        def is_loading() -> bool:
+            try:
+                side.ping()
+            except redis.BusyLoadingError:
+                return True
+            return False
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(trio.to_thread.run_sync, admin.execute_command, "DEBUG", "RELOAD")
+            await wait_until(is_loading)
+            # Silence longer than the probe interval: the daemon's PING meets LOADING.
+            await trio.sleep(PROBE_AFTER * 2.5)
+            assert is_loading(), "the load ended too soon to show anything"
+            message = json.dumps({"type": "alert", "payload": 1})
+            assert side.publish("user_noti:user123", message) == 1
+        with trio.fail_after(10):
+            first = json.loads(await ws.get_message())
+        assert first["type"] == "alert", first
+        assert daemon.app.counters.redis_reconnects == 0
+        assert daemon.app.subscriber.active
+        lost = [r.getMessage() for r in caplog.records if "subscription" in r.getMessage()]
+        assert lost == []
+    finally:
+        loading.kill()
 
 
 # -- accounting --------------------------------------------------------------------------
