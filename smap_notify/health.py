@@ -23,10 +23,14 @@ class RedisHealth:
     connected: bool
     ping_ms: float | None = None
     error: str | None = None
+    loading: bool = False  # answering LOADING: Pub/Sub works, data commands wait
 
     def as_json(self) -> dict[str, Any]:
         if self.connected:
-            return {"status": "connected", "ping_ms": self.ping_ms}
+            doc: dict[str, Any] = {"status": "connected", "ping_ms": self.ping_ms}
+            if self.loading:
+                doc["loading"] = True
+            return doc
         return {"status": "disconnected", "error": self.error}
 
 
@@ -70,11 +74,16 @@ class RedisProbe:
 
     def _ping(self) -> RedisHealth:
         start = time.perf_counter()
+        loading = False
         try:
             self._client.ping()
+        except redis.BusyLoadingError:
+            # Redis answers, still loading its dataset; the subscription is unaffected.
+            loading = True
         except (redis.RedisError, OSError) as exc:
             return RedisHealth(False, error=f"{type(exc).__name__}: {exc}")
-        return RedisHealth(True, ping_ms=round((time.perf_counter() - start) * 1000, 3))
+        ms = round((time.perf_counter() - start) * 1000, 3)
+        return RedisHealth(True, ping_ms=ms, loading=loading)
 
     def close(self) -> None:
         self._client.close()

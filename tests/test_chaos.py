@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
+from unittest.mock import ANY
 
 import attrs
 import pytest
@@ -676,6 +677,12 @@ async def test_redis_loading_its_dataset_is_not_a_lost_subscription(
             # Silence longer than the probe interval: the daemon's PING meets LOADING.
             await trio.sleep(PROBE_AFTER * 2.5)
             assert is_loading(), "the load ended too soon to show anything"
+            # Redis answers (LOADING) and the subscription works: healthy, and said so.
+            status, _, body = await http_request(daemon.port, "/health")
+            doc = json.loads(body)
+            assert status == 200, doc
+            assert doc["redis"] == {"status": "connected", "ping_ms": ANY, "loading": True}
+            assert doc["circuit_breaker"]["state"] == "closed"
             message = json.dumps({"type": "alert", "payload": 1})
             assert side.publish("user_noti:user123", message) == 1
         with trio.fail_after(10):
