@@ -241,21 +241,31 @@ class _Worker:
             last_rx = time.monotonic()
             self.alive_at = time.time()
             batch: list[RawMessage] = []
-            replies.read(self._take, batch)
-            # Under a steady stream, linger briefly for the next message: every hand-over
-            # costs two thread wake-ups, which would otherwise be paid per message.
-            if (
-                last_rx - handed_at < COALESCE_WHEN_WITHIN
-                and len(batch) < MAX_BATCH
-                and replies.wait(LINGER)
-            ):
+            try:
                 replies.read(self._take, batch)
-            if batch:
-                state.last_message_at = datetime.fromtimestamp(self.alive_at, UTC)
-                handed_at = time.monotonic()
-                if len(batch) >= MAX_BATCH:
-                    self.behind_at = handed_at
-                self.inbox.put_from_thread(batch, self._waiting)
+                # Under a steady stream, linger briefly for the next message: every
+                # hand-over costs two thread wake-ups, which would otherwise be paid per
+                # message.
+                if (
+                    last_rx - handed_at < COALESCE_WHEN_WITHIN
+                    and len(batch) < MAX_BATCH
+                    and replies.wait(LINGER)
+                ):
+                    replies.read(self._take, batch)
+            finally:
+                # Also when the read ended in the connection's close: what was read before
+                # it is delivered (ahead of the resync that follows the reconnect).
+                if batch:
+                    handed_at = self._hand_over(batch)
+
+    def _hand_over(self, batch: list[RawMessage]) -> float:
+        """Queue ``batch`` for the hub; returns when (time.monotonic())."""
+        self.state.last_message_at = datetime.fromtimestamp(self.alive_at or time.time(), UTC)
+        handed_at = time.monotonic()
+        if len(batch) >= MAX_BATCH:
+            self.behind_at = handed_at
+        self.inbox.put_from_thread(batch, self._waiting)
+        return handed_at
 
     def _take(self, reply: Any, batch: list[RawMessage]) -> None:
         kind = reply[0] if isinstance(reply, list) else reply

@@ -12,9 +12,10 @@ OpenSSL lets ``SSL_CERT_FILE`` replace: that is how these tests trust their own 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import redis
@@ -25,6 +26,8 @@ from smap_notify.config import load_config
 from smap_notify.subscriber import make_client
 
 from .conftest import Daemon, RedisServer, TlsFiles, http_request, wait_until
+
+DETECT_AND_RECOVER: Final = 10.0
 
 
 @pytest.fixture
@@ -78,7 +81,7 @@ async def test_messages_and_health_go_over_tls_with_the_ca_trusted(
     # pubsub output limit meanwhile (that case has its own test in test_chaos.py).
     with redis_server.client() as admin:
         admin.config_set("client-output-buffer-limit", "pubsub 0 0 0")
-    pads = await trio.to_thread.run_sync(burst, redis_server, "alice", 600)
+    pads = await trio.to_thread.run_sync(burst, redis_server, "alice", 200)
     with trio.fail_after(30):
         for i, pad in enumerate(pads):
             frame = json.loads(await ws.get_message())
@@ -150,3 +153,49 @@ async def test_an_untrusted_certificate_is_reported_not_fatal(
     with trio.fail_after(10):
         frame = json.loads(await ws.get_message())
     assert frame["type"] == "resync"
+
+
+def wait_for_hand_over(daemon: Daemon, since: object) -> object:
+    """Wait, without yielding to the event loop, until the subscriber thread hands over
+    another batch (it stamps ``last_message_at`` first); returns the new stamp."""
+    deadline = time.monotonic() + 10
+    while (stamp := daemon.app.subscriber.last_message_at) == since:
+        assert time.monotonic() < deadline, "the subscriber thread handed nothing over"
+        time.sleep(0.001)
+    return stamp
+
+
+async def test_messages_read_with_the_close_are_delivered_before_the_resync(
+    start_daemon: Any,
+    redis_server: RedisServer,
+    tls_files: TlsFiles,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Invariant: what the subscriber read is delivered, even when the same read ran into
+    the connection's close (over TLS the reader reads on, record by record, up to it).
+    The event loop is stalled on purpose: the thread queues two batches, holds a third,
+    and the rest waits in its socket, followed by the close."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    daemon: Daemon = await start_daemon(REDIS_USE_TLS="true")
+    ws = await daemon.connect("alice", nursery=nursery)
+    await daemon.wait_connections(1)
+    with redis_server.client() as publisher:
+        publisher.ping()
+
+        def publish(seq: int) -> None:
+            publisher.publish("user_noti:alice", json.dumps({"type": "alert", "payload": seq}))
+
+        # From here to the end of the block, this thread (the event loop's) never yields.
+        stamp = daemon.app.subscriber.last_message_at
+        for seq in range(3):  # two batches queued, the third held: no credit left
+            publish(seq)
+            stamp = wait_for_hand_over(daemon, stamp)
+        for seq in range(3, 23):
+            publish(seq)
+        assert publisher.client_kill_filter(_type="pubsub") == 1
+
+    with trio.fail_after(DETECT_AND_RECOVER):
+        frames = [json.loads(await ws.get_message()) for _ in range(24)]
+    assert [f["payload"] for f in frames[:23]] == list(range(23))
+    assert frames[23]["type"] == "resync"
