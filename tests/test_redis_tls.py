@@ -81,6 +81,10 @@ async def test_messages_and_health_go_over_tls_with_the_ca_trusted(
     # pubsub output limit meanwhile (that case has its own test in test_chaos.py).
     with redis_server.client() as admin:
         admin.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+    # Moderate on purpose: Redis 7.0 itself, writing to a TLS client under load, now and
+    # then fails a retried SSL_write ("SSL routines::bad length" in its verbose log; fixed
+    # in Valkey, valkey-io/valkey#1135) and drops the subscriber. 600 such messages hit
+    # that about once in 30 runs; the daemon then reconnects and resyncs, as for any cut.
     pads = await trio.to_thread.run_sync(burst, redis_server, "alice", 200)
     with trio.fail_after(30):
         for i, pad in enumerate(pads):
