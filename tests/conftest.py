@@ -112,6 +112,13 @@ class RedisServer:
                 time.sleep(0.01)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
     def client(self) -> redis.Redis:
         return redis.Redis(
             host="127.0.0.1",
@@ -145,10 +152,8 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+    with RedisServer(tmp_path) as server:
+        yield server
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -647,9 +647,7 @@ async def test_redis_loading_its_dataset_is_not_a_lost_subscription(
     DEBUG RELOAD) it answers the liveness PING with LOADING, yet Pub/Sub works: the
     subscription stays, with no reconnect and no resync, and messages flow."""
     caplog.set_level(logging.WARNING, logger="smap_notify")
-    loading = RedisServer(tmp_path, args=("--enable-debug-command", "yes"))
-    loading.start()
-    try:
+    with RedisServer(tmp_path, args=("--enable-debug-command", "yes")) as loading:
         daemon: Daemon = await start_daemon(REDIS_HOST=f"127.0.0.1:{loading.port}")
         ws = await daemon.connect("user123", nursery=nursery)
         await daemon.wait_connections(1)
@@ -692,8 +690,6 @@ async def test_redis_loading_its_dataset_is_not_a_lost_subscription(
         assert daemon.app.subscriber.active
         lost = [r.getMessage() for r in caplog.records if "subscription" in r.getMessage()]
         assert lost == []
-    finally:
-        loading.kill()
 
 
 # -- accounting --------------------------------------------------------------------------

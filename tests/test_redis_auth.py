@@ -21,10 +21,8 @@ PASSWORD: Final = "s3cret-redis-pass-for-tests"
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """Overrides conftest's: ``start_daemon`` then points the daemon at this one."""
-    server = RedisServer(tmp_path, password=PASSWORD)
-    server.start()
-    yield server
-    server.kill()
+    with RedisServer(tmp_path, password=PASSWORD) as server:
+        yield server
 
 
 async def test_the_right_password_subscribes_delivers_and_health_is_200(

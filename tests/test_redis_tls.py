@@ -45,10 +45,14 @@ def tls_files(tmp_path: Path) -> TlsFiles:
 @pytest.fixture
 def redis_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[RedisServer]:
     """Overrides conftest's: ``start_daemon`` then points the daemon at this one."""
-    server = RedisServer(tmp_path, tls=tls_files)
-    server.start()
-    yield server
-    server.kill()
+    with RedisServer(tmp_path, tls=tls_files) as server:
+        yield server
+
+
+@pytest.fixture
+def trusted_ca(tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon trusts the test CA (OpenSSL reads ``SSL_CERT_FILE``)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
 
 
 def burst(server: RedisServer, user: str, count: int) -> list[str]:
@@ -63,14 +67,10 @@ def burst(server: RedisServer, user: str, count: int) -> list[str]:
     return pads
 
 
+@pytest.mark.usefixtures("trusted_ca")
 async def test_messages_and_health_go_over_tls_with_the_ca_trusted(
-    start_daemon: Any,
-    redis_server: RedisServer,
-    tls_files: TlsFiles,
-    nursery: trio.Nursery,
-    monkeypatch: pytest.MonkeyPatch,
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
     daemon: Daemon = await start_daemon(
         REDIS_USE_TLS="true", WS_SEND_BUFFER="1000", WS_SEND_BUFFER_BYTES="67108864"
     )
@@ -99,13 +99,11 @@ async def test_messages_and_health_go_over_tls_with_the_ca_trusted(
     assert doc["subscriber"]["state"] == "subscribed"
 
 
-def test_fresh_tls_connections_are_not_taken_for_dirty_ones(
-    redis_server: RedisServer, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("trusted_ca")
+def test_fresh_tls_connections_are_not_taken_for_dirty_ones(redis_server: RedisServer) -> None:
     """TLS 1.3 session tickets arrive just after the handshake; redis-py's hiredis parser
     took the readable socket for unread replies and failed 2-4% of connects with
     "Connection not ready" (the subscriber's and the health check's alike)."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
     environ = {
         "JWT_SECRET_KEY": "s" * 32,
         "REDIS_HOST": f"127.0.0.1:{redis_server.port}",
@@ -169,18 +167,14 @@ def wait_for_hand_over(daemon: Daemon, since: object) -> object:
     return stamp
 
 
+@pytest.mark.usefixtures("trusted_ca")
 async def test_messages_read_with_the_close_are_delivered_before_the_resync(
-    start_daemon: Any,
-    redis_server: RedisServer,
-    tls_files: TlsFiles,
-    nursery: trio.Nursery,
-    monkeypatch: pytest.MonkeyPatch,
+    start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
     """Invariant: what the subscriber read is delivered, even when the same read ran into
     the connection's close (over TLS the reader reads on, record by record, up to it).
     The event loop is stalled on purpose: the thread queues two batches, holds a third,
     and the rest waits in its socket, followed by the close."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
     daemon: Daemon = await start_daemon(REDIS_USE_TLS="true")
     ws = await daemon.connect("alice", nursery=nursery)
     await daemon.wait_connections(1)
