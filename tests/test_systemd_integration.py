@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import itertools
 import os
 import re
 import signal
@@ -454,6 +455,9 @@ async def test_status_follows_the_connection_count(
     assert status_fields(update) == ("subscribed", 1, 1)
     await ws.aclose()
     await notify_socket.expect_status(connections=0)
+    # STATUS= only when it changes; READY=1 counts as saying it.
+    said = [m["STATUS"] for m in notify_socket.snapshot() if is_status(m)]
+    assert all(a != b for a, b in itertools.pairwise(said)), said
 
 
 # -- watchdog -----------------------------------------------------------------------------
