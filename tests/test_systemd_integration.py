@@ -8,8 +8,8 @@ subscriber thread), against a real redis-server and real WebSocket clients on lo
 from __future__ import annotations
 
 import contextlib
-import json
 import itertools
+import json
 import os
 import re
 import signal
