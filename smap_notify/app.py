@@ -45,7 +45,7 @@ class App:
     notifier: systemd.Notifier
     started: float = attrs.Factory(time.monotonic)
     draining: bool = False
-    _status: str = ""
+    _status: str | None = None  # what STATUS= last said; None until READY=1
 
     @classmethod
     def create(
@@ -202,7 +202,8 @@ class App:
         next_ping = trio.current_time()
         while True:
             status = self._status_text()
-            if status != self._status:
+            # Before READY=1 the status goes out with it (announce_ready), not ahead of it.
+            if self._status is not None and status != self._status:
                 self._status = status
                 self.notifier.status(status)
             now = trio.current_time()
