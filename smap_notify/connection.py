@@ -101,6 +101,7 @@ class Connection:
         "close_sent",
         "closed",
         "close_reason",
+        "closing",
         "on_abort",
         "ws",
     )
@@ -133,6 +134,8 @@ class Connection:
         self.close_sent = False
         self.closed = False
         self.close_reason = ""
+        # Set while the hub closes the connection with a close handshake; set() when done.
+        self.closing: trio.Event | None = None
         self.on_abort: Callable[[Connection, str], None] | None = None
         self.ws: trio_websocket.WebSocketConnection | None = None
         stream.conn = self

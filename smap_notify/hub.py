@@ -328,6 +328,7 @@ class Hub:
                     conn.abort("pong_timeout")
                 elif conn.expires_at <= wall and not conn.close_reason:
                     conn.close_reason = "token_expired"
+                    conn.closing = trio.Event()
                     self._nursery_or_fail().start_soon(self._expire, conn)
                 elif ping and conn.writable:
                     conn.push_control(PING_FRAME)
@@ -342,11 +343,14 @@ class Hub:
     async def _expire(self, conn: Connection) -> None:
         """A clean close (4001), so SMAP's web UI does not reconnect with a dead token."""
         logger.info("token expired, closing conn=%d user=%s", conn.id, conn.user_id)
-        assert conn.ws is not None
-        with trio.move_on_after(CLOSE_GRACE) as scope:
-            await conn.ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
-        if scope.cancelled_caught:
-            conn.abort("token_expired")
+        assert conn.ws is not None and conn.closing is not None
+        try:
+            with trio.move_on_after(CLOSE_GRACE) as scope:
+                await conn.ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
+            if scope.cancelled_caught:
+                conn.abort("token_expired")
+        finally:
+            conn.closing.set()
 
     async def drain(self, window: float) -> None:
         """Close every connection, spread over ``window`` seconds so reconnects spread too."""

@@ -328,7 +328,13 @@ class Server:
                 reason = _closed_reason(exc)
             finally:
                 self.hub.unregister(conn, reason)
-                if not conn.closed:
+                if conn.closing is not None:
+                    # The hub is closing it (token expired). trio-websocket ends our
+                    # get_message as soon as its close frame is out, but the socket must
+                    # stay open for the client's close frame, or the client's close frame
+                    # meets a reset and the browser reports an unclean close.
+                    await conn.closing.wait()
+                elif not conn.closed:
                     conn.closed = True
                     stream.abort()
                 logger.debug(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -336,6 +337,15 @@ async def open_raw_websocket(port: int, token: str, rcvbuf: int = 4096) -> socke
     return sock
 
 
+async def read_to_end(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the daemon sends until it ends the stream."""
+    data = b""
+    with trio.fail_after(timeout):
+        while chunk := await trio.to_thread.run_sync(sock.recv, 4096):
+            data += chunk
+    return data
+
+
 async def test_token_expiry_closes_the_connection_cleanly_with_4001(
     start_daemon: Any, nursery: trio.Nursery
 ) -> None:
@@ -350,6 +360,52 @@ async def test_token_expiry_closes_the_connection_cleanly_with_4001(
     assert daemon.app.counters.connections_closed["token_expired"] == 1
 
 
+async def test_token_expiry_waits_for_the_clients_close_frame_before_closing_the_socket(
+    start_daemon: Any,
+) -> None:
+    # A browser counts the close as clean (wasClean) only when the TCP connection ends after
+    # both close frames; a socket closed first answers the client's close frame with RST.
+    daemon: Daemon = await start_daemon()
+    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
+    await daemon.wait_connections(1)
+    data = b""
+    with trio.fail_after(10):
+        while b"\x88" not in data:
+            chunk = await trio.to_thread.run_sync(sock.recv, 4096)
+            assert chunk, f"the socket ended without a close frame: {data!r}"
+            data += chunk
+    close = data[data.index(b"\x88") :]
+    assert int.from_bytes(close[2:4], "big") == 4001, close
+    # The daemon waits for our close frame (up to its 2 s grace): no end of stream yet.
+    sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        early = await trio.to_thread.run_sync(sock.recv, 4096)
+        pytest.fail(f"the daemon closed the socket before the close handshake: {early!r}")
+    mask = b"\x01\x02\x03\x04"
+    body = (4001).to_bytes(2, "big")
+    sock.sendall(b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
+    sock.settimeout(5)
+    assert await trio.to_thread.run_sync(sock.recv, 4096) == b"", "then it ends the stream"
+    await daemon.wait_connections(0)
+    assert daemon.app.counters.connections_closed["token_expired"] == 1
+    sock.close()
+
+
+async def test_token_expiry_drops_a_client_that_never_answers_the_close_frame(
+    start_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
+    await daemon.wait_connections(1)
+    data = await read_to_end(sock)  # the token's 1.5 s, then the 2 s close grace
+    assert b"\x88\x0f" + (4001).to_bytes(2, "big") + b"token expired" in data, data
+    await daemon.wait_connections(0)
+    assert daemon.app.counters.connections_closed["token_expired"] == 1
+    assert "closing connection reason=token_expired" in caplog.text, "dropped after the grace"
+    sock.close()
+
+
 async def test_silent_client_is_closed_after_pong_wait(
     start_daemon: Any, nursery: trio.Nursery
 ) -> None:
@@ -357,10 +413,7 @@ async def test_silent_client_is_closed_after_pong_wait(
     sock = await open_raw_websocket(daemon.port, make_token("user123"), rcvbuf=65536)
     await daemon.wait_connections(1)
     # The raw client reads pings but never answers them: the daemon must hang up.
-    data = b""
-    with trio.fail_after(10):
-        while chunk := await trio.to_thread.run_sync(sock.recv, 4096):
-            data += chunk
+    data = await read_to_end(sock)
     assert b"\x89\x00" in data, "the daemon sent WebSocket pings"
     await daemon.wait_connections(0)
     assert daemon.app.counters.connections_closed["pong_timeout"] == 1
