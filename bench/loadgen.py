@@ -34,16 +34,22 @@ import asyncio
 import base64
 import hashlib
 import json
+import mmap
 import multiprocessing as mp
 import os
 import re
 import resource
+import select
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -175,6 +181,19 @@ class Errors:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if len(self.samples) < 8:
             self.samples.append(f"{kind}: {detail}"[:300])
+
+
+def tokens(secret: str, users: Sequence[int]) -> list[tuple[int, str]]:
+    """A JWT cookie value per user, valid for six hours."""
+    import jwt  # only the client workers need PyJWT
+
+    now = int(time.time())
+    out = []
+    for u in users:
+        claims = {"sub": user_id(u), "email": f"{user_id(u)}@bench.invalid", "iat": now}
+        claims["exp"] = now + 6 * 3600
+        out.append((u, jwt.encode(claims, secret, algorithm="HS256")))
+    return out
 
 
 class WSClient(asyncio.Protocol):
@@ -367,14 +386,8 @@ class Worker:
         self.clients: list[WSClient] = []
 
     def requests(self) -> list[tuple[int, bytes]]:
-        import jwt  # only the workers need PyJWT
-
-        now = int(time.time())
         out = []
-        for u in self.users:
-            claims = {"sub": user_id(u), "email": f"{user_id(u)}@bench.invalid", "iat": now}
-            claims["exp"] = now + 6 * 3600
-            token = jwt.encode(claims, self.secret, algorithm="HS256")
+        for u, token in tokens(self.secret, self.users):
             req = (
                 f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\n"
@@ -450,6 +463,98 @@ class Worker:
 def worker_main(*args: Any) -> None:
     raise_nofile()
     asyncio.run(Worker(*args).run())
+
+
+# ---------------------------------------------------------------------------------------
+# native client worker (bench/wsclient.c)
+# ---------------------------------------------------------------------------------------
+NATIVE_SOURCE = Path(__file__).resolve().parent / "wsclient.c"
+NATIVE_BINARY = Path(__file__).resolve().parent / "out" / "wsclient"
+
+
+def build_native() -> tuple[str | None, str]:
+    """Compile bench/wsclient.c (once, into bench/out/); (path or None, what happened)."""
+    if NATIVE_BINARY.exists() and NATIVE_BINARY.stat().st_mtime >= NATIVE_SOURCE.stat().st_mtime:
+        return str(NATIVE_BINARY), "built earlier"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc) on the PATH"
+    NATIVE_BINARY.parent.mkdir(exist_ok=True)
+    tmp = NATIVE_BINARY.with_suffix(".tmp")
+    proc = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(tmp), str(NATIVE_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return None, f"{cc} failed: {proc.stderr.strip()[-500:]}"
+    tmp.replace(NATIVE_BINARY)
+    return str(NATIVE_BINARY), f"built with {cc}"
+
+
+class NativeProcess:
+    """A wsclient process (client worker or publisher) behind the same send/poll/recv
+    calls as the pipe of a forked worker or publisher."""
+
+    def __init__(self, binary: str, *args: object) -> None:
+        self.proc = subprocess.Popen(
+            [binary, *map(str, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin = self.proc.stdin
+        self.fd = self.proc.stdout.fileno()
+        self.pid = self.proc.pid
+        self.buf = b""
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        words = [str(int(x)) if isinstance(x, bool | int) else str(x) for x in msg]
+        self.stdin.write((" ".join(words) + "\n").encode())
+
+    def _fill(self, timeout: float | None) -> bool:
+        if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
+            return False
+        data = os.read(self.fd, 1 << 20)
+        if not data:
+            raise EOFError(f"wsclient exited with {self.proc.wait()}")
+        self.buf += data
+        return True
+
+    def poll(self, timeout: float) -> bool:
+        return b"\n" in self.buf or self._fill(timeout)
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill(None)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv(self) -> tuple[Any, ...]:
+        while b"\n" not in self.buf:
+            self._fill(None)
+        line = self._take(self.buf.index(b"\n") + 1).decode()
+        tag, _, rest = line.rstrip("\n").partition(" ")
+        if tag == "connected":
+            start, end, ok, failed = rest.split()
+            res = {"start": float(start), "end": float(end), "ok": int(ok), "failed": int(failed)}
+            return (tag, res)
+        if tag == "latency":
+            return (tag, self._take(int(rest)))
+        if tag in ("result", "burst", "rate"):
+            return (tag, json.loads(rest))
+        if tag == "wait_sub":
+            return (tag, rest == "1")
+        return (tag,)
+
+    def close(self) -> None:
+        self.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -619,6 +724,9 @@ FULL = {
 
 
 def percentiles(ns: array.array[int]) -> dict[str, float]:
+    if os.environ.get("DUMP_LAT"):
+        with open(os.environ["DUMP_LAT"] + f".{len(ns)}", "wb") as f:
+            f.write(ns.tobytes())
     if not ns:
         return {}
     s = sorted(ns)
@@ -651,21 +759,39 @@ class Harness:
         conns_per_user: int,
         workers: int,
         redis_pid: int | None = None,
+        native: str | None = None,
     ) -> None:
         ctx = mp.get_context("fork")
         self.n_users = n_users
         self.conns_per_user = conns_per_user
         workers = max(1, min(workers, n_users))
-        self.counts = ctx.RawArray("q", workers)
-        self.last_ns = ctx.RawArray("q", workers)
         self.probe = Probe(server_pid, {"coordinator": os.getpid()})
         if redis_pid:
             self.probe.procs["redis"] = redis_pid
         self.server_pid = server_pid
         self.procs: list[Any] = []
         self.pipes: list[Any] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="smap-bench-")
+        # Frames received per worker, then each worker's last frame time (monotonic ns):
+        # shared memory the workers write and the coordinator and publisher read.
+        counts_file = os.path.join(self.tmp.name, "counts")
+        with open(counts_file, "wb") as f:
+            f.write(bytes(16 * workers))
+        with open(counts_file, "r+b") as f:
+            self.shm = mmap.mmap(f.fileno(), 16 * workers)
+        self.counts = memoryview(self.shm)[: 8 * workers].cast("q")
+        self.last_ns = memoryview(self.shm)[8 * workers :].cast("q")
+        if native is not None:
+            for w in range(workers):
+                path = os.path.join(self.tmp.name, f"tokens-{w}")
+                with open(path, "w") as f:
+                    for u, token in tokens(secret, range(w, n_users, workers)):
+                        f.write(f"{u} {token}\n" * conns_per_user)
+                nw = NativeProcess(native, port, path, counts_file, w)
+                self.pipes.append(nw)
+                self.probe.procs[f"client{w}"] = nw.pid
         dedupe = conns_per_user > 1
-        for w in range(workers):
+        for w in range(workers if native is None else 0):
             mine, theirs = ctx.Pipe()
             users = range(w, n_users, workers)
             p = ctx.Process(
@@ -688,17 +814,24 @@ class Harness:
             self.procs.append(p)
             self.pipes.append(mine)
             self.probe.procs[f"client{w}"] = p.pid
-        mine, theirs = ctx.Pipe()
-        p = ctx.Process(
-            target=publisher_main,
-            args=(redis_port, n_users, conns_per_user, theirs, self.counts),
-            name="loadgen-publisher",
-            daemon=True,
-        )
-        p.start()
-        self.publisher = p
-        self.pub = mine
-        self.probe.procs["publisher"] = p.pid
+        self.publisher: Any = None
+        self.pub: Any
+        if native is not None:
+            self.pub = NativeProcess(
+                native, "--publish", redis_port, n_users, conns_per_user, counts_file
+            )
+            self.probe.procs["publisher"] = self.pub.pid
+        else:
+            mine, theirs = ctx.Pipe()
+            self.publisher = ctx.Process(
+                target=publisher_main,
+                args=(redis_port, n_users, conns_per_user, theirs, self.counts),
+                name="loadgen-publisher",
+                daemon=True,
+            )
+            self.publisher.start()
+            self.pub = mine
+            self.probe.procs["publisher"] = self.publisher.pid
         for pipe in [*self.pipes, self.pub]:
             self.expect(pipe, "ready", 60)
         self.published = 0
@@ -787,11 +920,18 @@ class Harness:
             self.pub.send(("stop",))
         except OSError:
             pass
-        for p in [*self.procs, self.publisher]:
+        for p in [*self.procs, *([self.publisher] if self.publisher else [])]:
             p.join(5)
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        for pipe in [*self.pipes, self.pub]:
+            if isinstance(pipe, NativeProcess):
+                pipe.close()
+        self.counts.release()
+        self.last_ns.release()
+        self.shm.close()
+        self.tmp.cleanup()
 
 
 def run_scenario(
@@ -810,8 +950,10 @@ def run_scenario(
     common_rate: float | None = None,
     concurrency: int = 64,
     redis_pid: int | None = None,
+    native: str | None = None,
 ) -> dict[str, Any]:
-    """Run one scenario against a running server; returns a dict of figures."""
+    """Run one scenario against a running server; returns a dict of figures. ``native``:
+    the compiled wsclient to use for the client workers (else asyncio workers)."""
     raise_nofile()
     params = dict((QUICK if quick else FULL)[scenario])
     if conns:
@@ -839,7 +981,9 @@ def run_scenario(
         conns_per_user=per_user,
         workers=workers,
         redis_pid=redis_pid,
+        native=native,
     )
+    out["client"] = "native" if native else "python"
     ok = True
     try:
         h.wait_subscriber()
@@ -968,7 +1112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float)
     ap.add_argument("--max-rate", type=float, help="latency: also run at 80%% of this rate")
     ap.add_argument("--common-rate", type=float, help="latency: also run at this rate")
+    ap.add_argument(
+        "--client",
+        choices=["native", "python"],
+        default="native",
+        help="client workers: bench/wsclient.c, built with cc (default), or asyncio",
+    )
     a = ap.parse_args(argv)
+    native = None
+    if a.client == "native":
+        native, how = build_native()
+        if native is None:
+            print(f"native client unavailable ({how}); using the asyncio client", file=sys.stderr)
     res = run_scenario(
         a.scenario,
         port=a.port,
@@ -983,6 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_rate=a.max_rate,
         common_rate=a.common_rate,
         redis_pid=a.redis_pid,
+        native=native,
     )
     json.dump(res, sys.stdout, indent=2)
     print()

@@ -1,12 +1,13 @@
 """Run the whole smap-notify benchmark (issue 4) and print the results table.
 
     python bench/run.py [--quick] [--repeats N] [--scenarios idle throughput latency fanout]
-                        [--servers smap-notify asyncio-baseline] [--write]
+                        [--servers smap-notify asyncio-baseline] [--client native|python]
+                        [--write]
 
 Starts its own ``redis-server`` on a free loopback port, then for every scenario starts
 smap-notify and the asyncio baseline (``bench/asyncio_relay.py``) afresh, interleaved
 A, B, A, B ... ``--repeats`` times, drives each with ``bench/loadgen.py`` (separate
-processes), and reports the median of each figure, the ratio smap-notify / baseline and the
+processes; the native client ``bench/wsclient.c`` unless ``--client python``), and reports the median of each figure, the ratio smap-notify / baseline and the
 issue's targets. ``--write`` also writes the table to ``bench/RESULTS.rst``; raw figures of
 every run go to ``bench/out/`` (not committed). Every process it starts is stopped by PID.
 """
@@ -417,6 +418,7 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f"- date: {info['date']}",
         f"- machine: ``nproc`` = {info['nproc']}, {info['cpu']}, {info['machine']}",
         f"- Python {info['python']}, Redis {info['redis']}",
+        f"- load generator: {args.client_used} client workers and publisher",
         f"- calibration: a 1,000,000-step Python loop took {info['python_loop_ms']} ms; a"
         f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
         f" ({info['wakeup_cpu_us']} µs of CPU for one of the two). Absolute figures follow"
@@ -447,8 +449,20 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
     ap.add_argument("--servers", nargs="+", choices=[SMAP, BASE], default=[SMAP, BASE])
     ap.add_argument("--workers", type=int, default=2, help="load-generator client processes")
+    ap.add_argument(
+        "--client",
+        choices=["native", "python"],
+        default="native",
+        help="client workers: bench/wsclient.c built with cc (default), or asyncio",
+    )
     ap.add_argument("--write", action="store_true", help="write bench/RESULTS.rst")
     args = ap.parse_args()
+    native = None
+    if args.client == "native":
+        native, how = loadgen.build_native()
+        if native is None:
+            print(f"note: native client unavailable ({how}); the asyncio client is used")
+    args.client_used = "native (bench/wsclient.c)" if native else "asyncio (loadgen.py)"
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     scenarios = [s for s in SCENARIOS if s in args.scenarios]
@@ -507,6 +521,7 @@ def main() -> int:
                             max_rate=max_rate,
                             common_rate=common_rate,
                             redis_pid=redis.proc.pid,
+                            native=native,
                         )
                     except Exception as exc:  # the load generator itself failed
                         res = {"scenario": scen, "correct": False, "check": {"errors": {}}}
@@ -540,6 +555,7 @@ def main() -> int:
         f"calibration: Python loop {info['python_loop_ms']} ms; wake-up round trip"
         f" {info['wakeup_rt_us']} µs ({info['wakeup_cpu_us']} µs CPU)"
     )
+    print(f"load generator: {args.client_used}")
     print(table)
     if notes:
         print("\nFailures and notes:\n" + notes)
