@@ -312,17 +312,24 @@ class Hub:
 
     async def _keepalive(self) -> None:
         """One timer for every connection: pings, closing the silent ones, and closing
-        those whose token has expired."""
-        next_ping = trio.current_time() + self.config.ws_ping_interval
+        those whose token has expired.
+
+        Pings are spread over the interval: each tick pings the connections whose turn it
+        is, every connection once per interval. Pinging all at once would answer with a
+        storm of pongs (10,000 connections: about half a second of work in one go), a
+        latency spike for every message behind it.
+        """
+        turn = 0
         while True:
-            tick = min(1.0, self.config.ws_ping_interval / 2, self.config.ws_pong_wait / 4)
+            interval = self.config.ws_ping_interval
+            tick = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
             await trio.sleep(tick)
             now = trio.current_time()
             wall = time.time()
             pong_wait = self.config.ws_pong_wait
-            ping = now >= next_ping
-            if ping:
-                next_ping = now + self.config.ws_ping_interval
+            # Rounded down: each connection's ping comes at least once per interval.
+            turns = max(1, int(interval / tick))
+            turn = (turn + 1) % turns
             for conn in list(self.connections()):
                 if now - conn.stream.last_receive > pong_wait:
                     conn.abort("pong_timeout")
@@ -330,7 +337,7 @@ class Hub:
                     conn.close_reason = "token_expired"
                     conn.closing = trio.Event()
                     self._nursery_or_fail().start_soon(self._expire, conn)
-                elif ping and conn.writable:
+                elif conn.id % turns == turn and conn.writable:
                     conn.push_control(PING_FRAME)
                     if not conn.dirty:
                         self._queue_write(conn)

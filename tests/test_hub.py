@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 
-from smap_notify.config import Config
-from smap_notify.connection import Connection
+from smap_notify.config import Config, Duration
+from smap_notify.connection import PING_FRAME, Connection
 from smap_notify.hub import Hub
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
@@ -59,3 +59,42 @@ async def test_reservations_enforce_both_caps_and_are_released(nursery: trio.Nur
     assert hub.try_reserve("c") == (503, "max_connections")
     hub.release("b")
     assert hub.try_reserve("c") is None
+
+
+async def test_pings_are_spread_over_the_interval_and_reach_every_connection_once(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    hub = Hub(
+        Config(
+            jwt_secret_key="x" * 32,
+            ws_ping_interval=Duration(30),
+            ws_pong_wait=Duration(60),
+            ws_max_connections=1000,
+            ws_max_connections_per_user=1000,
+        ),
+        Counters(),
+    )
+    await nursery.start(hub.serve, Inbox(2))
+    conns = []
+    for _ in range(300):
+        conn = connection("u")
+        # A socket that is never writable: pings stay queued where the test sees them.
+        conn.stream = SimpleNamespace(
+            last_receive=trio.current_time(),
+            raw=SimpleNamespace(socket=SimpleNamespace(fileno=lambda: -1)),
+        )
+        assert hub.try_reserve("u") is None
+        hub.register(conn)
+        conns.append(conn)
+
+    def pinged() -> int:
+        return sum(conn.pending.count(PING_FRAME) for conn in conns)
+
+    await trio.sleep(0.5)  # between keep-alive ticks, which come every second
+    per_tick = []
+    for _ in range(30):
+        before = pinged()
+        await trio.sleep(1)
+        per_tick.append(pinged() - before)
+    assert [conn.pending.count(PING_FRAME) for conn in conns] == [1] * 300, "once each"
+    assert max(per_tick) <= 300 // 30 + 1, per_tick  # a thirtieth per tick, not all at once
