@@ -44,7 +44,10 @@ BACKOFF_CAP: Final = 1.0
 MAX_BATCH: Final = 256
 READ_SIZE: Final = 65536
 LINGER: Final = 0.0003  # lingering for more messages adds at most this latency
-COALESCE_WHEN_WITHIN: Final = 0.002  # ... and only when the last hand-over was this recent
+# ... and only when the last hand-over was this recent: a stream of more than about 3,000
+# messages/s. Below that a linger rarely finds a second message and its timer is one more
+# wake-up per message (2,000 msg/s: 34-37% of a core with this, 38-40% with 2 ms).
+COALESCE_WHEN_WITHIN: Final = 0.0003
 SOCKET_TIMEOUT: Final = 2.0
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
 BEHIND_WITHIN: Final = 2.0
