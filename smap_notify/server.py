@@ -67,6 +67,20 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     )
 
 
+def upgrade_request(request: HandshakeRequest) -> bytes:
+    """The request head trio-websocket's handshake reads: the client's key and what makes
+    it an upgrade. The client's own head was parsed and checked already (origin, cookie,
+    version); its other headers, the token's cookie among them, would only be parsed a
+    second time, by wsproto's h11, and kept in memory for the connection's life."""
+    key = request.headers["sec-websocket-key"].encode("latin-1")
+    return (
+        b"GET /ws HTTP/1.1\r\nHost: smap-notify\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        + key
+        + b"\r\n\r\n"
+    )
+
+
 def http_response(
     status: int,
     body: bytes,
@@ -224,7 +238,7 @@ class Server:
                 )
             )
             return None
-        stream.prefix = head
+        stream.prefix = upgrade_request(request) + head[head.index(b"\r\n\r\n") + 4 :]
         return decision
 
     async def _on_client_message(

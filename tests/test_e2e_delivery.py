@@ -334,6 +334,8 @@ async def open_raw_websocket(port: int, token: str, rcvbuf: int = 4096) -> socke
         assert chunk, "closed during handshake"
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
+    # RFC 6455's own example key and answer: the handshake used the client's key.
+    assert b": s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head, head
     return sock
 
 
