@@ -102,6 +102,7 @@ class Connection:
         "closed",
         "close_reason",
         "closing",
+        "opened",
         "on_abort",
         "ws",
     )
@@ -136,6 +137,7 @@ class Connection:
         self.close_reason = ""
         # Set while the hub closes the connection with a close handshake; set() when done.
         self.closing: trio.Event | None = None
+        self.opened = trio.current_time()
         self.on_abort: Callable[[Connection, str], None] | None = None
         self.ws: trio_websocket.WebSocketConnection | None = None
         stream.conn = self

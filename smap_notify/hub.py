@@ -317,7 +317,10 @@ class Hub:
         Pings are spread over the interval: each tick pings the connections whose turn it
         is, every connection once per interval. Pinging all at once would answer with a
         storm of pongs (10,000 connections: about half a second of work in one go), a
-        latency spike for every message behind it.
+        latency spike for every message behind it. A new connection waits out a grace
+        first (half the interval, less when WS_PONG_WAIT leaves less room), as it would
+        with a timer of its own: short-lived clients are not pinged at all, and some
+        client libraries fail on a ping that crosses their own close frame.
         """
         turn = 0
         while True:
@@ -329,6 +332,8 @@ class Hub:
             pong_wait = self.config.ws_pong_wait
             # Rounded down: each connection's ping comes at least once per interval.
             turns = max(1, int(interval / tick))
+            # A silent client's first ping comes within grace + interval < pong_wait.
+            grace = min(interval, pong_wait - interval) / 2
             turn = (turn + 1) % turns
             for conn in list(self.connections()):
                 if now - conn.stream.last_receive > pong_wait:
@@ -337,7 +342,7 @@ class Hub:
                     conn.close_reason = "token_expired"
                     conn.closing = trio.Event()
                     self._nursery_or_fail().start_soon(self._expire, conn)
-                elif conn.id % turns == turn and conn.writable:
+                elif conn.id % turns == turn and conn.writable and now - conn.opened > grace:
                     conn.push_control(PING_FRAME)
                     if not conn.dirty:
                         self._queue_write(conn)

@@ -61,14 +61,16 @@ async def test_reservations_enforce_both_caps_and_are_released(nursery: trio.Nur
     assert hub.try_reserve("c") is None
 
 
-async def test_pings_are_spread_over_the_interval_and_reach_every_connection_once(
-    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
-) -> None:
+async def start_pinging_hub(
+    nursery: trio.Nursery, interval: float, pong_wait: float, count: int
+) -> list[Connection]:
+    """A hub with ``count`` registered connections whose socket is never writable: their
+    pings stay queued where a test sees them."""
     hub = Hub(
         Config(
             jwt_secret_key="x" * 32,
-            ws_ping_interval=Duration(30),
-            ws_pong_wait=Duration(60),
+            ws_ping_interval=Duration(interval),
+            ws_pong_wait=Duration(pong_wait),
             ws_max_connections=1000,
             ws_max_connections_per_user=1000,
         ),
@@ -76,21 +78,30 @@ async def test_pings_are_spread_over_the_interval_and_reach_every_connection_onc
     )
     await nursery.start(hub.serve, Inbox(2))
     conns = []
-    for _ in range(300):
+    for _ in range(count):
         conn = connection("u")
-        # A socket that is never writable: pings stay queued where the test sees them.
         conn.stream = SimpleNamespace(
             last_receive=trio.current_time(),
             raw=SimpleNamespace(socket=SimpleNamespace(fileno=lambda: -1)),
+            abort=lambda: None,
         )
         assert hub.try_reserve("u") is None
         hub.register(conn)
         conns.append(conn)
+    return conns
+
+
+async def test_pings_are_spread_over_the_interval_and_reach_every_connection_once(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    conns = await start_pinging_hub(nursery, 30, 60, 300)
 
     def pinged() -> int:
         return sum(conn.pending.count(PING_FRAME) for conn in conns)
 
-    await trio.sleep(0.5)  # between keep-alive ticks, which come every second
+    await trio.sleep(14.5)  # a new connection's grace (half the interval): no pings
+    assert pinged() == 0
+    await trio.sleep(1)  # then between keep-alive ticks, which come every second
     per_tick = []
     for _ in range(30):
         before = pinged()
@@ -98,3 +109,14 @@ async def test_pings_are_spread_over_the_interval_and_reach_every_connection_onc
         per_tick.append(pinged() - before)
     assert [conn.pending.count(PING_FRAME) for conn in conns] == [1] * 300, "once each"
     assert max(per_tick) <= 300 // 30 + 1, per_tick  # a thirtieth per tick, not all at once
+
+
+async def test_a_silent_new_connection_is_pinged_before_its_pong_wait_runs_out(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    # The tightest setting allowed: WS_PONG_WAIT only a little over WS_PING_INTERVAL. A
+    # client that sends nothing must still get a ping to answer before it is dropped.
+    conns = await start_pinging_hub(nursery, 30, 33, 60)
+    await trio.sleep(32.5)
+    assert all(conn.pending.count(PING_FRAME) >= 1 for conn in conns)
+    assert not any(conn.closed for conn in conns)
