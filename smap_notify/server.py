@@ -11,6 +11,7 @@ from typing import Final
 import h11
 import trio
 import trio_websocket
+import wsproto.utilities
 
 from .config import Config
 from .connection import Connection, ConnStream
@@ -145,6 +146,11 @@ class _ReaderNursery:
 async def _guarded(fn: Callable[[], Awaitable[None]]) -> None:
     try:
         await fn()
+    except wsproto.utilities.LocalProtocolError as exc:
+        # A client's ping that crossed our close frame: trio-websocket answers it, which
+        # wsproto refuses once we are closing (python-trio/trio-websocket#184). Nothing
+        # is wrong with the daemon; the close ends by its grace period.
+        logger.debug("websocket reader stopped by a frame after our close: %s", exc)
     except Exception:
         logger.exception("websocket reader failed")
 

@@ -409,6 +409,25 @@ async def test_token_expiry_drops_a_client_that_never_answers_the_close_frame(
     sock.close()
 
 
+async def test_a_ping_that_crosses_the_expiry_close_frame_is_not_an_error(
+    start_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
+    await daemon.wait_connections(1)
+    with trio.fail_after(10):
+        while b"\x88" not in await trio.to_thread.run_sync(sock.recv, 4096):
+            pass
+    mask = b"\x01\x02\x03\x04"
+    sock.sendall(b"\x89\x80" + mask)  # a ping, as if sent just before our close arrived
+    await read_to_end(sock)  # dropped after the close grace
+    await wait_until(lambda: "closing connection reason=token_expired" in caplog.text)
+    assert "frame after our close" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    sock.close()
+
+
 async def test_silent_client_is_closed_after_pong_wait(
     start_daemon: Any, nursery: trio.Nursery
 ) -> None:
