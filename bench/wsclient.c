@@ -1003,6 +1003,7 @@ int main(int argc, char **argv) {
     char cmd[256];
     size_t cmd_n = 0;
     struct epoll_event events[512];
+    int64_t last_scan = 0;
     for (;;) {
         int k = epoll_wait(epfd, events, 512, connecting ? 100 : 1000);
         for (int i = 0; i < k; i++) {
@@ -1025,8 +1026,9 @@ int main(int argc, char **argv) {
             if (c->state == C_CONNECTING) on_connected(c);
             else if (c->state == C_HANDSHAKE || c->state == C_OPEN) on_readable(c);
         }
-        if (connecting) {
-            int64_t now = now_ns();
+        int64_t now = now_ns();
+        if (connecting && now - last_scan > 100000000LL) { /* timeouts, every 100 ms */
+            last_scan = now;
             for (int i = 0; i < next_new; i++) {
                 conn_t *c = &conns[i];
                 if ((c->state == C_CONNECTING || c->state == C_HANDSHAKE) &&
