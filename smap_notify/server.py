@@ -73,13 +73,12 @@ def upgrade_request(request: HandshakeRequest) -> bytes:
     it an upgrade. The client's own head was parsed and checked already (origin, cookie,
     version); its other headers, the token's cookie among them, would only be parsed a
     second time, by wsproto's h11, and kept in memory for the connection's life."""
-    key = request.headers["sec-websocket-key"].encode("latin-1")
+    key = request.headers["sec-websocket-key"]
     return (
-        b"GET /ws HTTP/1.1\r\nHost: smap-notify\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
-        + key
-        + b"\r\n\r\n"
-    )
+        f"GET {WS_PATH} HTTP/1.1\r\nHost: smap-notify\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}"
+        "\r\n\r\n"
+    ).encode("latin-1")
 
 
 def http_response(

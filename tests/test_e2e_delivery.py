@@ -339,6 +339,31 @@ async def open_raw_websocket(port: int, token: str, rcvbuf: int = 4096) -> socke
     return sock
 
 
+async def open_expiring_websocket(daemon: Daemon) -> socket.socket:
+    """A raw WebSocket whose token expires 1.5 s from now."""
+    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
+    await daemon.wait_connections(1)
+    return sock
+
+
+async def read_until_close_frame(sock: socket.socket) -> bytes:
+    """What the daemon sends, from its close frame on (close frames are sent whole)."""
+    data = b""
+    with trio.fail_after(10):
+        while b"\x88" not in data:
+            chunk = await trio.to_thread.run_sync(sock.recv, 4096)
+            assert chunk, f"the socket ended without a close frame: {data!r}"
+            data += chunk
+    return data[data.index(b"\x88") :]
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A final, masked client-to-server frame of under 126 bytes."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
+
+
 async def read_to_end(sock: socket.socket, timeout: float = 10) -> bytes:
     """Everything the daemon sends until it ends the stream."""
     data = b""
@@ -368,24 +393,15 @@ async def test_token_expiry_waits_for_the_clients_close_frame_before_closing_the
     # A browser counts the close as clean (wasClean) only when the TCP connection ends after
     # both close frames; a socket closed first answers the client's close frame with RST.
     daemon: Daemon = await start_daemon()
-    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
-    await daemon.wait_connections(1)
-    data = b""
-    with trio.fail_after(10):
-        while b"\x88" not in data:
-            chunk = await trio.to_thread.run_sync(sock.recv, 4096)
-            assert chunk, f"the socket ended without a close frame: {data!r}"
-            data += chunk
-    close = data[data.index(b"\x88") :]
+    sock = await open_expiring_websocket(daemon)
+    close = await read_until_close_frame(sock)
     assert int.from_bytes(close[2:4], "big") == 4001, close
     # The daemon waits for our close frame (up to its 2 s grace): no end of stream yet.
     sock.settimeout(0.3)
     with pytest.raises(TimeoutError):
         early = await trio.to_thread.run_sync(sock.recv, 4096)
         pytest.fail(f"the daemon closed the socket before the close handshake: {early!r}")
-    mask = b"\x01\x02\x03\x04"
-    body = (4001).to_bytes(2, "big")
-    sock.sendall(b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
+    sock.sendall(client_frame(0x8, (4001).to_bytes(2, "big")))
     sock.settimeout(5)
     assert await trio.to_thread.run_sync(sock.recv, 4096) == b"", "then it ends the stream"
     await daemon.wait_connections(0)
@@ -398,8 +414,7 @@ async def test_token_expiry_drops_a_client_that_never_answers_the_close_frame(
 ) -> None:
     caplog.set_level(logging.INFO, logger="smap_notify")
     daemon: Daemon = await start_daemon()
-    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
-    await daemon.wait_connections(1)
+    sock = await open_expiring_websocket(daemon)
     data = await read_to_end(sock)  # the token's 1.5 s, then the 2 s close grace
     assert b"\x88\x0f" + (4001).to_bytes(2, "big") + b"token expired" in data, data
     await daemon.wait_connections(0)
@@ -414,13 +429,9 @@ async def test_a_ping_that_crosses_the_expiry_close_frame_is_not_an_error(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="smap_notify")
     daemon: Daemon = await start_daemon()
-    sock = await open_raw_websocket(daemon.port, make_token("user123", ttl=1.5), rcvbuf=65536)
-    await daemon.wait_connections(1)
-    with trio.fail_after(10):
-        while b"\x88" not in await trio.to_thread.run_sync(sock.recv, 4096):
-            pass
-    mask = b"\x01\x02\x03\x04"
-    sock.sendall(b"\x89\x80" + mask)  # a ping, as if sent just before our close arrived
+    sock = await open_expiring_websocket(daemon)
+    await read_until_close_frame(sock)
+    sock.sendall(client_frame(0x9))  # a ping, as if sent just before our close arrived
     await read_to_end(sock)  # dropped after the close grace
     await wait_until(lambda: "closing connection reason=token_expired" in caplog.text)
     assert "frame after our close" in caplog.text
