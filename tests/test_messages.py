@@ -20,6 +20,7 @@ from smap_notify.messages import (
     ProgressPayload,
     Rejected,
     Routed,
+    _loads,
     converter,
     envelope,
     format_timestamp,
@@ -532,3 +533,37 @@ def test_fast_and_exact_paths_agree_on_ordinary_messages() -> None:
     exact = parse_message(CHANNEL, text.replace('"x', '"1234567890123456789 x'))
     assert isinstance(fast, Routed) and isinstance(exact, Routed)
     assert fast.payload_text.replace('"x', '"1234567890123456789 x') == exact.payload_text
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        str(2**63 - 1),
+        str(2**63),
+        str(2**64 - 1),
+        str(2**64),
+        str(-(2**63)),
+        str(-(2**63) - 1),
+        "1" + "0" * 18,
+        "9" * 19,
+    ],
+)
+def test_integers_at_the_64_bit_edges_are_kept_exactly(number: str) -> None:
+    result = parse_message(CHANNEL, '{"type":"update","payload":{"n":' + number + "}}")
+    assert isinstance(result, Routed)
+    assert result.payload_text == '{"n":' + number + "}"
+
+
+@pytest.mark.parametrize(
+    ("text", "fast"),
+    [
+        ('{"n":' + "9" * 18 + "}", True),  # at most 18 digits: every such integer fits
+        ('{"n":' + "9" * 19 + "}", False),
+        ('{"n":-' + "1" * 19 + "}", False),
+        ('{"s":"' + "7" * 25 + '"}', False),  # digits in a string: exact, and harmless
+        ('{"f":123456789.123456789}', True),  # 9 and 9 digits, not 19 in a row
+        ('{"s":"' + "\u0661" * 30 + '"}', True),  # non-ASCII digits are not JSON numbers
+    ],
+)
+def test_only_19_ascii_digits_in_a_row_take_the_exact_path(text: str, fast: bool) -> None:
+    assert _loads(text.encode())[1] is fast
