@@ -43,11 +43,20 @@ BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 1.0
 MAX_BATCH: Final = 256
 READ_SIZE: Final = 65536
-LINGER: Final = 0.0003  # lingering for more messages adds at most this latency
-# ... and only when the last hand-over was this recent: a stream of more than about 3,000
-# messages/s. Below that a linger rarely finds a second message and its timer is one more
-# wake-up per message (2,000 msg/s: 34-37% of a core with this, 38-40% with 2 ms).
-COALESCE_WHEN_WITHIN: Final = 0.0003
+# Before handing a batch over, the thread lingers for more messages when the stream is
+# steady: every hand-over costs both threads a wake-up (about 300 µs of CPU on a slow VM,
+# whatever the batch holds), so fewer, larger batches cost less per message, for at most
+# LONG_LINGER of latency. The rate is measured over RATE_WINDOW. Measured on a VM half as
+# fast as the one in bench/RESULTS.rst, the daemon on a core of its own:
+#   - Slower than STEADY_RATE: no linger (most messages would wait for nothing).
+#   - From STEADY_RATE: about one gap between messages (2,000 msg/s: 0.5 ms; 54% -> 40% of
+#     a core, p99 0.85 -> 1.5 ms).
+#   - From FAST_RATE: LONG_LINGER (4,000 msg/s: 41% of a core; 27,000 msg/s: batches of
+#     about 24 instead of 8, 99% -> 90-96% of a core, p99 8-60 ms -> 5-9 ms).
+STEADY_RATE: Final = 1500.0
+FAST_RATE: Final = 3000.0
+LONG_LINGER: Final = 0.0009
+RATE_WINDOW: Final = 0.01
 SOCKET_TIMEOUT: Final = 2.0
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
 BEHIND_WITHIN: Final = 2.0
@@ -68,6 +77,37 @@ class SubscriberState:
 
 class SubscriptionDead(Exception):
     pass
+
+
+@attrs.define
+class Coalescer:
+    """How long the subscriber lingers for more messages before a hand-over.
+
+    Pure: fed the monotonic clock and the size of each hand-over.
+    """
+
+    window_start: float = -1e9
+    window_count: int = 0
+    rate: float = 0.0  # messages/s over the last complete window
+
+    def linger(self, now: float, batched: int) -> float:
+        """Seconds to wait for more before handing over ``batched`` messages read at ``now``."""
+        # A rate from a window that ended long ago says nothing about this stream.
+        if batched >= MAX_BATCH or now - self.window_start >= 2 * RATE_WINDOW:
+            return 0.0
+        if self.rate >= FAST_RATE:
+            return LONG_LINGER
+        if self.rate >= STEADY_RATE:
+            return min(LONG_LINGER, 1.0 / self.rate)
+        return 0.0
+
+    def handed_over(self, now: float, count: int) -> None:
+        self.window_count += count
+        elapsed = now - self.window_start
+        if elapsed >= RATE_WINDOW:
+            self.rate = self.window_count / elapsed
+            self.window_start = now
+            self.window_count = 0
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -228,7 +268,7 @@ class _Worker:
         state = self.state
         last_rx = time.monotonic()
         probed_at = 0.0
-        handed_at = 0.0
+        coalescer = Coalescer()
         while True:
             trio.from_thread.check_cancelled()
             state.heartbeat = time.monotonic()
@@ -246,20 +286,17 @@ class _Worker:
             batch: list[RawMessage] = []
             try:
                 replies.read(self._take, batch)
-                # Under a steady stream, linger briefly for the next message: every
+                # Under a steady stream, linger briefly for the next messages: every
                 # hand-over costs two thread wake-ups, which would otherwise be paid per
                 # message.
-                if (
-                    last_rx - handed_at < COALESCE_WHEN_WITHIN
-                    and len(batch) < MAX_BATCH
-                    and replies.wait(LINGER)
-                ):
+                linger = coalescer.linger(last_rx, len(batch))
+                if linger and replies.wait(linger):
                     replies.read(self._take, batch)
             finally:
                 # Also when the read ended in the connection's close: what was read before
                 # it is delivered (ahead of the resync that follows the reconnect).
                 if batch:
-                    handed_at = self._hand_over(batch)
+                    coalescer.handed_over(self._hand_over(batch), len(batch))
 
     def _hand_over(self, batch: list[RawMessage]) -> float:
         """Queue ``batch`` for the hub; returns when (time.monotonic())."""

@@ -1,0 +1,64 @@
+"""The subscriber's linger before a hand-over, from the rate of the stream (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smap_notify.subscriber import (
+    FAST_RATE,
+    LONG_LINGER,
+    MAX_BATCH,
+    RATE_WINDOW,
+    STEADY_RATE,
+    Coalescer,
+)
+
+
+def fed(rate: float, seconds: float = 0.05, per_batch: int = 1, start: float = 100.0) -> Coalescer:
+    """A coalescer that has seen hand-overs of ``per_batch`` messages at ``rate`` msg/s."""
+    coalescer = Coalescer()
+    gap = per_batch / rate
+    for i in range(int(seconds / gap)):
+        coalescer.handed_over(start + i * gap, per_batch)
+    return coalescer
+
+
+def test_a_new_subscriber_does_not_linger() -> None:
+    assert Coalescer().linger(100.0, 1) == 0.0
+
+
+def test_a_slow_stream_is_handed_over_at_once() -> None:
+    coalescer = fed(STEADY_RATE / 2)
+    assert coalescer.rate == pytest.approx(STEADY_RATE / 2, rel=0.1)
+    assert coalescer.linger(100.05, 1) == 0.0
+
+
+def test_a_steady_stream_lingers_about_one_gap_between_messages() -> None:
+    coalescer = fed(2000.0)
+    assert coalescer.rate == pytest.approx(2000.0, rel=0.1)
+    assert coalescer.linger(100.05, 1) == pytest.approx(1 / 2000.0, rel=0.1)
+
+
+@pytest.mark.parametrize("rate", [FAST_RATE * 1.1, 27_000.0, 200_000.0])
+def test_a_fast_stream_lingers_longest(rate: float) -> None:
+    coalescer = fed(rate, per_batch=8)
+    assert coalescer.linger(100.05, 8) == LONG_LINGER
+
+
+@pytest.mark.parametrize("rate", [100.0, STEADY_RATE, 2500.0, FAST_RATE, 50_000.0])
+def test_the_linger_never_exceeds_the_longest(rate: float) -> None:
+    assert 0.0 <= fed(rate).linger(100.05, 1) <= LONG_LINGER
+
+
+def test_a_full_batch_is_handed_over_at_once() -> None:
+    assert fed(27_000.0, per_batch=8).linger(100.05, MAX_BATCH) == 0.0
+
+
+def test_a_stream_that_paused_starts_without_a_linger() -> None:
+    coalescer = fed(27_000.0, per_batch=8)
+    # The first message after a pause is not held back by the rate from before it.
+    assert coalescer.linger(100.05 + 2 * RATE_WINDOW, 1) == 0.0
+    # After a pause of a second the stream's rate is measured afresh.
+    coalescer.handed_over(101.05, 1)
+    assert coalescer.rate < STEADY_RATE
+    assert coalescer.linger(101.051, 1) == 0.0
