@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,13 +103,26 @@ def proc_rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
+def machine_ticks(cpus: Collection[int] | None = None) -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, or of the CPUs ``cpus``."""
+    wanted = {"cpu"} if cpus is None else {f"cpu{c}" for c in cpus}
+    busy = total = 0
     with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return total - idle, total
+        for line in f:
+            name, *fields = line.split()
+            if name in wanted:
+                vals = [int(v) for v in fields]
+                idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+                busy += sum(vals[:8]) - idle
+                total += sum(vals[:8])
+    return busy, total
+
+
+def side_cpus() -> frozenset[int] | None:
+    """The CPUs this process may use, when that is not all of them (``run.py`` pins the
+    server to a CPU of its own, redis-server and the load generator to the others)."""
+    mine = os.sched_getaffinity(0)
+    return frozenset(mine) if len(mine) < (os.cpu_count() or len(mine)) else None
 
 
 @dataclass
@@ -118,6 +131,7 @@ class Snapshot:
     server_cpu: float
     procs: dict[str, float]
     machine: tuple[int, int]
+    side: tuple[int, int] | None  # the load generator's CPUs, when pinned
 
 
 @dataclass
@@ -126,6 +140,7 @@ class Probe:
 
     server_pid: int
     procs: dict[str, int] = field(default_factory=dict)
+    side: frozenset[int] | None = field(default_factory=side_cpus)
 
     def snap(self) -> Snapshot:
         return Snapshot(
@@ -133,6 +148,7 @@ class Probe:
             proc_cpu_s(self.server_pid),
             {name: proc_cpu_s(pid) for name, pid in self.procs.items()},
             machine_ticks(),
+            None if self.side is None else machine_ticks(self.side),
         )
 
     @staticmethod
@@ -140,13 +156,17 @@ class Probe:
         """CPU over a phase. The load generator counts as saturated when one of its
         processes used 90% of a core or more; the machine as full when it was 95% busy
         while the server got less than 90% of a core (then the server was starved, by us
-        or by something else: see other_cpu_pct)."""
+        or by something else: see other_cpu_pct). With the server on a CPU of its own,
+        full means: the CPUs of the load generator and redis-server were 95% busy."""
         wall = max(b.wall - a.wall, 1e-9)
         procs = {n: round(100 * (b.procs[n] - a.procs[n]) / wall, 1) for n in a.procs}
         redis = procs.pop("redis", None)
-        busy = b.machine[0] - a.machine[0]
-        total = max(b.machine[1] - a.machine[1], 1)
-        machine = round(100 * busy / total, 1)
+
+        def busy_pct(t0: tuple[int, int], t1: tuple[int, int]) -> float:
+            return round(100 * (t1[0] - t0[0]) / max(t1[1] - t0[1], 1), 1)
+
+        machine = busy_pct(a.machine, b.machine)
+        side = busy_pct(a.side, b.side) if a.side and b.side else None
         peak = max(procs.values(), default=0.0)
         server_pct = 100 * (b.server_cpu - a.server_cpu) / wall
         ours = server_pct + sum(procs.values()) + (redis or 0.0)
@@ -163,8 +183,12 @@ class Probe:
                 # redis-server used: other programs on the machine, unattributed softirq.
                 "other_cpu_pct": round(max(0.0, machine * NPROC - ours), 1),
                 "saturated": peak >= SATURATED_PROC_PCT,
-                "machine_full": machine >= SATURATED_MACHINE_PCT
-                and server_pct < SATURATED_PROC_PCT,
+                "loadgen_cpus_busy_pct": side,
+                "machine_full": (
+                    side >= SATURATED_MACHINE_PCT
+                    if side is not None
+                    else machine >= SATURATED_MACHINE_PCT and server_pct < SATURATED_PROC_PCT
+                ),
             },
         }
 

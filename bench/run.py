@@ -117,10 +117,17 @@ class Server:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, cpus: set[int] | None = None) -> None:
+        """Start and wait until healthy; ``cpus``: the CPUs the server may use (all threads)."""
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                self.cmd,
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=pin,  # noqa: PLW1509  # run.py starts no threads
             )
         deadline = time.monotonic() + timeout
         last = "no answer"
@@ -344,6 +351,16 @@ def summarize(
     return table, "\n".join(notes)
 
 
+def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(the server's CPUs, everyone else's): the first CPU for the server, the rest for
+    redis-server and the load generator, so that they do not take turns with the server
+    on its core; (None, None) without ``pin`` or with a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
 def calibrate() -> dict[str, str]:
     """Two figures that tell machines apart, measured while nothing else of ours runs.
 
@@ -419,6 +436,7 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f"- machine: ``nproc`` = {info['nproc']}, {info['cpu']}, {info['machine']}",
         f"- Python {info['python']}, Redis {info['redis']}",
         f"- load generator: {args.client_used} client workers and publisher",
+        f"- CPUs: {args.cpus}",
         f"- calibration: a 1,000,000-step Python loop took {info['python_loop_ms']} ms; a"
         f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
         f" ({info['wakeup_cpu_us']} µs of CPU for one of the two). Absolute figures follow"
@@ -426,7 +444,8 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
         "- figures are medians over the runs that passed every correctness check; the load",
         "  generator rows cover all runs (SAT: a load-generator process at 90%+ of a core;",
-        "  FULL: machine 95%+ busy while the server had under 90% of a core).",
+        "  FULL: the load generator's CPUs 95%+ busy; unpinned: the machine 95%+ busy while",
+        "  the server had under 90% of a core).",
         "",
         table,
         "",
@@ -455,6 +474,13 @@ def main() -> int:
         default="native",
         help="client workers: bench/wsclient.c built with cc (default), or asyncio",
     )
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server on a CPU of its own, redis-server and the load generator on the"
+        " others (default when there are two or more)",
+    )
     ap.add_argument("--write", action="store_true", help="write bench/RESULTS.rst")
     args = ap.parse_args()
     native = None
@@ -479,6 +505,15 @@ def main() -> int:
         failures[SMAP].append(broken[SMAP])
 
     calibration = calibrate()
+    server_cpus, other_cpus = split_cpus(args.pin)
+    if other_cpus:  # redis-server and every load-generator process inherit it
+        os.sched_setaffinity(0, other_cpus)
+    args.cpus = (
+        f"each server pinned to CPU {min(server_cpus)}; redis-server and the load generator"
+        f" to CPU {', '.join(map(str, sorted(other_cpus)))} (``--no-pin``: all share all)"
+        if server_cpus and other_cpus
+        else "not pinned: servers, redis-server and the load generator share every CPU"
+    )
     redis = Redis()
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -492,7 +527,7 @@ def main() -> int:
                     srv = server_for(name, redis.port, tag)
                     print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
                     try:
-                        srv.start()
+                        srv.start(cpus=server_cpus)
                     except ServerFailed as exc:
                         broken[name] = f"failed to start ({scen}): {exc}"
                         failures[name].append(broken[name])
@@ -556,6 +591,7 @@ def main() -> int:
         f" {info['wakeup_rt_us']} µs ({info['wakeup_cpu_us']} µs CPU)"
     )
     print(f"load generator: {args.client_used}")
+    print(f"CPUs: {args.cpus}")
     print(table)
     if notes:
         print("\nFailures and notes:\n" + notes)
