@@ -44,18 +44,22 @@ BACKOFF_CAP: Final = 1.0
 MAX_BATCH: Final = 256
 READ_SIZE: Final = 65536
 # Before handing a batch over, the thread lingers for more messages when the stream is
-# steady: every hand-over costs both threads a wake-up (about 300 µs of CPU on a slow VM,
+# steady: every hand-over costs both threads a wake-up (150-300 µs of CPU on a slow VM,
 # whatever the batch holds), so fewer, larger batches cost less per message, for at most
-# LONG_LINGER of latency. The rate is measured over RATE_WINDOW. Measured on a VM half as
-# fast as the one in bench/RESULTS.rst, the daemon on a core of its own:
+# MAX_LINGER of latency. The rate is measured over RATE_WINDOW. Measured on a VM half as
+# fast as the one the issue's targets came from, the daemon on a core of its own:
 #   - Slower than STEADY_RATE: no linger (most messages would wait for nothing).
 #   - From STEADY_RATE: about one gap between messages (2,000 msg/s: 0.5 ms; 54% -> 40% of
 #     a core, p99 0.85 -> 1.5 ms).
-#   - From FAST_RATE: LONG_LINGER (4,000 msg/s: 41% of a core; 27,000 msg/s: batches of
-#     about 24 instead of 8, 99% -> 90-96% of a core, p99 8-60 ms -> 5-9 ms).
+#   - From FAST_RATE: LONG_LINGER, and from 9,000 msg/s 0.1 ms more per 1,000 msg/s, up to
+#     MAX_LINGER (4,000 msg/s: 41% of a core; 29,758 msg/s, 80% of the daemon's maximum
+#     there: 0.3 ms batches of about 8 kept it at 99% of a core with p99 8-60 ms, 0.9 ms
+#     at 98-99% and 10-60 ms, 3 ms of about 90 messages at 80% and 7 ms).
 STEADY_RATE: Final = 1500.0
 FAST_RATE: Final = 3000.0
 LONG_LINGER: Final = 0.0009
+LINGER_PER_RATE: Final = 1e-7  # seconds of linger per message/s
+MAX_LINGER: Final = 0.003
 RATE_WINDOW: Final = 0.01
 SOCKET_TIMEOUT: Final = 2.0
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
@@ -96,7 +100,7 @@ class Coalescer:
         if batched >= MAX_BATCH or now - self.window_start >= 2 * RATE_WINDOW:
             return 0.0
         if self.rate >= FAST_RATE:
-            return LONG_LINGER
+            return min(MAX_LINGER, max(LONG_LINGER, self.rate * LINGER_PER_RATE))
         if self.rate >= STEADY_RATE:
             return min(LONG_LINGER, 1.0 / self.rate)
         return 0.0
@@ -290,7 +294,7 @@ class _Worker:
                 # hand-over costs two thread wake-ups, which would otherwise be paid per
                 # message.
                 linger = coalescer.linger(last_rx, len(batch))
-                if linger and replies.wait(linger):
+                if linger and replies.linger(linger):
                     replies.read(self._take, batch)
             finally:
                 # Also when the read ended in the connection's close: what was read before
@@ -381,18 +385,20 @@ class Replies:
         self._more = False  # complete replies may be buffered (a batch filled up)
 
     def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a reply.
-
-        ``poll`` counts whole milliseconds (0.3 ms would be 1 ms) and ``select`` fails on
-        descriptors past 1023, which a reconnect among thousands of clients can get: a
-        shorter wait sleeps its full length, then looks.
-        """
+        """Wait up to ``seconds`` (whole milliseconds: ``poll``'s unit) for a reply."""
         if self._more or (self._tls and self._sock.pending()):
             return True
-        if seconds < 0.001:
-            time.sleep(seconds)
-            seconds = 0.0
         return bool(self._poll.poll(seconds * 1000))
+
+    def linger(self, seconds: float) -> bool:
+        """Sleep ``seconds`` whatever arrives meanwhile, then say whether a reply is waiting.
+
+        A ``poll`` would return at the first message, and counts whole milliseconds
+        (0.3 ms would be 1 ms); ``select`` fails on descriptors past 1023, which a
+        reconnect among thousands of clients can get.
+        """
+        time.sleep(seconds)
+        return self.wait(0)
 
     def read(self, take: Callable[[Any, list[RawMessage]], None], batch: list[RawMessage]) -> None:
         """Read what has arrived and ``take`` each complete reply, up to ``MAX_BATCH``."""

@@ -8,6 +8,7 @@ from smap_notify.subscriber import (
     FAST_RATE,
     LONG_LINGER,
     MAX_BATCH,
+    MAX_LINGER,
     RATE_WINDOW,
     STEADY_RATE,
     Coalescer,
@@ -39,15 +40,21 @@ def test_a_steady_stream_lingers_about_one_gap_between_messages() -> None:
     assert coalescer.linger(100.05, 1) == pytest.approx(1 / 2000.0, rel=0.1)
 
 
-@pytest.mark.parametrize("rate", [FAST_RATE * 1.1, 27_000.0, 200_000.0])
-def test_a_fast_stream_lingers_longest(rate: float) -> None:
-    coalescer = fed(rate, per_batch=8)
-    assert coalescer.linger(100.05, 8) == LONG_LINGER
+@pytest.mark.parametrize("rate", [FAST_RATE * 1.1, 5_000.0, 9_000.0])
+def test_a_fast_stream_lingers_long(rate: float) -> None:
+    assert fed(rate, per_batch=8).linger(100.05, 8) == pytest.approx(LONG_LINGER)
 
 
-@pytest.mark.parametrize("rate", [100.0, STEADY_RATE, 2500.0, FAST_RATE, 50_000.0])
+def test_a_faster_stream_lingers_longer_up_to_the_longest() -> None:
+    lingers = [fed(rate, per_batch=8).linger(100.05, 8) for rate in (12_000, 20_000, 29_000)]
+    assert lingers == sorted(lingers) and lingers[0] > LONG_LINGER
+    assert lingers[-1] == pytest.approx(29_000 * 1e-7, rel=0.1)
+    assert fed(200_000.0, per_batch=64).linger(100.05, 8) == MAX_LINGER
+
+
+@pytest.mark.parametrize("rate", [100.0, STEADY_RATE, 2500.0, FAST_RATE, 50_000.0, 1e6])
 def test_the_linger_never_exceeds_the_longest(rate: float) -> None:
-    assert 0.0 <= fed(rate).linger(100.05, 1) <= LONG_LINGER
+    assert 0.0 <= fed(rate, per_batch=max(1, int(rate / 10_000))).linger(100.05, 1) <= MAX_LINGER
 
 
 def test_a_full_batch_is_handed_over_at_once() -> None:
