@@ -47,7 +47,7 @@ READ_SIZE: Final = 65536
 # steady: every hand-over costs both threads a wake-up (150-300 µs of CPU on a slow VM,
 # whatever the batch holds), so fewer, larger batches cost less per message, for at most
 # MAX_LINGER of latency. The rate is measured over RATE_WINDOW. Measured on a VM half as
-# fast as the one the targets came from, the daemon on a core of its own:
+# fast as the one of the earlier benchmark tables, the daemon on a core of its own:
 #   - Slower than STEADY_RATE: no linger (most messages would wait for nothing).
 #   - From STEADY_RATE: about one gap between messages (2,000 msg/s: 0.5 ms; 54% -> 40% of
 #     a core, p99 0.85 -> 1.5 ms).
