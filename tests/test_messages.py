@@ -567,3 +567,19 @@ def test_integers_at_the_64_bit_edges_are_kept_exactly(number: str) -> None:
 )
 def test_only_19_ascii_digits_in_a_row_take_the_exact_path(text: str, fast: bool) -> None:
     assert _loads(text.encode())[1] is fast
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        1_764_443_531_000_000_000,  # on a whole second: .000000
+        1_764_443_531_999_999_999,  # the last microsecond of it, floored like datetime.now
+        1_764_443_532_000_001_000,  # the next second: its text is formatted afresh
+        1_764_443_531_035_344_567,  # and back: the cached second is not reused
+        946_684_799_999_999_000,  # 1999-12-31T23:59:59.999999
+    ],
+)
+def test_format_timestamp_of_now_equals_isoformat(ns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("smap_notify.messages.time.time_ns", lambda: ns)
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+    assert format_timestamp() == moment.isoformat(timespec="microseconds")
