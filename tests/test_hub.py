@@ -28,8 +28,8 @@ def connection(user: str, max_messages: int = 4) -> Connection:
     )
 
 
-async def start_hub(nursery: trio.Nursery) -> Hub:
-    hub = Hub(Config(jwt_secret_key="x" * 32), Counters())
+async def start_hub(nursery: trio.Nursery, config: Config | None = None) -> Hub:
+    hub = Hub(config or Config(jwt_secret_key="x" * 32), Counters())
     await nursery.start(hub.serve, Inbox(2))
     return hub
 
@@ -66,7 +66,8 @@ async def start_pinging_hub(
 ) -> list[Connection]:
     """A hub with ``count`` registered connections whose socket is never writable: their
     pings stay queued where a test sees them."""
-    hub = Hub(
+    hub = await start_hub(
+        nursery,
         Config(
             jwt_secret_key="x" * 32,
             ws_ping_interval=Duration(interval),
@@ -74,9 +75,7 @@ async def start_pinging_hub(
             ws_max_connections=1000,
             ws_max_connections_per_user=1000,
         ),
-        Counters(),
     )
-    await nursery.start(hub.serve, Inbox(2))
     conns = []
     for _ in range(count):
         conn = connection("u")
