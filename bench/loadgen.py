@@ -516,6 +516,29 @@ def build_native() -> tuple[str | None, str]:
     return str(NATIVE_BINARY), f"built with {cc}"
 
 
+def add_client_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--client",
+        choices=["native", "python"],
+        default="native",
+        help="client workers and publisher: bench/wsclient.c, built with cc (default), or"
+        " asyncio and Python",
+    )
+
+
+def choose_client(choice: str) -> str | None:
+    """The native client's path for ``--client native`` when it builds, else None: the
+    Python load generator (saying why on stderr)."""
+    if choice != "native":
+        return None
+    native, how = build_native()
+    if native is None:
+        print(
+            f"note: native client unavailable ({how}); the asyncio client is used", file=sys.stderr
+        )
+    return native
+
+
 class NativeProcess:
     """A wsclient process (client worker or publisher) behind the same send/poll/recv
     calls as the pipe of a forked worker or publisher."""
@@ -748,9 +771,6 @@ FULL = {
 
 
 def percentiles(ns: array.array[int]) -> dict[str, float]:
-    if os.environ.get("DUMP_LAT"):
-        with open(os.environ["DUMP_LAT"] + f".{len(ns)}", "wb") as f:
-            f.write(ns.tobytes())
     if not ns:
         return {}
     s = sorted(ns)
@@ -1136,18 +1156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float)
     ap.add_argument("--max-rate", type=float, help="latency: also run at 80%% of this rate")
     ap.add_argument("--common-rate", type=float, help="latency: also run at this rate")
-    ap.add_argument(
-        "--client",
-        choices=["native", "python"],
-        default="native",
-        help="client workers: bench/wsclient.c, built with cc (default), or asyncio",
-    )
+    add_client_option(ap)
     a = ap.parse_args(argv)
-    native = None
-    if a.client == "native":
-        native, how = build_native()
-        if native is None:
-            print(f"native client unavailable ({how}); using the asyncio client", file=sys.stderr)
+    native = choose_client(a.client)
     res = run_scenario(
         a.scenario,
         port=a.port,

@@ -2,13 +2,15 @@
 
     python bench/run.py [--quick] [--repeats N] [--scenarios idle throughput latency fanout]
                         [--servers smap-notify asyncio-baseline] [--client native|python]
-                        [--write]
+                        [--no-pin] [--write]
 
 Starts its own ``redis-server`` on a free loopback port, then for every scenario starts
 smap-notify and the asyncio baseline (``bench/asyncio_relay.py``) afresh, interleaved
 A, B, A, B ... ``--repeats`` times, drives each with ``bench/loadgen.py`` (separate
-processes; the native client ``bench/wsclient.c`` unless ``--client python``), and reports the median of each figure, the ratio smap-notify / baseline and the
-issue's targets. ``--write`` also writes the table to ``bench/RESULTS.rst``; raw figures of
+processes; the native client ``bench/wsclient.c`` unless ``--client python``), and reports
+the median of each figure, the ratio smap-notify / baseline and the issue's targets. Each
+server runs on a CPU of its own, redis-server and the load generator on the others, unless
+``--no-pin``. ``--write`` also writes the table to ``bench/RESULTS.rst``; raw figures of
 every run go to ``bench/out/`` (not committed). Every process it starts is stopped by PID.
 """
 
@@ -468,12 +470,7 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
     ap.add_argument("--servers", nargs="+", choices=[SMAP, BASE], default=[SMAP, BASE])
     ap.add_argument("--workers", type=int, default=2, help="load-generator client processes")
-    ap.add_argument(
-        "--client",
-        choices=["native", "python"],
-        default="native",
-        help="client workers: bench/wsclient.c built with cc (default), or asyncio",
-    )
+    loadgen.add_client_option(ap)
     ap.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
@@ -483,11 +480,7 @@ def main() -> int:
     )
     ap.add_argument("--write", action="store_true", help="write bench/RESULTS.rst")
     args = ap.parse_args()
-    native = None
-    if args.client == "native":
-        native, how = loadgen.build_native()
-        if native is None:
-            print(f"note: native client unavailable ({how}); the asyncio client is used")
+    native = loadgen.choose_client(args.client)
     args.client_used = "native (bench/wsclient.c)" if native else "asyncio (loadgen.py)"
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
