@@ -404,6 +404,47 @@ def calibrate() -> dict[str, str]:
     }
 
 
+def steadiness(cpus: set[int] | None, seconds: float = 5.0) -> dict[str, str]:
+    """How steadily the servers' CPU runs, measured on it while nothing else of ours runs.
+
+    A fixed piece of pure-Python work (about 0.5 ms), timed in the thread's CPU time over
+    and over; the median of each 100 ms window against the host's usual pace (the 10th
+    percentile of the windows). On a shared host a virtual CPU can run the same work much
+    slower for stretches of 0.1-2 s (other guests on the same hardware; CPU time, so being
+    preempted does not count). A server near its capacity falls behind in every such
+    stretch and takes a while to catch up: the latency rows at 80% of max follow it.
+    """
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    windows: dict[int, list[int]] = {}
+    try:
+        start = time.monotonic()
+        while (now := time.monotonic()) - start < seconds:
+            cpu = time.thread_time_ns()
+            total = 0
+            for i in range(15_000):
+                total += i & 7
+            windows.setdefault(int((now - start) * 10), []).append(time.thread_time_ns() - cpu)
+    finally:
+        os.sched_setaffinity(0, before)
+    medians = sorted(statistics.median(v) for v in windows.values())
+    usual = medians[len(medians) // 10]
+    slow = sum(m >= 1.25 * usual for m in medians)
+    return {
+        "slow_windows_pct": f"{100 * slow / len(medians):.0f}",
+        "slowest_x": f"{medians[-1] / usual:.2f}",
+    }
+
+
+def describe_steadiness(before: dict[str, str], after: dict[str, str]) -> str:
+    return (
+        f"{before['slow_windows_pct']}% of 100 ms windows ran 1.25 times slower or more than"
+        f" usual (the slowest {before['slowest_x']} times) before the runs,"
+        f" {after['slow_windows_pct']}% ({after['slowest_x']} times) after them"
+    )
+
+
 def machine_info(redis_version: str, calibration: dict[str, str]) -> dict[str, str]:
     cpu = "?"
     try:
@@ -443,6 +484,9 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
         f" ({info['wakeup_cpu_us']} µs of CPU for one of the two). Absolute figures follow"
         " these; compare runs on machines whose calibration matches.",
+        f"- steadiness of the servers' CPU (a fixed piece of Python work, timed in CPU time):"
+        f" {info['steadiness']}. A server near its capacity falls behind in slow stretches:"
+        " the latency rows at 80% of max follow this.",
         '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
         "- figures are medians over the runs that passed every correctness check; the load",
         "  generator rows cover all runs (SAT: a load-generator process at 90%+ of a core;",
@@ -499,6 +543,8 @@ def main() -> int:
 
     calibration = calibrate()
     server_cpus, other_cpus = split_cpus(args.pin)
+    steady_seconds = 2.0 if args.quick else 5.0
+    steady_before = steadiness(server_cpus, steady_seconds)
     if other_cpus:  # redis-server and every load-generator process inherit it
         os.sched_setaffinity(0, other_cpus)
     args.cpus = (
@@ -574,6 +620,9 @@ def main() -> int:
                         print(brief(res))
     finally:
         redis.stop()
+    calibration["steadiness"] = describe_steadiness(
+        steady_before, steadiness(server_cpus, steady_seconds)
+    )
     (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
     table, notes = summarize(results, failures, scenarios)
     info = machine_info(redis.version, calibration)
@@ -583,6 +632,7 @@ def main() -> int:
         f"calibration: Python loop {info['python_loop_ms']} ms; wake-up round trip"
         f" {info['wakeup_rt_us']} µs ({info['wakeup_cpu_us']} µs CPU)"
     )
+    print(f"steadiness of the servers' CPU: {info['steadiness']}")
     print(f"load generator: {args.client_used}")
     print(f"CPUs: {args.cpus}")
     print(table)
