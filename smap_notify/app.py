@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from .subscriber import SubscriberState, run_redis_subscriber
 logger = logging.getLogger(__name__)
 
 INBOX_SIZE: Final = 2  # batches in flight; see Inbox for why so few
+LATE_SIGNALS_WAIT: Final = 0.05  # how long a stopping daemon still takes signals in
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
 
 
@@ -265,8 +267,19 @@ async def run(
                     break
                 logger.info("received %s, shutting down", name)
                 nursery.start_soon(_shutdown, app, nursery.cancel_scope, inherited)
-    app.probe.close()
+        app.probe.close()
+        await _take_late_signals(signals)
     logger.info("stopped")
+
+
+async def _take_late_signals(signals: AsyncIterator[int]) -> None:
+    """Take the signals that arrived as the drain ended (Ctrl-C in a terminal reaches the
+    demo and the daemon, and the demo then sends SIGTERM). Trio hands the signals still
+    queued when its receiver closes back to the default handlers, and SIGTERM's would
+    kill the process before it logs that it stopped."""
+    with trio.move_on_after(LATE_SIGNALS_WAIT):
+        async for signum in signals:
+            logger.info("received %s while stopping", signal.Signals(signum).name)
 
 
 async def _shutdown(app: App, scope: trio.CancelScope, keep_backlog: bool) -> None:

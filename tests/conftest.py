@@ -294,7 +294,12 @@ def daemon_process(
     """Start ``python -m smap_notify`` as a real process; stopped by PID afterwards."""
     started: list[DaemonProcess] = []
 
-    def start(wait_ready: bool = True, args: tuple[str, ...] = (), **env: str) -> DaemonProcess:
+    def start(
+        wait_ready: bool = True,
+        args: tuple[str, ...] = (),
+        command: tuple[str, ...] = ("-m", "smap_notify"),
+        **env: str,
+    ) -> DaemonProcess:
         port = int(env.pop("WS_PORT", free_port()))
         environ = {
             k: v
@@ -316,7 +321,7 @@ def daemon_process(
         log_path = tmp_path / f"daemon-{len(started)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "smap_notify", *args],
+                [sys.executable, *command, *args],
                 env=environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -283,6 +283,35 @@ def test_sigterm_closes_clients_uncleanly_and_exits_zero(daemon_process: Any) ->
     assert "Traceback" not in log and "stopped" in log
 
 
+# The daemon, with one more signal arriving just as its drain ends: Ctrl-C in a terminal
+# reaches smap-notify-demo and the daemon at once, and the demo then sends SIGTERM.
+SIGNAL_AS_THE_DRAIN_ENDS = """
+import signal, sys
+from smap_notify import app, cli
+
+drain = app.App.shutdown
+
+async def shutdown(self, **kwargs):
+    await drain(self, **kwargs)
+    signal.raise_signal(signal.SIGTERM)
+
+app.App.shutdown = shutdown
+sys.exit(cli.main())
+"""
+
+
+def test_a_signal_as_the_drain_ends_is_logged_not_fatal(daemon_process: Any) -> None:
+    """Trio hands signals still queued when its receiver closes back to the default
+    handlers: SIGTERM's killed the process (status -15) before it logged that it stopped."""
+    daemon = daemon_process(command=("-c", SIGNAL_AS_THE_DRAIN_ENDS))
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(15) == 0
+    log = daemon.log()
+    assert "received SIGINT, shutting down" in log
+    assert "received SIGTERM while stopping" in log
+    assert log.rstrip().endswith("stopped")
+
+
 def test_missing_secret_exits_78_listing_every_problem(daemon_process: Any) -> None:
     daemon = daemon_process(wait_ready=False, JWT_SECRET_KEY="", WS_PING_INTERVAL="soon")
     assert daemon.proc.wait(15) == 78
