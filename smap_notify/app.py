@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -27,6 +29,7 @@ from .subscriber import SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
 
+BACKLOG: Final = 4096  # pending connections the kernel keeps for us (a reconnect storm)
 INBOX_SIZE: Final = 2  # batches in flight; see Inbox for why so few
 LATE_SIGNALS_WAIT: Final = 0.05  # how long a stopping daemon still takes signals in
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
@@ -222,6 +225,14 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+class ListenError(Exception):
+    """WS_HOST:WS_PORT cannot be listened on; ``lasting``: a restart will not change that."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+
 async def open_listeners(
     config: Config, environ: dict[str, str]
 ) -> tuple[list[trio.SocketListener], bool]:
@@ -230,8 +241,42 @@ async def open_listeners(
     inherited = systemd.listen_sockets(environ)
     if inherited:
         return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited], True
-    listeners = await trio.open_tcp_listeners(config.ws_port, host=config.ws_host, backlog=4096)
-    return listeners, False
+    host, port = config.ws_host, config.ws_port
+    try:
+        if host == "::":
+            return [await listen_dual_stack(host, port)], False
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG), False
+    except OSError as exc:
+        raise listen_error(host, port, exc) from None
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    """Why WS_HOST:WS_PORT could not be listened on, and whether a restart may help: an
+    address in use may be freed by a process still exiting; a host name that does not
+    resolve, an address this machine does not have, or a port it may not use stays so."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return ListenError(f"cannot listen on {where}: WS_HOST does not resolve", lasting=True)
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    lasting = exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT)
+    return ListenError(f"cannot listen on {where}: {reason}", lasting=lasting)
+
+
+async def listen_dual_stack(host: str, port: int) -> trio.SocketListener:
+    """An IPv6 listener that takes IPv4 connections too (as IPv4-mapped addresses): for
+    WS_HOST=::, every IPv6 and IPv4 address on one socket, as with the socket unit's
+    ListenStream=8081 and the original's Go listener. trio's own IPv6 listeners are
+    IPv6-only: IPv4 clients would be refused."""
+    sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0)
+        await sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 async def run(
@@ -289,6 +334,10 @@ async def _shutdown(app: App, scope: trio.CancelScope, keep_backlog: bool) -> No
 
 
 def _address(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
-    family = listener.socket.family
-    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = listener.socket
+    host, port = sock.getsockname()[:2]
+    if sock.family != socket.AF_INET6:
+        return f"{host}:{port}"
+    if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        return f"[{host}]:{port} (IPv6 and IPv4)"
+    return f"[{host}]:{port}"

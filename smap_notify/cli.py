@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return EX_OK
+    except app.ListenError as exc:
+        # systemd restarts on 70 (an address in use may come free), not on 78.
+        logger.critical("%s", exc)
+        return EX_CONFIG if exc.lasting else EX_SOFTWARE
     except BaseException as exc:  # the one place that turns a crash into an exit status
         logger.critical("smap-notify failed: %s", _describe(exc), exc_info=exc)
         return EX_SOFTWARE

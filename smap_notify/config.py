@@ -106,6 +106,24 @@ def _one_of(choices: tuple[str, ...]) -> Any:
     return check
 
 
+_HOST_NAME: Final = re.compile(
+    r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
+)
+
+
+def _listen_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(value):
+        raise ValueError(
+            "WS_HOST must be an address or host name of this machine (0.0.0.0 for every IPv4"
+            f" address, :: for every address; the port goes in WS_PORT), got {value!r}"
+        )
+
+
 def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -130,7 +148,7 @@ class Config:
     """Effective configuration; field ``x_y`` is read from environment name ``X_Y``."""
 
     jwt_secret_key: str = attrs.field(repr=False, validator=_secret)
-    ws_host: str = "0.0.0.0"
+    ws_host: str = attrs.field(default="0.0.0.0", validator=_listen_host)
     ws_port: int = attrs.field(default=8081, validator=_port)
     env: str = "production"
     redis_host: str = attrs.field(default="localhost:6379", validator=_redis_host)

@@ -222,6 +222,19 @@ def test_redis_host_must_be_host_and_port(value: str) -> None:
     assert any(p.startswith("REDIS_HOST") for p in problems_of({**VALID, "REDIS_HOST": value}))
 
 
+@pytest.mark.parametrize("value", ["", "0.0.0.0:8081", "[::]", "-host", "my_host", "a b"])
+def test_ws_host_must_be_an_address_or_host_name(value: str) -> None:
+    """A bad WS_HOST is a configuration error (78), not a crash at bind time (70), which
+    systemd would restart over and over."""
+    problems = problems_of({**VALID, "WS_HOST": value})
+    assert any(p.startswith("WS_HOST") and repr(value) in p for p in problems)
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "::", "127.0.0.1", "::1", "localhost", "h-1.lan."])
+def test_ws_host_takes_addresses_and_host_names(value: str) -> None:
+    assert load_config({**VALID, "WS_HOST": value}).ws_host == value
+
+
 def test_redis_host_accepts_bracketed_ipv6() -> None:
     assert load_config({**VALID, "REDIS_HOST": "[::1]:6379"}).redis_address == ("::1", 6379)
 

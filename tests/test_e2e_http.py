@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from typing import Any
 
 import pytest
@@ -310,6 +311,19 @@ def test_a_signal_as_the_drain_ends_is_logged_not_fatal(daemon_process: Any) -> 
     assert "received SIGINT, shutting down" in log
     assert "received SIGTERM while stopping" in log
     assert log.rstrip().endswith("stopped")
+
+
+def test_a_port_in_use_exits_70_with_one_line_saying_so(daemon_process: Any) -> None:
+    """70: systemd restarts it, since the address may come free (an old process exiting)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = daemon_process(wait_ready=False, WS_PORT=str(port))
+        assert daemon.proc.wait(15) == 70
+    log = daemon.log()
+    assert f"CRITICAL smap_notify: cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    assert "Traceback" not in log
 
 
 def test_missing_secret_exits_78_listing_every_problem(daemon_process: Any) -> None:
