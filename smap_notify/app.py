@@ -184,6 +184,8 @@ class App:
         )
         if restart:
             logger.warning("reload: these settings need a restart to change: %s", ",".join(restart))
+        for warning in applied.warnings():
+            logger.warning("%s", warning)
         self.announce_ready()
 
     def announce_ready(self) -> None:

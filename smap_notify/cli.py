@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         for key, value in config.masked().items():
             print(f"{key}={value}")
+        for warning in config.warnings():
+            print(f"smap-notify: warning: {warning}", file=sys.stderr)
         return EX_OK
     logs.configure_logging(config.logger_level)
     logger.info(
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         config.ws_host,
         config.ws_port,
     )
+    for warning in config.warnings():
+        logger.warning("%s", warning)
     # Start-up objects live forever: keep them out of the collector's way.
     gc.collect()
     gc.freeze()

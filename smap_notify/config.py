@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -185,6 +186,10 @@ class Config:
         host, _, port = self.redis_host.rpartition(":")
         return host.strip("[]"), int(port)
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but cannot do what they look meant to do."""
+        return origin_warnings(self.allowed_origins)
+
     def masked(self) -> dict[str, Any]:
         """The configuration as environment names and values, secrets masked."""
         out: dict[str, Any] = {}
@@ -198,6 +203,40 @@ class Config:
                 value = format_duration(value)
             out[field.name.upper()] = value
         return out
+
+
+def origin_warnings(origins: Iterable[str]) -> list[str]:
+    """ALLOWED_ORIGINS entries that no browser's Origin header can equal (the policy
+    compares exactly): a browser sends scheme://host[:port], in lower case, without the
+    scheme's default port and without a path, not even a trailing slash."""
+    out = []
+    for origin in origins:
+        as_sent = _as_origin(origin)
+        if origin == as_sent or origin == "null":  # "null": sandboxed pages send that
+            continue
+        hint = f"; write {as_sent!r}" if as_sent else " (an origin is scheme://host[:port])"
+        out.append(f"ALLOWED_ORIGINS: {origin!r} never equals a browser's Origin header{hint}")
+    return out
+
+
+def _as_origin(text: str) -> str | None:
+    """``text`` as a browser would send it in an Origin header, if it names an origin."""
+    try:
+        parts = urlsplit(text.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return None
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")  # what browsers send: punycode
+        except UnicodeError:
+            return None
+    host = f"[{host}]" if ":" in host else host
+    default = 80 if scheme == "http" else 443
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def format_duration(seconds: float) -> str:

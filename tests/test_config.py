@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -235,6 +236,34 @@ def test_ws_host_takes_addresses_and_host_names(value: str) -> None:
     assert load_config({**VALID, "WS_HOST": value}).ws_host == value
 
 
+@pytest.mark.parametrize(
+    ("origin", "hint"),
+    [
+        ("https://smap.tantai.dev/", "; write 'https://smap.tantai.dev'"),
+        ("https://SMAP.tantai.dev", "; write 'https://smap.tantai.dev'"),
+        ("https://smap.tantai.dev:443", "; write 'https://smap.tantai.dev'"),
+        ("http://[::1]:80/app", "; write 'http://[::1]'"),
+        ("https://bücher.example", "; write 'https://xn--bcher-kva.example'"),
+        ("smap.tantai.dev", " (an origin is scheme://host[:port])"),
+        ("*", " (an origin is scheme://host[:port])"),
+    ],
+)
+def test_an_allowed_origin_no_browser_sends_is_warned_about(origin: str, hint: str) -> None:
+    """The policy compares exactly, so such an entry refuses the very site it names."""
+    config = load_config({**VALID, "ALLOWED_ORIGINS": f"https://ok.example,{origin}"})
+    assert config.allowed_origins == ("https://ok.example", origin), "kept as written"
+    assert config.warnings() == [
+        f"ALLOWED_ORIGINS: {origin!r} never equals a browser's Origin header{hint}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://smap.tantai.dev", "http://localhost:3000", "http://[::1]:8080", "null"]
+)
+def test_origins_as_browsers_send_them_give_no_warning(origin: str) -> None:
+    assert load_config({**VALID, "ALLOWED_ORIGINS": origin}).warnings() == []
+
+
 def test_redis_host_accepts_bracketed_ipv6() -> None:
     assert load_config({**VALID, "REDIS_HOST": "[::1]:6379"}).redis_address == ("::1", 6379)
 
@@ -397,21 +426,34 @@ def test_config_file_problems_are_reported_like_environment_problems(tmp_path: P
 # -- the command line ----------------------------------------------------------------------
 
 
+CheckConfig = Callable[..., tuple[int, str, str]]
+
+
 @pytest.fixture
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+def check_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> CheckConfig:
+    """``smap-notify [ARGS] --check-config`` with only ``env`` set: (status, stdout, stderr)."""
+
+    def run(*args: str, **env: str) -> tuple[int, str, str]:
+        for name in ENV_NAMES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        status = cli.main([*args, "--check-config"])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
-def test_check_config_prints_masked_config_and_exits_0(
-    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    clean_environ.setenv("JWT_SECRET_KEY", "very-secret-cli-value")
-    clean_environ.setenv("REDIS_PASSWORD", "redis-cli-password")
-    clean_environ.setenv("WS_PORT", "9002")
-    assert cli.main(["--check-config"]) == 0
-    out, err = capsys.readouterr()
+def test_check_config_prints_masked_config_and_exits_0(check_config: CheckConfig) -> None:
+    status, out, err = check_config(
+        JWT_SECRET_KEY="very-secret-cli-value",
+        REDIS_PASSWORD="redis-cli-password",
+        WS_PORT="9002",
+    )
+    assert status == 0
     assert "very-secret-cli-value" not in out + err
     assert "redis-cli-password" not in out + err
     lines = dict(line.split("=", 1) for line in out.splitlines())
@@ -422,13 +464,19 @@ def test_check_config_prints_masked_config_and_exits_0(
     assert lines["ENV"] == "production"
 
 
-def test_check_config_exits_78_listing_every_problem(
-    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    clean_environ.setenv("WS_PORT", "eighty")
-    clean_environ.setenv("LOGGER_LEVEL", "loud")
-    assert cli.main(["--check-config"]) == 78
-    out, err = capsys.readouterr()
+def test_check_config_warns_about_origins_no_browser_sends(check_config: CheckConfig) -> None:
+    status, out, err = check_config(JWT_SECRET_KEY="s", ALLOWED_ORIGINS="https://app.example/")
+    assert status == 0
+    assert "ALLOWED_ORIGINS=https://app.example/" in out.splitlines()
+    assert err == (
+        "smap-notify: warning: ALLOWED_ORIGINS: 'https://app.example/' never equals a"
+        " browser's Origin header; write 'https://app.example'\n"
+    )
+
+
+def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) -> None:
+    status, out, err = check_config(WS_PORT="eighty", LOGGER_LEVEL="loud")
+    assert status == 78
     assert out == ""
     problem_lines = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problem_lines) == 3
@@ -436,13 +484,10 @@ def test_check_config_exits_78_listing_every_problem(
         assert any(name in line for line in problem_lines)
 
 
-def test_check_config_reads_the_config_file(
-    clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_check_config_reads_the_config_file(check_config: CheckConfig, tmp_path: Path) -> None:
     path = tmp_path / "smap-notify.env"
     path.write_text("JWT_SECRET_KEY=file-secret\nWS_PORT=9003\n")
-    clean_environ.setenv("WS_PORT", "9000")
-    assert cli.main(["--config", str(path), "--check-config"]) == 0
-    out = capsys.readouterr().out
+    status, out, _ = check_config("--config", str(path), WS_PORT="9000")
+    assert status == 0
     assert "WS_PORT=9003" in out.splitlines()
     assert "file-secret" not in out

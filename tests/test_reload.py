@@ -193,6 +193,19 @@ async def test_reload_logs_that_a_changed_port_needs_a_restart(
     await still_receives(redis_server, first, "alice", "same port")
 
 
+async def test_start_and_reload_warn_about_an_origin_no_browser_sends(
+    start: Any, reload: Any, nursery: trio.Nursery
+) -> None:
+    daemon = await start(f"ENV=production\nALLOWED_ORIGINS={APP_ORIGIN}/\n")
+    warning = f"WARNING smap_notify: ALLOWED_ORIGINS: '{APP_ORIGIN}/' never equals"
+    assert warning in daemon.log()
+    assert await upgrade_status(daemon.port, "alice", origin=APP_ORIGIN) == 403
+    await reload(daemon, f"ENV=production\nALLOWED_ORIGINS={APP_ORIGIN}\n")
+    assert await upgrade_status(daemon.port, "alice", origin=APP_ORIGIN) == 101
+    await reload(daemon, f"ENV=production\nALLOWED_ORIGINS={APP_ORIGIN}:443\n")
+    assert f"WARNING smap_notify.app: ALLOWED_ORIGINS: '{APP_ORIGIN}:443' never" in daemon.log()
+
+
 async def test_invalid_file_on_reload_keeps_the_running_configuration_and_logs_every_problem(
     start: Any, reload: Any, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
