@@ -127,7 +127,7 @@ def _listen_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> No
 
 def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
         raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {value!r}")
 
 

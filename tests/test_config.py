@@ -218,7 +218,10 @@ def test_bad_port_is_a_problem(value: str) -> None:
     assert any(p.startswith("WS_PORT") for p in problems_of({**VALID, "WS_PORT": value}))
 
 
-@pytest.mark.parametrize("value", ["localhost", ":6379", "localhost:", "localhost:0", "h:99999"])
+@pytest.mark.parametrize(
+    "value",
+    ["localhost", ":6379", "localhost:", "localhost:0", "h:99999", "redis://cache:6379"],
+)
 def test_redis_host_must_be_host_and_port(value: str) -> None:
     assert any(p.startswith("REDIS_HOST") for p in problems_of({**VALID, "REDIS_HOST": value}))
 
