@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import logging
 import os
 import sys
@@ -22,6 +23,13 @@ EX_SOFTWARE: Final = 70  # the daemon failed while running
 EX_CONFIG: Final = 78  # sysexits EX_CONFIG: systemd shows it as "configuration error"
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("smap-notify")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="smap-notify",
@@ -34,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="KEY=VALUE file (EnvironmentFile format); its values win over the environment "
         "and it is re-read on SIGHUP",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--check-config",
         action="store_true",
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
     logs.configure_logging(config.logger_level)
     logger.info(
-        "starting smap-notify env=%s redis=%s listen=%s:%d",
+        "starting smap-notify version=%s env=%s redis=%s listen=%s:%d",
+        _version(),
         config.env or "production",
         config.redis_host,
         config.ws_host,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -465,6 +466,15 @@ def test_check_config_prints_masked_config_and_exits_0(check_config: CheckConfig
     assert lines["REDIS_PASSWORD"] == "***"
     assert lines["WS_PORT"] == "9002"
     assert lines["ENV"] == "production"
+
+
+def test_version_is_the_installed_package_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"smap-notify {importlib.metadata.version('smap-notify')}\n"
 
 
 def test_check_config_warns_about_origins_no_browser_sends(check_config: CheckConfig) -> None:
