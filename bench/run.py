@@ -484,9 +484,10 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
         f" wake-up round trip between two processes took {info['wakeup_rt_us']} µs"
         f" ({info['wakeup_cpu_us']} µs of CPU for one of the two). Absolute figures follow"
         " these; compare runs on machines whose calibration matches.",
-        f"- steadiness of the servers' CPU (a fixed piece of Python work, timed in CPU time):"
-        f" {info['steadiness']}. A server near its capacity falls behind in slow stretches:"
-        " the latency rows at 80% of max follow this.",
+        f"- steadiness of the servers' CPU around the runs (a fixed piece of Python work, timed"
+        f" in CPU time): {info['steadiness']}. A server near its capacity falls behind in slow"
+        " stretches, which can also come during the runs, unseen: the latency rows at 80% of"
+        " max follow them.",
         '- ratio = smap-notify / baseline; "met" checks smap-notify against issue 4\'s targets.',
         "- figures are medians over the runs that passed every correctness check; the load",
         "  generator rows cover all runs (SAT: a load-generator process at 90%+ of a core;",
