@@ -8,6 +8,7 @@ frame a demo WebSocket client receives. Ctrl-C stops everything it started.
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import shutil
@@ -25,6 +26,12 @@ import trio_websocket
 
 DEMO_USER: Final = "demo-user"
 DEMO_ORIGIN: Final = "http://localhost:3000"
+DEFAULT_PORT: Final = 8081
+CONNECT_TIMEOUT: Final = 10.0
+
+
+class DemoError(Exception):
+    """Why the demo cannot run; printed as it is."""
 
 
 def _free_port() -> int:
@@ -40,14 +47,50 @@ def _redis_answers(host: str, port: int) -> bool:
         return False
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> bool:
+def _answers(port: int) -> bool:
+    """Something listens on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def choose_port(requested: str | None, default: int = DEFAULT_PORT) -> tuple[int, str]:
+    """The port for the demo's daemon, and a line to print about it ("" if none).
+
+    A port someone else listens on would take the demo's connections (and its daemon
+    would exit): an explicit WS_PORT in use is an error, the default gives way to a free
+    port.
+    """
+    if requested:
+        port = int(requested)
+        if _answers(port):
+            raise DemoError(
+                f"WS_PORT={port} is in use on 127.0.0.1 (another smap-notify?); "
+                "choose another WS_PORT, or leave it unset"
+            )
+        return port, ""
+    if not _answers(default):
+        return default, ""
+    port = _free_port()
+    return port, f"* Port {default} is in use, so the demo listens on {port}"
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> bool:
+    """Until ``proc`` serves /health on ``port`` (a connection alone could be anyone's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            body = conn.getresponse().read()
+            conn.close()
+            if b'"websocket"' in body:
+                return proc.poll() is None
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.05)
     return False
 
 
@@ -55,6 +98,9 @@ def main() -> int:
     started: list[subprocess.Popen[bytes]] = []
     try:
         return _run(started)
+    except DemoError as exc:
+        print(f"smap-notify-demo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
@@ -102,12 +148,14 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
                 print("redis-server failed to start", file=sys.stderr)
                 return 1
             time.sleep(0.05)
-        print(f"* No Redis answered, so a throwaway redis-server runs on {redis_host}")
+        print(f"* No Redis answered, so a throwaway redis-server runs on {redis_host}", flush=True)
     else:
-        print(f"* Using the Redis at {redis_host}")
+        print(f"* Using the Redis at {redis_host}", flush=True)
 
     secret = os.environ.get("JWT_SECRET_KEY") or secrets.token_urlsafe(32)
-    ws_port = int(os.environ.get("WS_PORT", "8081"))
+    ws_port, note = choose_port(os.environ.get("WS_PORT"))
+    if note:
+        print(note, flush=True)
     env = dict(
         os.environ,
         JWT_SECRET_KEY=secret,
@@ -118,7 +166,7 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
     )
     daemon = subprocess.Popen([sys.executable, "-m", "smap_notify"], env=env)
     started.append(daemon)
-    if not _wait_port(ws_port, daemon):
+    if not _wait_ready(ws_port, daemon):
         print(f"smap-notify did not start (exit status {daemon.poll()})", file=sys.stderr)
         return 1
     token = jwt.encode(
@@ -158,7 +206,12 @@ async def _print_frames(port: int, token: str) -> None:
     while True:
         try:
             async with trio_websocket.open_websocket(
-                "127.0.0.1", port, "/ws", use_ssl=False, extra_headers=headers
+                "127.0.0.1",
+                port,
+                "/ws",
+                use_ssl=False,
+                extra_headers=headers,
+                connect_timeout=CONNECT_TIMEOUT,
             ) as ws:
                 while True:
                     print("<<<", await ws.get_message(), flush=True)
