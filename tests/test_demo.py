@@ -118,6 +118,22 @@ def test_demo_prints_what_its_client_receives_and_ctrl_c_stops_everything(
             os.killpg(demo.pid, 0)  # the daemon is gone too
 
 
+def test_demo_without_a_redis_starts_its_own_and_stops_it_on_ctrl_c() -> None:
+    """A user's host may have no Redis: the demo runs a throwaway redis-server."""
+    port = free_port()
+    with run_demo(REDIS_HOST=f"127.0.0.1:{free_port()}", WS_PORT=str(port)) as (demo, out):
+        line = out.wait_for("* No Redis answered, so a throwaway redis-server runs on")
+        redis_port = int(line.rpartition(":")[2])
+        out.wait_for("A demo client is connected")
+        assert redis.Redis(port=redis_port).ping()
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(30) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+        with pytest.raises(ProcessLookupError):
+            os.killpg(demo.pid, 0)  # redis-server and the daemon are gone
+
+
 def test_demo_refuses_a_ws_port_that_is_in_use_instead_of_hanging(
     redis_server: RedisServer,
 ) -> None:
