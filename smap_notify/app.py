@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from . import logs, systemd
-from .config import RESTART_FIELDS, Config, ConfigError, load_config
+from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
 from .hub import Batch, Hub, Notifier
@@ -184,7 +184,7 @@ class App:
         )
         if restart:
             logger.warning("reload: these settings need a restart to change: %s", ",".join(restart))
-        for warning in applied.warnings():
+        for warning in config_warnings(applied, self.config_file):
             logger.warning("%s", warning)
         self.announce_ready()
 

@@ -14,7 +14,7 @@ from typing import Final
 import trio
 
 from . import app, logs
-from .config import ConfigError, load_config
+from .config import ConfigError, config_warnings, load_config
 
 logger = logging.getLogger("smap_notify")
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         for key, value in config.masked().items():
             print(f"{key}={value}")
-        for warning in config.warnings():
+        for warning in config_warnings(config, args.config):
             print(f"smap-notify: warning: {warning}", file=sys.stderr)
         return EX_OK
     logs.configure_logging(config.logger_level)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         config.ws_host,
         config.ws_port,
     )
-    for warning in config.warnings():
+    for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)
     # Start-up objects live forever: keep them out of the collector's way.
     gc.collect()

@@ -258,6 +258,52 @@ _converter.register_structure_hook_func(
 )
 
 
+# A name in the config file with one of these prefixes that is no setting is most likely
+# a typo, which would otherwise be ignored without a word.
+_OWN_PREFIXES: Final = (
+    "WS_",
+    "REDIS_",
+    "JWT_",
+    "LOGGER_",
+    "HTTP_",
+    "ALLOWED_",
+    "DEV_",
+    "SHUTDOWN_",
+    "RESYNC_",
+    "DELIVER_",
+)
+# Read by the original and never used there (CONTRACT section 7): accepted without a word,
+# as are its COOKIE_* settings.
+ORIGINAL_UNUSED: Final = frozenset(
+    {
+        "REDIS_MAX_RETRIES",
+        "REDIS_MIN_IDLE_CONNS",
+        "REDIS_POOL_SIZE",
+        "REDIS_POOL_TIMEOUT",
+        "REDIS_CONN_MAX_IDLE_TIME",
+        "REDIS_CONN_MAX_LIFETIME",
+        "WS_MODE",
+        "LOGGER_MODE",
+        "LOGGER_ENCODING",
+    }
+)
+
+
+def config_warnings(config: Config, config_file: Path | None) -> list[str]:
+    """What to warn about at start, on reload and in --check-config."""
+    return config.warnings() + (file_warnings(config_file) if config_file else [])
+
+
+def file_warnings(path: Path) -> list[str]:
+    """Names in the config file that look like settings of ours but are none."""
+    values, _ = _parse_env_file(path)  # its problems are load_config's to report
+    return [
+        f"{path}: {name} is not a setting of smap-notify and is ignored (a typo?)"
+        for name in values
+        if name not in ENV_NAMES and name not in ORIGINAL_UNUSED and name.startswith(_OWN_PREFIXES)
+    ]
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Read KEY=VALUE lines (the systemd EnvironmentFile format; # comments, optional quotes)."""
     values, problems = _parse_env_file(path)
@@ -270,7 +316,7 @@ def _parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     values: dict[str, str] = {}
     problems: list[str] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark too
     except OSError as exc:
         return values, [f"cannot read config file {path}: {exc.strerror or exc}"]
     for number, raw in enumerate(text.splitlines(), 1):

@@ -16,6 +16,7 @@ from smap_notify.config import (
     PRODUCTION_ORIGINS,
     Config,
     ConfigError,
+    config_warnings,
     load_config,
     parse_duration,
     read_env_file,
@@ -402,6 +403,26 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     assert "absent.env" in info.value.problems[0]
 
 
+def test_config_file_with_a_byte_order_mark_reads_its_first_line(tmp_path: Path) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_bytes(b"\xef\xbb\xbfJWT_SECRET_KEY=from-the-file\n")
+    assert load_config({}, path).jwt_secret_key == "from-the-file"
+
+
+def test_config_file_names_that_look_like_settings_but_are_none_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_text(
+        "JWT_SECRET_KEY=s\nWS_PORTT=9000\nREDIS_HOSTNAME=cache\n"
+        "REDIS_POOL_SIZE=10\nCOOKIE_DOMAIN=smap.tantai.dev\nTZ=UTC\n"
+    )
+    assert config_warnings(load_config({}, path), path) == [
+        f"{path}: WS_PORTT is not a setting of smap-notify and is ignored (a typo?)",
+        f"{path}: REDIS_HOSTNAME is not a setting of smap-notify and is ignored (a typo?)",
+    ]
+
+
 def test_config_file_values_win_over_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "smap-notify.env"
     path.write_text("WS_PORT=9100\nENV=staging\nJWT_SECRET_KEY=from-file\n")
@@ -499,8 +520,12 @@ def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) 
 
 def test_check_config_reads_the_config_file(check_config: CheckConfig, tmp_path: Path) -> None:
     path = tmp_path / "smap-notify.env"
-    path.write_text("JWT_SECRET_KEY=file-secret\nWS_PORT=9003\n")
-    status, out, _ = check_config("--config", str(path), WS_PORT="9000")
+    path.write_text("JWT_SECRET_KEY=file-secret\nWS_PORT=9003\nWS_PING_INTERVL=5s\n")
+    status, out, err = check_config("--config", str(path), WS_PORT="9000")
     assert status == 0
     assert "WS_PORT=9003" in out.splitlines()
     assert "file-secret" not in out
+    assert err == (
+        f"smap-notify: warning: {path}: WS_PING_INTERVL is not a setting of smap-notify and"
+        " is ignored (a typo?)\n"
+    )
