@@ -226,5 +226,7 @@ async def _print_frames(port: int, token: str) -> None:
                 while True:
                     print("<<<", await ws.get_message(), flush=True)
         except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError) as exc:
-            print(f"(demo client disconnected: {exc}; reconnecting)", flush=True)
+            # Said after the pause: on Ctrl-C the daemon may close the connection before
+            # the demo itself stops, and the demo then stops during the pause, quietly.
             await trio.sleep(1)
+            print(f"(demo client was disconnected: {exc}; reconnecting)", flush=True)

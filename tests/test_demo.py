@@ -114,6 +114,7 @@ def test_demo_prints_what_its_client_receives_and_ctrl_c_stops_everything(
         assert demo.wait(30) == 0
         out.wait_for("INFO smap_notify.app: stopped")
         assert "Traceback" not in out.text()
+        assert "reconnecting" not in out.text()
         with pytest.raises(ProcessLookupError):
             os.killpg(demo.pid, 0)  # the daemon is gone too
 
