@@ -8,10 +8,12 @@ import importlib.metadata
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Final
 
 import trio
+from jwt.warnings import InsecureKeyLengthWarning
 
 from . import app, logs
 from .config import ConfigError, config_warnings, load_config
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smap-notify: warning: {warning}", file=sys.stderr)
         return EX_OK
     logs.configure_logging(config.logger_level)
+    # Python warnings (libraries') in the log's own format and priority, not as raw lines.
+    logging.captureWarnings(True)
+    # A short secret is reported once by config_warnings below; PyJWT would add a warning
+    # on the first token of every key and algorithm.
+    warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     logger.info(
         "starting smap-notify version=%s env=%s redis=%s listen=%s:%d",
         _version(),

@@ -23,6 +23,7 @@ PRODUCTION_ORIGINS: Final = (
 DEV_SUBNETS: Final = ("172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24")
 LOG_LEVELS: Final = ("debug", "info", "warn", "warning", "error")
 OVERFLOW_POLICIES: Final = ("drop", "disconnect")
+MIN_SECRET_BYTES: Final = 32  # RFC 7518 section 3.2: at least the hash size, 256 bits for HS256
 SECRET_FIELDS: Final = frozenset({"jwt_secret_key", "jwt_previous_secret_key", "redis_password"})
 # Settings that a SIGHUP reload cannot change on a running daemon.
 RESTART_FIELDS: Final = frozenset(
@@ -188,7 +189,7 @@ class Config:
 
     def warnings(self) -> list[str]:
         """Settings that are valid but cannot do what they look meant to do."""
-        return origin_warnings(self.allowed_origins)
+        return secret_warnings(self) + origin_warnings(self.allowed_origins)
 
     def masked(self) -> dict[str, Any]:
         """The configuration as environment names and values, secrets masked."""
@@ -203,6 +204,22 @@ class Config:
                 value = format_duration(value)
             out[field.name.upper()] = value
         return out
+
+
+def secret_warnings(config: Config) -> list[str]:
+    """HMAC secrets shorter than HS256's hash: the original took any, and so does this
+    daemon (identity-srv signs with the same secret), but says so once, at start and on
+    reload, instead of PyJWT's warning on the first token. Never the secret itself."""
+    out = []
+    for name in ("jwt_secret_key", "jwt_previous_secret_key"):
+        size = len(getattr(config, name).encode())
+        if 0 < size < MIN_SECRET_BYTES:
+            out.append(
+                f"{name.upper()} is {size} bytes long; RFC 7518 (section 3.2) asks at least"
+                f" {MIN_SECRET_BYTES} for HS256: tokens signed with a shorter secret are"
+                " easier to forge"
+            )
+    return out
 
 
 def origin_warnings(origins: Iterable[str]) -> list[str]:

@@ -262,6 +262,15 @@ def test_an_allowed_origin_no_browser_sends_is_warned_about(origin: str, hint: s
     ]
 
 
+def test_a_secret_shorter_than_hs256_asks_is_warned_about_by_length_only() -> None:
+    config = load_config({"JWT_SECRET_KEY": "dev-secret", "JWT_PREVIOUS_SECRET_KEY": "x" * 32})
+    assert config.warnings() == [
+        "JWT_SECRET_KEY is 10 bytes long; RFC 7518 (section 3.2) asks at least 32 for HS256:"
+        " tokens signed with a shorter secret are easier to forge"
+    ]
+    assert load_config({"JWT_SECRET_KEY": "y" * 32}).warnings() == []
+
+
 @pytest.mark.parametrize(
     "origin", ["https://smap.tantai.dev", "http://localhost:3000", "http://[::1]:8080", "null"]
 )
@@ -414,7 +423,7 @@ def test_config_file_names_that_look_like_settings_but_are_none_are_warned_about
 ) -> None:
     path = tmp_path / "smap-notify.env"
     path.write_text(
-        "JWT_SECRET_KEY=s\nWS_PORTT=9000\nREDIS_HOSTNAME=cache\n"
+        f"JWT_SECRET_KEY={SECRET}\nWS_PORTT=9000\nREDIS_HOSTNAME=cache\n"
         "REDIS_POOL_SIZE=10\nCOOKIE_DOMAIN=smap.tantai.dev\nTZ=UTC\n"
     )
     assert config_warnings(load_config({}, path), path) == [
@@ -499,7 +508,7 @@ def test_version_is_the_installed_package_version(
 
 
 def test_check_config_warns_about_origins_no_browser_sends(check_config: CheckConfig) -> None:
-    status, out, err = check_config(JWT_SECRET_KEY="s", ALLOWED_ORIGINS="https://app.example/")
+    status, out, err = check_config(JWT_SECRET_KEY=SECRET, ALLOWED_ORIGINS="https://app.example/")
     assert status == 0
     assert "ALLOWED_ORIGINS=https://app.example/" in out.splitlines()
     assert err == (
@@ -520,11 +529,11 @@ def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) 
 
 def test_check_config_reads_the_config_file(check_config: CheckConfig, tmp_path: Path) -> None:
     path = tmp_path / "smap-notify.env"
-    path.write_text("JWT_SECRET_KEY=file-secret\nWS_PORT=9003\nWS_PING_INTERVL=5s\n")
+    path.write_text(f"JWT_SECRET_KEY=file-{SECRET}\nWS_PORT=9003\nWS_PING_INTERVL=5s\n")
     status, out, err = check_config("--config", str(path), WS_PORT="9000")
     assert status == 0
     assert "WS_PORT=9003" in out.splitlines()
-    assert "file-secret" not in out
+    assert f"file-{SECRET}" not in out
     assert err == (
         f"smap-notify: warning: {path}: WS_PING_INTERVL is not a setting of smap-notify and"
         " is ignored (a typo?)\n"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
+import warnings
 from typing import Any
 
+import jwt
 import pytest
 import trio
 import trio_websocket
@@ -311,6 +314,31 @@ def test_a_signal_as_the_drain_ends_is_logged_not_fatal(daemon_process: Any) -> 
     assert "received SIGINT, shutting down" in log
     assert "received SIGTERM while stopping" in log
     assert log.rstrip().endswith("stopped")
+
+
+def test_a_short_secret_is_one_warning_at_start_not_a_raw_python_warning(
+    daemon_process: Any,
+) -> None:
+    """PyJWT warns on the first token checked with a short key, as two raw lines of
+    Python source on stderr: no log format, no journald priority, a library's path."""
+    daemon = daemon_process(JWT_SECRET_KEY="dev-secret")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        token = jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, "dev-secret")
+
+    async def connect() -> None:
+        headers = [("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={token}")]
+        async with trio_websocket.open_websocket(
+            "127.0.0.1", daemon.port, "/ws", use_ssl=False, extra_headers=headers
+        ):
+            pass
+
+    trio.run(connect)
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "WARNING smap_notify: JWT_SECRET_KEY is 10 bytes long" in log
+    assert "dev-secret" not in log
+    assert "InsecureKeyLengthWarning" not in log
 
 
 def test_a_port_in_use_exits_70_with_one_line_saying_so(daemon_process: Any) -> None:
