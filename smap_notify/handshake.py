@@ -172,7 +172,9 @@ def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
         if not isinstance(sub, str) or not sub:
             raise TokenError("claim sub must be a non-empty string")
         exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or exp <= now:
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise TokenError(f"claim exp must be a number (seconds since 1970), got {exp!r:.40}")
+        if exp <= now:
             raise TokenError("token has expired (claim exp is not in the future)")
         return TokenClaims(sub, float(exp), index > 0)
     raise TokenError(f"{type(last).__name__}: {last}" if last else "no secret configured")

@@ -345,6 +345,18 @@ def test_exp_is_compared_with_the_given_now() -> None:
     assert isinstance(decide(request, PROD, NOW + 100), Reject)
 
 
+@pytest.mark.parametrize(
+    ("exp", "detail"),
+    [
+        ("9999999999", "claim exp must be a number (seconds since 1970), got '9999999999'"),
+        (True, "claim exp must be a number (seconds since 1970), got True"),
+        (NOW - 1, "token has expired (claim exp is not in the future)"),
+    ],
+)
+def test_the_log_detail_says_what_is_wrong_with_exp(exp: object, detail: str) -> None:
+    assert refused(ws_request(make_token(exp=exp))).detail == detail
+
+
 def test_only_the_given_now_decides_expiry() -> None:
     # A clock of the caller's behind the wall clock: PyJWT's own check must not interfere
     # (it did, and this suite's NOW-based tests failed when run long after import).
