@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 import warnings
+from functools import partial
 from typing import Any
 
 import jwt
@@ -24,6 +25,7 @@ from .conftest import (
     make_token,
     wait_until,
 )
+from .test_systemd_integration import upgrade_status
 
 
 def ws_headers(
@@ -326,14 +328,7 @@ def test_a_short_secret_is_one_warning_at_start_not_a_raw_python_warning(
         warnings.simplefilter("ignore")
         token = jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, "dev-secret")
 
-    async def connect() -> None:
-        headers = [("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={token}")]
-        async with trio_websocket.open_websocket(
-            "127.0.0.1", daemon.port, "/ws", use_ssl=False, extra_headers=headers
-        ):
-            pass
-
-    trio.run(connect)
+    assert trio.run(partial(upgrade_status, daemon.port, "u1", token=token)) == 101
     assert daemon.stop() == 0
     log = daemon.log()
     assert "WARNING smap_notify: JWT_SECRET_KEY is 10 bytes long" in log
