@@ -167,7 +167,7 @@ class Config:
     ws_send_buffer_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
     ws_overflow_policy: str = attrs.field(default="drop", validator=_one_of(OVERFLOW_POLICIES))
     ws_handshake_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
-    http_max_header_size: int = attrs.field(default=8192, validator=v.ge(1024))
+    http_max_header_size: int = attrs.field(default=32768, validator=v.ge(1024))
     jwt_previous_secret_key: str = attrs.field(default="", repr=False)
     cookie_name: str = "smap_auth_token"
     logger_level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))

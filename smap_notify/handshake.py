@@ -64,12 +64,12 @@ class Reject:
     extra_headers: tuple[tuple[str, str], ...] = ()
 
 
-def _json_error(message: str) -> bytes:
+def json_error(message: str) -> bytes:
     return json.dumps({"error": message}, separators=(",", ":")).encode()
 
 
-MISSING_TOKEN: Final = _json_error("missing token parameter")
-INVALID_TOKEN: Final = _json_error("invalid or expired token")
+MISSING_TOKEN: Final = json_error("missing token parameter")
+INVALID_TOKEN: Final = json_error("invalid or expired token")
 
 
 def _origin_host(origin: str) -> str | None:
@@ -187,7 +187,7 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
         return Reject(
             403,
             "origin_missing" if not origin else "origin_not_allowed",
-            _json_error("origin not allowed"),
+            json_error("origin not allowed"),
             f"origin={origin[:200]!r}" if origin else "no Origin header",
         )
     token, in_query = find_token(request, config.cookie_name)
@@ -201,7 +201,7 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
         return Reject(
             400,
             "not_websocket",
-            _json_error("not a websocket request"),
+            json_error("not a websocket request"),
             "missing Upgrade: websocket, Connection: upgrade or Sec-WebSocket-Key",
         )
     version = request.headers.get("sec-websocket-version", "")
@@ -209,7 +209,7 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
         return Reject(
             426,
             "bad_websocket_version",
-            _json_error("unsupported websocket version"),
+            json_error("unsupported websocket version"),
             f"version={version[:20]!r}",
             extra_headers=(("Sec-WebSocket-Version", "13"),),
         )

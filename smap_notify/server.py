@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from http import HTTPStatus
 from typing import Final
 
 import h11
@@ -15,7 +15,7 @@ import wsproto.utilities
 
 from .config import Config
 from .connection import Connection, ConnStream
-from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide
+from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
 from .hub import Hub
 from .logs import LimitedLogger
 
@@ -27,10 +27,11 @@ Endpoint = Callable[[HandshakeRequest], Awaitable[tuple[int, str, bytes]]]
 
 
 class HeadError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = detail
 
 
 async def read_head(stream: ConnStream, limit: int) -> bytes:
@@ -38,14 +39,14 @@ async def read_head(stream: ConnStream, limit: int) -> bytes:
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > limit:
-            raise HeadError(431, "head_too_large")
+            raise HeadError(431, "head_too_large", f"over {limit} bytes (HTTP_MAX_HEADER_SIZE)")
         chunk = await stream.raw.receive_some(4096)
         if not chunk:
             raise HeadError(0, "closed_before_head")
         buf += chunk
     end = buf.index(b"\r\n\r\n") + 4
     if end > limit:
-        raise HeadError(431, "head_too_large")
+        raise HeadError(431, "head_too_large", f"{end} bytes, over {limit} (HTTP_MAX_HEADER_SIZE)")
     return bytes(buf)
 
 
@@ -55,14 +56,18 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise HeadError(exc.error_status_hint, "bad_request") from None
+        raise HeadError(exc.error_status_hint, "bad_request", str(exc)) from None
     if not isinstance(event, h11.Request):
-        raise HeadError(400, "bad_request")
+        raise HeadError(400, "bad_request", "no complete request")
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if key in headers:
+            # RFC 9110 5.3 joins repeated fields with a comma; Cookie fields are joined
+            # with "; " (RFC 6265 5.4), so that every cookie stays findable.
+            text = f"{headers[key]}{'; ' if key == 'cookie' else ', '}{text}"
+        headers[key] = text
     return HandshakeRequest(
         event.method.decode("ascii", "replace"), event.target.decode("latin-1"), headers
     )
@@ -102,11 +107,19 @@ def http_response(
         ("Cache-Control", "no-store"),
         *extra_headers,
     ]
-    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    response = h11.Response(status_code=status, headers=headers, reason=_reason_phrase(status))
+    out = conn.send(response) or b""
     if not head_only:
         out += conn.send(h11.Data(data=body)) or b""
     out += conn.send(h11.EndOfMessage()) or b""
     return out
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def release_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
@@ -205,6 +218,9 @@ class Server:
                 await self._upgrade_and_run(stream, accepted, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except trio_websocket.ConnectionClosed:
+            # The client reset the connection while its upgrade was being answered.
+            logger.debug("client went away during the upgrade")
         except Exception:
             logger.exception("connection handler failed")
         finally:
@@ -225,7 +241,15 @@ class Server:
             if exc.reason != "closed_before_head":
                 self.counters.handshake_rejections[exc.reason] += 1
             if exc.status:
-                body = json.dumps({"error": exc.reason.replace("_", " ")}).encode()
+                self._log.log(
+                    logging.INFO,
+                    exc.reason,
+                    "request rejected status=%d reason=%s %s",
+                    exc.status,
+                    exc.reason,
+                    exc.detail,
+                )
+                body = json_error(exc.reason.replace("_", " "))
                 await stream.raw.send_all(http_response(exc.status, body, "application/json"))
             return None
         if request.path != WS_PATH:
@@ -240,6 +264,7 @@ class Server:
                     decision.body,
                     decision.content_type,
                     decision.extra_headers,
+                    head_only=request.method == "HEAD",
                 )
             )
             return None
@@ -268,7 +293,7 @@ class Server:
                 return Reject(
                     status,
                     reason,
-                    json.dumps({"error": reason.replace("_", " ") + " reached"}).encode(),
+                    json_error(reason.replace("_", " ") + " reached"),
                     f"user={decision.user_id}",
                     extra_headers=(("Retry-After", "5"),),
                 )

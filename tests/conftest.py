@@ -181,8 +181,10 @@ class Daemon:
         origin: str | None = DEV_ORIGIN,
         nursery: trio.Nursery,
         query_token: bool = False,
+        other_cookies: str = "",
         **kwargs: Any,
     ) -> trio_websocket.WebSocketConnection:
+        """Open a WebSocket as ``user``; ``other_cookies`` go before the token's cookie."""
         token = make_token(user) if token is None else token
         headers = []
         if origin is not None:
@@ -191,7 +193,7 @@ class Daemon:
         if query_token:
             resource += f"?token={token}"
         else:
-            headers.append(("Cookie", f"smap_auth_token={token}"))
+            headers.append(("Cookie", f"{other_cookies}smap_auth_token={token}"))
         return await trio_websocket.connect_websocket(
             nursery,
             "127.0.0.1",

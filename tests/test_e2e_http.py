@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
+import struct
 import time
 import warnings
 from functools import partial
@@ -259,6 +261,108 @@ async def test_unknown_path_is_404_and_post_is_405(start_daemon: Any) -> None:
     daemon: Daemon = await start_daemon()
     assert (await http_request(daemon.port, "/nope"))[0] == 404
     assert (await http_request(daemon.port, "/health", method="POST"))[0] == 405
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, return everything the daemon answers until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            data += chunk
+    await stream.aclose()
+    return data
+
+
+async def test_rejections_have_reason_phrases_and_compact_json_bodies(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    daemon: Daemon = await start_daemon(
+        WS_MAX_CONNECTIONS_PER_USER="1", HTTP_MAX_HEADER_SIZE="2048"
+    )
+    await daemon.connect("a", nursery=nursery)
+    await daemon.wait_connections(1)
+    cases = [
+        (
+            ws_headers(make_token("a")),
+            b"429 Too Many Requests",
+            b"max connections per user reached",
+        ),
+        (ws_headers(token=None), b"401 Unauthorized", b"missing token parameter"),
+        ({"X-Big": "a" * 4000}, b"431 Request Header Fields Too Large", b"head too large"),
+    ]
+    for headers, status_line, error in cases:
+        lines = ["GET /ws HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
+        answer = await raw_exchange(daemon.port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 " + status_line
+        assert body == b'{"error":"' + error + b'"}'
+
+
+async def test_head_request_to_ws_gets_headers_without_a_body(start_daemon: Any) -> None:
+    daemon: Daemon = await start_daemon()
+    answer = await raw_exchange(daemon.port, b"HEAD /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"Content-Length: 30" in head.title()
+    assert body == b""
+
+
+async def test_a_refused_head_is_logged_with_its_size(
+    start_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    daemon: Daemon = await start_daemon(HTTP_MAX_HEADER_SIZE="2048")
+    status, _, _ = await http_request(daemon.port, "/ws", {"Cookie": "c=" + "x" * 3000})
+    assert status == 431
+    lines = [r.getMessage() for r in caplog.records if "status=431" in r.getMessage()]
+    assert len(lines) == 1
+    assert "reason=head_too_large" in lines[0]
+    assert "HTTP_MAX_HEADER_SIZE" in lines[0]
+    assert "xxxx" not in lines[0]
+
+
+async def test_a_browser_sized_cookie_jar_fits_the_default_head_limit(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    # Chromium sends every cookie of the domain: here 8 unrelated 1 KB cookies.
+    daemon: Daemon = await start_daemon()
+    jar = "".join(f"analytics{i}={'v' * 1000}; " for i in range(8))
+    ws = await daemon.connect("jar", other_cookies=jar, nursery=nursery)
+    await daemon.wait_connections(1)
+    await ws.aclose()
+
+
+async def test_a_client_that_resets_during_the_upgrade_is_no_error(
+    start_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    lines = [
+        "GET /ws HTTP/1.1",
+        "Host: x",
+        *(f"{k}: {v}" for k, v in ws_headers(make_token()).items()),
+    ]
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", daemon.port))
+    await sock.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+    # Closing with SO_LINGER 0 sends a reset: the head is already queued on the daemon's
+    # side, its answer (101) meets the reset.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+    def ended() -> bool:
+        return any(
+            "during the upgrade" in r.getMessage() or r.levelno >= logging.ERROR
+            for r in caplog.records
+        )
+
+    await wait_until(ended)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    await wait_until(lambda: daemon.app.hub.connection_count == 0)
+    status, _, _ = await http_request(daemon.port, "/health")
+    assert status == 200
 
 
 def test_sigterm_closes_clients_uncleanly_and_exits_zero(daemon_process: Any) -> None:
