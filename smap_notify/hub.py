@@ -156,7 +156,13 @@ class Hub:
             try:
                 result = parse_message(channel, data, deliver_invalid=deliver_invalid)
             except Exception as exc:  # one bad message must never stop delivery
-                logger.exception("message parsing failed channel=%.100r", channel)
+                self._log.log(
+                    logging.ERROR,
+                    "parse_failed",
+                    "message parsing failed channel=%.100r",
+                    channel,
+                    exc_info=True,
+                )
                 result = Rejected("internal_error", repr(exc))
             if type(result) is Rejected:
                 self._log_rejected(result)

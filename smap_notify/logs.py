@@ -236,7 +236,9 @@ class LimitedLogger:
         self.logger = logger
         self.limiter = RateLimiter(per_seconds=per_seconds, burst=burst)
 
-    def log(self, level: int, key: Hashable, msg: str, *args: object) -> None:
+    def log(
+        self, level: int, key: Hashable, msg: str, *args: object, exc_info: bool = False
+    ) -> None:
         if not self.logger.isEnabledFor(level):
             return
         allowed, suppressed = self.limiter.check(key, time.monotonic())
@@ -244,4 +246,4 @@ class LimitedLogger:
             if suppressed:
                 msg += " suppressed=%d"
                 args = (*args, suppressed)
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)

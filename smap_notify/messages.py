@@ -231,7 +231,12 @@ def _loads(data: bytes | str) -> tuple[Any, bool]:
 def _dumps(value: Any, fast: bool) -> bytes:
     """Compact JSON with key order, numbers and non-ASCII text kept."""
     if fast:
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            # orjson reads 1,024 levels of nesting but writes only 254: deeper values
+            # take the standard library's path (which stops near 1,000: RecursionError).
+            pass
     # Values parsed by the standard library may hold inf (from 1e999), huge integers or
     # lone surrogates, which orjson would write as null or refuse.
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(

@@ -16,6 +16,7 @@ import pytest
 from smap_notify.logs import (
     HANDLER_NAME,
     JournalFormatter,
+    LimitedLogger,
     PlainFormatter,
     RateLimiter,
     TerminalFormatter,
@@ -230,6 +231,20 @@ def test_rate_limiter_allows_burst_then_reports_suppressed_count() -> None:
     assert limiter.check("bad-json", 103.0) == (False, 0)
     assert limiter.check("bad-json", 103.4) == (True, 5)
     assert limiter.check("bad-json", 103.5) == (False, 0)
+
+
+def test_limited_logger_keeps_the_traceback_of_the_lines_it_lets_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = LimitedLogger(logging.getLogger("smap_notify.test"), burst=2)
+    for _ in range(5):
+        try:
+            raise TypeError("boom")
+        except TypeError:
+            log.log(logging.ERROR, "k", "failed n=%d", 1, exc_info=True)
+    records = [r for r in caplog.records if r.name == "smap_notify.test"]
+    assert len(records) == 2
+    assert all(r.exc_info and r.exc_info[0] is TypeError for r in records)
 
 
 def test_rate_limiter_refills_to_burst_only() -> None:
