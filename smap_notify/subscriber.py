@@ -13,7 +13,9 @@ import logging
 import os
 import random
 import select
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -120,6 +122,102 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     return capped * (0.5 + 0.5 * (rng or random).random())
 
 
+class _Lookup:
+    """One ``getaddrinfo`` in a daemon thread of its own: the C library's resolver takes
+    no deadline and cannot be interrupted (with unreachable name servers a lookup lasts
+    30 s or more), and a thread stuck in it must not hold up anything else."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.done = threading.Event()
+        self.addresses: list[str] = []
+        self.error: OSError | None = None
+        threading.Thread(target=self._run, args=(host, port), name="redis-dns", daemon=True).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            self.addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class LookupTimeout(OSError):
+    pass
+
+
+_lookups: dict[tuple[str, int], _Lookup] = {}
+_lookups_lock = threading.Lock()
+
+
+def resolve(host: str, port: int, timeout: float) -> list[str]:
+    """The addresses of ``host``, waiting at most ``timeout`` seconds for the resolver.
+
+    One lookup per name at a time: a caller that gives up leaves the lookup running, and
+    the next caller waits for that one (or takes its answer) instead of starting another,
+    so a resolver that hangs costs one thread, not one per retry.
+    """
+    try:  # an address literal needs no lookup
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        return [str(infos[0][4][0])]
+    except socket.gaierror:
+        pass
+    key = (host, port)
+    with _lookups_lock:
+        lookup = _lookups.get(key)
+        if lookup is None:
+            lookup = _lookups[key] = _Lookup(host, port)
+    if not lookup.done.wait(timeout):
+        raise LookupTimeout(f"DNS lookup of {host} did not answer within {timeout:g}s")
+    with _lookups_lock:
+        if _lookups.get(key) is lookup:
+            del _lookups[key]
+    if lookup.error is not None:
+        raise lookup.error
+    if not lookup.addresses:
+        raise OSError(f"DNS lookup of {host} returned no address")
+    return lookup.addresses
+
+
+def _connect_resolved(conn: Any, connect: Callable[[], Any]) -> Any:
+    """redis-py's plain socket connect, to each address of ``conn.host`` in turn, with the
+    name looked up by ``resolve`` (bounded by the connect timeout) instead of inside it."""
+    host = conn.host
+    try:
+        addresses = resolve(host, conn.port, conn.socket_connect_timeout or SOCKET_TIMEOUT)
+    except LookupTimeout as exc:
+        # As is: redis-py words an OSError as "Error <it> connecting to <host>".
+        raise redis.ConnectionError(str(exc)) from None
+    error: OSError | None = None
+    for address in addresses:
+        conn.host = address
+        try:
+            return connect()
+        except OSError as exc:
+            error = exc
+        finally:
+            conn.host = host
+    assert error is not None
+    raise error
+
+
+class BoundedConnection(redis.Connection):
+    def _connect(self) -> Any:
+        return _connect_resolved(self, super()._connect)
+
+
+class BoundedSSLConnection(redis.SSLConnection):
+    def _connect(self) -> Any:
+        # The TCP connect to the looked-up address; TLS checks the name in REDIS_HOST.
+        sock = _connect_resolved(self, lambda: redis.Connection._connect(self))
+        try:
+            return self._wrap_socket_with_ssl(sock)
+        except (OSError, redis.RedisError):
+            sock.close()
+            raise
+
+
 def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
     """A client that fails fast: reconnecting is the caller's job."""
     host, port = config.redis_address
@@ -146,6 +244,9 @@ def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> re
     # The pure-Python parser reads through the SSL object and sees no data. It only
     # parses the connect handshake and PINGs here; Replies reads the messages.
     client.connection_pool.connection_kwargs["parser_class"] = _RESP2Parser
+    # Host names are looked up with a deadline (resolve), not inside redis-py's connect.
+    pool = client.connection_pool
+    pool.connection_class = BoundedSSLConnection if config.redis_use_tls else BoundedConnection
     return client
 
 
@@ -405,17 +506,23 @@ class Replies:
         reader = self._reader
         self._more = False
         unread = True  # the socket may hold more than has been read
-        while True:
-            reply = reader.gets()
-            while reply is not False:
-                take(reply, batch)
-                if len(batch) >= MAX_BATCH:
-                    self._more = True
-                    return
+        try:
+            while True:
                 reply = reader.gets()
-            if not unread:
-                return
-            unread = self._fill()
+                while reply is not False:
+                    take(reply, batch)
+                    if len(batch) >= MAX_BATCH:
+                        self._more = True
+                        return
+                    reply = reader.gets()
+                if not unread:
+                    return
+                unread = self._fill()
+        except hiredis.ProtocolError as exc:
+            # Something else answers on REDIS_HOST (an HTTP or SSH port, a TLS-only Redis).
+            raise redis.InvalidResponse(
+                f"not a Redis reply ({exc}): is REDIS_HOST a Redis server and REDIS_USE_TLS right?"
+            ) from None
 
     def _fill(self) -> bool:
         """One read from the socket; True when more may be waiting (the buffer filled up)."""

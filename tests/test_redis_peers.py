@@ -1,0 +1,126 @@
+"""REDIS_HOST pointing at trouble other than a stopped Redis: a name server that does not
+answer, and a port where something else than Redis listens. Neither may end the daemon,
+hold up its watchdog, its shutdown or /health.
+
+The hanging name server is simulated by replacing ``socket.getaddrinfo`` for one made-up
+name (a real one needs root and a private /etc/resolv.conf); everything else is real: the
+daemon in this event loop, a real redis-server, real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from smap_notify.subscriber import SOCKET_TIMEOUT, resolve
+
+from .conftest import Daemon, RedisServer, http_request, wait_until
+
+STUCK = "redis.stuck.invalid"
+
+
+class HangingResolver:
+    """``socket.getaddrinfo`` that blocks for ``STUCK`` until ``answer`` is called."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.released = threading.Event()
+        self.calls = 0
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        flags = args[3] if len(args) > 3 else kwargs.get("flags", 0)
+        if host == STUCK and not flags & socket.AI_NUMERICHOST:
+            self.calls += 1
+            self.released.wait(60)
+            host = "127.0.0.1"
+        return self.real(host, port, *args, **kwargs)
+
+    def answer(self) -> None:
+        self.released.set()
+
+
+@pytest.fixture
+def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[HangingResolver]:
+    resolver = HangingResolver(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    try:
+        yield resolver
+    finally:
+        resolver.answer()  # never leave a lookup thread waiting
+
+
+def test_resolve_gives_up_at_its_deadline_and_reuses_the_lookup_in_flight(
+    hanging_resolver: HangingResolver,
+) -> None:
+    for _ in range(3):
+        with pytest.raises(OSError, match="did not answer within 0.05s"):
+            resolve(STUCK, 6379, 0.05)
+    assert hanging_resolver.calls == 1, "one lookup thread, however often it is retried"
+    hanging_resolver.answer()
+    assert resolve(STUCK, 6379, 5) == ["127.0.0.1"]
+    assert resolve("127.0.0.1", 6379, 0.05) == ["127.0.0.1"]
+
+
+async def test_a_name_server_that_does_not_answer_is_a_redis_outage_not_a_hang(
+    start_daemon: Any, redis_server: RedisServer, hanging_resolver: HangingResolver
+) -> None:
+    daemon: Daemon = await start_daemon(
+        wait_subscribed=False, REDIS_HOST=f"{STUCK}:{redis_server.port}"
+    )
+    started = time.monotonic()
+    with trio.fail_after(5):
+        status, _, body = await http_request(daemon.port, "/health")
+    assert status == 503
+    doc = json.loads(body)
+    assert "DNS lookup of redis.stuck.invalid did not answer" in doc["redis"]["error"]
+    # The subscriber thread keeps its heartbeat (and so the watchdog) going meanwhile: it
+    # gives each lookup SOCKET_TIMEOUT, then backs off and looks again.
+    await trio.sleep(3 * SOCKET_TIMEOUT)
+    assert time.monotonic() - daemon.app.subscriber.heartbeat < SOCKET_TIMEOUT + 0.5
+    assert daemon.app.subscriber_alive()
+    assert daemon.app.subscriber.state == "retrying"
+    assert daemon.app.subscriber.last_error == (
+        f"ConnectionError: DNS lookup of {STUCK} did not answer within {SOCKET_TIMEOUT:g}s"
+    )
+    assert time.monotonic() - started >= 3 * SOCKET_TIMEOUT
+    # The name server answers at last: subscribed, with the same lookup.
+    hanging_resolver.answer()
+    await daemon.wait_subscribed()
+    assert hanging_resolver.calls <= 2
+
+
+async def serve_not_redis(reply: bytes, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP server that answers anything with ``reply`` (an HTTP or SSH port)."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(1):
+            await stream.receive_some()
+        await stream.send_all(reply)
+        await stream.aclose()
+
+    await trio.serve_tcp(answer, 0, host="127.0.0.1", task_status=task_status)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"SSH-2.0-OpenSSH_9.2p1\r\n"],
+    ids=["http", "ssh"],
+)
+async def test_something_else_than_redis_on_the_port_is_retried_not_fatal(
+    start_daemon: Any, nursery: trio.Nursery, reply: bytes
+) -> None:
+    listeners = await nursery.start(serve_not_redis, reply)
+    port = listeners[0].socket.getsockname()[1]
+    daemon: Daemon = await start_daemon(wait_subscribed=False, REDIS_HOST=f"127.0.0.1:{port}")
+    await wait_until(lambda: daemon.app.subscriber.attempts >= 2)
+    assert daemon.app.subscriber.state == "retrying"
+    assert "not a Redis reply" in daemon.app.subscriber.last_error
+    status, _, body = await http_request(daemon.port, "/health")
+    assert status == 503, body
