@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 BACKLOG: Final = 4096  # pending connections the kernel keeps for us (a reconnect storm)
 INBOX_SIZE: Final = 2  # batches in flight; see Inbox for why so few
 LATE_SIGNALS_WAIT: Final = 0.05  # how long a stopping daemon still takes signals in
+# Descriptors the daemon needs besides its WebSockets: listeners, Redis, the health
+# check, the log, the event loop's own, connections still in their handshake.
+FD_HEADROOM: Final = 64
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
 
 
@@ -196,9 +200,10 @@ class App:
     def _status_text(self) -> str:
         redis_state = "subscribed" if self.subscriber.active else "redis " + self.subscriber.state
         draining = "draining; " if self.draining else ""
+        short = "out of file descriptors, refusing new connections; "
         return (
-            f"{draining}{redis_state}; {self.hub.connection_count} connections, "
-            f"{len(self.hub.users)} users"
+            f"{draining}{short if self.server.out_of_descriptors else ''}{redis_state}; "
+            f"{self.hub.connection_count} connections, {len(self.hub.users)} users"
         )
 
     async def _report_status(self) -> None:
@@ -292,6 +297,7 @@ async def run(
     """Run the daemon until SIGTERM or SIGINT, then drain and return."""
     environ = dict(environ or {})
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
+    check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
@@ -317,6 +323,28 @@ async def run(
         app.probe.close()
         await _take_late_signals(signals)
     logger.info("stopped")
+
+
+def check_open_files(max_connections: int) -> None:
+    """Raise the open-files limit to its hard limit (a shell's default is often 1,024);
+    warn when it cannot hold ``WS_MAX_CONNECTIONS`` and what the daemon needs itself."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):  # SystemCallFilter=~@resources refuses setrlimit
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_HEADROOM:
+        logger.warning(
+            "open files limit %d is below WS_MAX_CONNECTIONS=%d plus %d for the daemon"
+            " itself: from about %d connections new clients are answered 503;"
+            " raise LimitNOFILE= (ulimit -n) or lower WS_MAX_CONNECTIONS",
+            soft,
+            max_connections,
+            FD_HEADROOM,
+            max(soft - FD_HEADROOM, 0),
+        )
 
 
 async def _take_late_signals(signals: AsyncIterator[int]) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from http import HTTPStatus
@@ -20,6 +23,13 @@ from .hub import Hub
 from .logs import LimitedLogger
 
 logger = logging.getLogger(__name__)
+
+
+# accept() failures that mean "no resources right now", as in trio.serve_listeners.
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY: Final = 0.1
+REFUSE_AT_MOST: Final = 1000  # clients answered 503 per shortage
+OUT_OF_DESCRIPTORS_FOR: Final = 5.0  # seconds a shortage shows in STATUS=
 
 
 # An HTTP endpoint: (request, remote) -> (status, content type, body).
@@ -122,6 +132,12 @@ def _reason_phrase(status: int) -> bytes:
         return b""
 
 
+# The answer to clients accepted only to be refused while descriptors are short.
+OUT_OF_DESCRIPTORS_RESPONSE: Final = http_response(
+    503, json_error("server busy"), "application/json", (("Retry-After", "5"),)
+)
+
+
 def release_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
     """Drop what an open connection no longer needs: the upgrade's h11 state and the
     request headers (which include the token's cookie). About 2 KB per connection.
@@ -184,6 +200,10 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._readers: _ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
+        # Kept open to be closed when descriptors run out, so that the clients waiting
+        # in the backlog can still be accepted and answered 503.
+        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._descriptors_short_at: float | None = None
 
     async def serve(
         self,
@@ -195,15 +215,79 @@ class Server:
         async with trio.open_nursery() as connections:
             self._readers = _ReaderNursery(connections)
             with self._accept_scope:
-                await trio.serve_listeners(
-                    self._handle,
-                    listeners,
-                    handler_nursery=connections,
-                    task_status=task_status,
-                )
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, connections)
+                    task_status.started(listeners)
 
     def stop_accepting(self) -> None:
         self._accept_scope.cancel()
+
+    @property
+    def out_of_descriptors(self) -> bool:
+        """Whether an accept failed for want of file descriptors in the last few seconds."""
+        at = self._descriptors_short_at
+        return at is not None and trio.current_time() - at < OUT_OF_DESCRIPTORS_FOR
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """trio.serve_listeners' loop, but running out of descriptors is one warning
+        (rate-limited, no traceback: trio's own logs one per 0.1 s) and a 503 for whoever
+        waits in the backlog, instead of silence until they give up."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self._descriptors_short(exc)
+                    await self._refuse_backlog(listener)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                connections.start_soon(self._handle, stream)
+
+    def _descriptors_short(self, exc: OSError) -> None:
+        self._descriptors_short_at = trio.current_time()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._log.log(
+            logging.WARNING,
+            "accept",
+            "cannot accept connections: %s (open files limit %d, %d WebSockets open);"
+            " answering 503 until descriptors free up: raise LimitNOFILE= or lower"
+            " WS_MAX_CONNECTIONS",
+            os.strerror(exc.errno or 0),
+            soft,
+            self.hub.connection_count,
+        )
+
+    async def _refuse_backlog(self, listener: trio.SocketListener) -> None:
+        """Answer 503 to the clients waiting in the backlog, on the descriptor kept spare
+        for it (one at a time: each is closed before the next is accepted)."""
+        if self._spare_fd is None:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            for _ in range(REFUSE_AT_MOST):
+                with trio.move_on_after(0.01) as waiting:
+                    stream = await listener.accept()
+                if waiting.cancelled_caught:
+                    break
+                self.counters.handshake_rejections["no_file_descriptors"] += 1
+                with trio.move_on_after(0.1):
+                    await stream.send_all(OUT_OF_DESCRIPTORS_RESPONSE)
+                try:  # take the request, or closing would reset the connection
+                    os.read(stream.socket.fileno(), 65536)
+                except OSError:
+                    pass
+                stream.socket.close()
+        except OSError:
+            pass  # another part of the daemon took the descriptor first
+        finally:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # taken again: try at the next shortage
 
     async def _handle(self, raw: trio.SocketStream) -> None:
         stream = ConnStream(raw)

@@ -491,3 +491,43 @@ async def test_connection_outlives_the_handshake_timeout(
     with trio.fail_after(5):
         assert json.loads(await ws.get_message())["payload"] == "later"
     assert daemon.app.counters.handshake_rejections["handshake_timeout"] == 0
+
+
+# The daemon with few file descriptors, as under a low LimitNOFILE=.
+FEW_DESCRIPTORS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+from smap_notify import cli
+sys.exit(cli.main())
+"""
+
+
+def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood(
+    daemon_process: Any,
+) -> None:
+    daemon = daemon_process(command=("-c", FEW_DESCRIPTORS), WS_HANDSHAKE_TIMEOUT="60s")
+    held: list[socket.socket] = []
+    try:
+        # Silent clients, each holding a descriptor of the daemon's until it gives up on
+        # them; the last ones wait in the backlog once the daemon's 128 are used up.
+        for _ in range(160):
+            held.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
+        answer = b""
+        while chunk := held[-1].recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        assert answer.endswith(b'{"error":"server busy"}')
+    finally:
+        for sock in held:
+            sock.close()
+    # The descriptors come back as the daemon sees its clients go.
+    deadline = time.monotonic() + 10
+    while (status := trio.run(http_request, daemon.port, "/health")[0]) != 200:
+        assert time.monotonic() < deadline, f"/health still answers {status}"
+        time.sleep(0.1)
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "open files limit 128 is below WS_MAX_CONNECTIONS=10000" in log
+    assert "cannot accept connections: Too many open files (open files limit 128" in log
+    assert "Traceback" not in log
+    assert log.count("cannot accept connections") <= 10, "rate-limited"
