@@ -36,6 +36,7 @@ LATE_SIGNALS_WAIT: Final = 0.05  # how long a stopping daemon still takes signal
 # Descriptors the daemon needs besides its WebSockets: listeners, Redis, the health
 # check, the log, the event loop's own, connections still in their handshake.
 FD_HEADROOM: Final = 64
+SUPPRESSED_EVERY: Final = 10.0  # seconds between reports of rate-limited log events
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
 
 
@@ -137,6 +138,7 @@ class App:
                 run_redis_subscriber, self.config, inbox, self.subscriber, self.counters
             )
             nursery.start_soon(self._report_status)
+            nursery.start_soon(self._report_suppressed)
             task_status.started(bound)
 
     async def shutdown(self, *, keep_backlog: bool = False) -> None:
@@ -224,6 +226,12 @@ class App:
                 next_ping = now + interval
             await trio.sleep(tick)
 
+    async def _report_suppressed(self) -> None:
+        """The log events that rate limits held back, for floods that stopped."""
+        while True:
+            await trio.sleep(SUPPRESSED_EVERY)
+            logs.report_suppressed()
+
     def subscriber_alive(self) -> bool:
         return time.monotonic() - self.subscriber.heartbeat < SUBSCRIBER_STALE
 
@@ -245,7 +253,22 @@ async def open_listeners(
 ) -> tuple[list[trio.SocketListener], bool]:
     """Inherited (socket-activated) listeners, else one bound to WS_HOST:WS_PORT; the
     second value says whether they were inherited."""
-    inherited = systemd.listen_sockets(environ)
+    try:
+        inherited = systemd.listen_sockets(environ)
+    except OSError as exc:
+        raise ListenError(
+            f"socket activation: a passed file descriptor is not a socket ({exc.strerror})",
+            lasting=True,
+        ) from None
+    for sock in inherited:
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ListenError(
+                f"socket activation: fd {sock.fileno()} is not a listening stream socket;"
+                " the .socket unit needs ListenStream= and Accept=no",
+                lasting=True,
+            )
     if inherited:
         return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited], True
     host, port = config.ws_host, config.ws_port
@@ -322,6 +345,7 @@ async def run(
                 nursery.start_soon(_shutdown, app, nursery.cancel_scope, inherited)
         app.probe.close()
         await _take_late_signals(signals)
+    logs.report_suppressed()
     logger.info("stopped")
 
 

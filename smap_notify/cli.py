@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(environ, args.config)
     except ConfigError as exc:
+        if logs.is_journal_stream(sys.stderr, environ):
+            # One entry per problem, with its priority: journalctl -p err shows them.
+            logs.configure_logging("info", environ=environ)
+            for problem in exc.problems:
+                logger.critical("invalid configuration: %s", problem)
+            return EX_CONFIG
         print("smap-notify: invalid configuration:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
@@ -76,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     # on the first token of every key and algorithm.
     warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     logger.info(
-        "starting smap-notify version=%s env=%s redis=%s listen=%s:%d",
+        "starting smap-notify version=%s env=%s redis=%s listen=%s",
         _version(),
         config.env or "production",
         config.redis_host,
-        config.ws_host,
-        config.ws_port,
+        # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.
+        "socket-activation" if environ.get("LISTEN_FDS") else f"{config.ws_host}:{config.ws_port}",
     )
     for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)

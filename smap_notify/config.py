@@ -189,7 +189,13 @@ class Config:
 
     def warnings(self) -> list[str]:
         """Settings that are valid but cannot do what they look meant to do."""
-        return secret_warnings(self) + origin_warnings(self.allowed_origins)
+        out = secret_warnings(self) + origin_warnings(self.allowed_origins)
+        if self.production and not self.allowed_origins:
+            out.append(
+                "ALLOWED_ORIGINS is empty and ENV is production: every browser is refused"
+                " (403); list the web UI's origins, e.g. https://smap.tantai.dev"
+            )
+        return out
 
     def masked(self) -> dict[str, Any]:
         """The configuration as environment names and values, secrets masked."""

@@ -139,7 +139,19 @@ class Hub:
         if conn.pending_messages:
             self.counters.frames_dropped[reason.split(":")[0]] += conn.pending_messages
             conn.pending_messages = 0
-        logger.info("closing connection reason=%s conn=%d user=%s", reason, conn.id, conn.user_id)
+        if reason == "shutdown":  # drain() says how many, once
+            logger.debug(
+                "closing connection reason=%s conn=%d user=%s", reason, conn.id, conn.user_id
+            )
+        else:  # a network blip can end thousands at once: rate-limited per reason
+            self._log.log(
+                logging.INFO,
+                "close:" + reason.split(":")[0],
+                "closing connection reason=%s conn=%d user=%s",
+                reason,
+                conn.id,
+                conn.user_id,
+            )
 
     # -- routing ----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Hashable, Mapping
 from typing import IO, Final
 
@@ -54,7 +55,33 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
-class JournalFormatter(logging.Formatter):
+MAX_MESSAGE: Final = 4096  # characters of one log message (tracebacks not counted)
+_ESCAPES: Final = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one bounded line: a newline inside a published job_id or channel name
+    must not start a forged log line, nor a 300 KB value make a 300 KB one."""
+    if not text.isprintable():
+        text = text.translate(_ESCAPES)
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
+    return text
+
+
+class _Formatter(logging.Formatter):
+    """Every message on one line (tracebacks keep theirs)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(_Formatter):
     """``<6>logger: message``; journald adds the time.
 
     journald takes the priority from each line's prefix, so every line of a multi-line
@@ -70,7 +97,7 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.split("\n"))
 
 
-class PlainFormatter(logging.Formatter):
+class PlainFormatter(_Formatter):
     """``2025-12-07T17:00:00.123+00:00 INFO logger: message``, in UTC, for files and pipes."""
 
     def __init__(self) -> None:
@@ -81,7 +108,7 @@ class PlainFormatter(logging.Formatter):
         return stamp.isoformat(timespec="milliseconds")
 
 
-class TerminalFormatter(logging.Formatter):
+class TerminalFormatter(_Formatter):
     """Local time, level and logger for a person at a terminal, in colour when asked."""
 
     def __init__(self, *, colour: bool) -> None:
@@ -96,7 +123,7 @@ class TerminalFormatter(logging.Formatter):
         level = f"{record.levelname:<7}"
         if self.colour:
             level = COLOURS.get(record.levelno, "") + level + RESET
-        return f"{record.asctime} {level} {record.name}: {record.message}"
+        return f"{record.asctime} {level} {record.name}: {one_line(record.message)}"
 
 
 def is_journal_stream(stream: IO[str], environ: Mapping[str, str]) -> bool:
@@ -226,15 +253,29 @@ class RateLimiter:
         return len(self._buckets)
 
 
+_limited_loggers: weakref.WeakSet[LimitedLogger] = weakref.WeakSet()
+
+
 class LimitedLogger:
     """A logger whose events are rate-limited per key, each line ending ``suppressed=N``
-    when earlier events of that key were held back."""
+    when earlier events of that key were held back; ``report_suppressed`` tells of the
+    held-back events of a flood that stopped."""
 
     def __init__(
         self, logger: logging.Logger, *, per_seconds: float = 10.0, burst: int = 5
     ) -> None:
         self.logger = logger
         self.limiter = RateLimiter(per_seconds=per_seconds, burst=burst)
+        self._levels: dict[Hashable, int] = {}
+        _limited_loggers.add(self)
+
+    def report_suppressed(self) -> None:
+        """One line per key whose events were held back since its last line."""
+        for key, count in self.limiter.drain_suppressed():
+            level = self._levels.pop(key, logging.INFO)
+            self.logger.log(
+                level, "events held back by the rate limit key=%s suppressed=%d", key, count
+            )
 
     def log(
         self, level: int, key: Hashable, msg: str, *args: object, exc_info: bool = False
@@ -242,8 +283,17 @@ class LimitedLogger:
         if not self.logger.isEnabledFor(level):
             return
         allowed, suppressed = self.limiter.check(key, time.monotonic())
+        if not allowed:
+            self._levels[key] = level
         if allowed:
             if suppressed:
                 msg += " suppressed=%d"
                 args = (*args, suppressed)
             self.logger.log(level, msg, *args, exc_info=exc_info)
+
+
+def report_suppressed() -> None:
+    """Every rate-limited logger's held-back events (called every ``per_seconds`` and at
+    exit), so that a flood that stopped is not under-reported."""
+    for limited in list(_limited_loggers):
+        limited.report_suppressed()

@@ -212,7 +212,16 @@ def parse_listen_fds(
             "socket activation ignored LISTEN_PID=%r LISTEN_FDS=%r", pid_text, count_text
         )
         return None
-    if listen_pid != pid or count <= 0:
+    if listen_pid != pid:
+        # sd_listen_fds(3) ignores them without a word; an operator deserves one.
+        logger.warning(
+            "socket activation ignored: LISTEN_PID=%d is not this process (%d);"
+            " listening on WS_HOST:WS_PORT instead",
+            listen_pid,
+            pid,
+        )
+        return None
+    if count <= 0:
         return None
     names_text = environ.get("LISTEN_FDNAMES")
     names = names_text.split(":") if names_text else []

@@ -278,6 +278,16 @@ def test_origins_as_browsers_send_them_give_no_warning(origin: str) -> None:
     assert load_config({**VALID, "ALLOWED_ORIGINS": origin}).warnings() == []
 
 
+@pytest.mark.parametrize("env", ["production", ""])
+def test_an_empty_origin_list_in_production_is_warned_about(env: str) -> None:
+    config = load_config({**VALID, "ENV": env, "ALLOWED_ORIGINS": ""})
+    assert config.warnings() == [
+        "ALLOWED_ORIGINS is empty and ENV is production: every browser is refused (403);"
+        " list the web UI's origins, e.g. https://smap.tantai.dev"
+    ]
+    assert load_config({**VALID, "ENV": "dev", "ALLOWED_ORIGINS": ""}).warnings() == []
+
+
 def test_redis_host_accepts_bracketed_ipv6() -> None:
     assert load_config({**VALID, "REDIS_HOST": "[::1]:6379"}).redis_address == ("::1", 6379)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 
 from smap_notify.config import Config, Duration
@@ -119,3 +121,18 @@ async def test_a_silent_new_connection_is_pinged_before_its_pong_wait_runs_out(
     await trio.sleep(32.5)
     assert all(conn.pending.count(PING_FRAME) >= 1 for conn in conns)
     assert not any(conn.closed for conn in conns)
+
+
+async def test_closing_lines_are_rate_limited_and_a_shutdown_logs_none_per_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network blip or a restart can end 10,000 connections at once: as many lines
+    would hit journald's per-unit rate limit and hide the lines that matter."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    hub = await start_hub(nursery)
+    for reason in ("pong_timeout", "shutdown"):
+        for n in range(50):
+            hub._on_abort(connection(f"u{n}"), reason)
+    closing = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
+    assert len(closing) == 5
+    assert all("reason=pong_timeout" in line for line in closing)

@@ -7,6 +7,7 @@ import logging
 import os
 import pty
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -24,6 +25,7 @@ from smap_notify.logs import (
     configure_logging,
     is_journal_stream,
     parse_level,
+    report_suppressed,
     set_level,
     syslog_priority,
 )
@@ -245,6 +247,58 @@ def test_limited_logger_keeps_the_traceback_of_the_lines_it_lets_through(
     records = [r for r in caplog.records if r.name == "smap_notify.test"]
     assert len(records) == 2
     assert all(r.exc_info and r.exc_info[0] is TypeError for r in records)
+
+
+@pytest.mark.parametrize(
+    "formatter",
+    [JournalFormatter(), PlainFormatter(), TerminalFormatter(colour=False)],
+    ids=["journal", "plain", "terminal"],
+)
+def test_a_published_newline_cannot_start_a_forged_log_line(
+    formatter: logging.Formatter,
+) -> None:
+    job_id = "J2\n2026-01-01T00:00:00.000+00:00 CRITICAL smap_notify: forged\r\x1b[31m"
+    record = logging.LogRecord("smap_notify.hub", logging.INFO, "", 0, "job_id=%s", (job_id,), None)
+    text = formatter.format(record)
+    assert "\n" not in text
+    assert text.endswith(
+        "job_id=J2\\n2026-01-01T00:00:00.000+00:00 CRITICAL smap_notify: forged\\r\\x1b[31m"
+    )
+
+
+def test_a_huge_value_makes_a_bounded_line_and_tracebacks_keep_their_lines() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "smap_notify.hub", logging.ERROR, "", 0, "job_id=%s", ("x" * 300_000,), sys.exc_info()
+        )
+    first, *rest = PlainFormatter().format(record).split("\n")
+    assert len(first) < 4300
+    assert first.endswith("... (295911 more characters)")  # 300,007 - 4,096
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: boom"
+
+
+def test_held_back_events_are_reported_when_the_flood_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = LimitedLogger(logging.getLogger("smap_notify.test.flood"), burst=2)
+    for n in range(5):
+        log.log(logging.WARNING, "rejected:invalid_json", "message rejected n=%d", n)
+    report_suppressed()
+    report_suppressed()  # nothing new held back: nothing more to say
+    lines = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "smap_notify.test.flood"
+    ]
+    assert lines == [
+        (logging.WARNING, "message rejected n=0"),
+        (logging.WARNING, "message rejected n=1"),
+        (
+            logging.WARNING,
+            "events held back by the rate limit key=rejected:invalid_json suppressed=3",
+        ),
+    ]
 
 
 def test_rate_limiter_refills_to_burst_only() -> None:

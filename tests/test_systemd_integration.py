@@ -742,6 +742,33 @@ async def test_restart_on_a_held_socket_refuses_no_connection(
         assert second.stop() == 0
 
 
+@pytest.mark.parametrize("kind", ["udp", "not-listening"])
+async def test_a_passed_socket_that_cannot_serve_is_one_line_and_78(
+    spawn: Callable[..., Spawned], redis_server: RedisServer, kind: str
+) -> None:
+    """Accept=yes or ListenDatagram= in the .socket unit: a lasting configuration mistake,
+    so 78 (no restart loop) and one line saying what to change, not a traceback."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    with sock:
+        sock.bind(("127.0.0.1", 0))
+        daemon = spawn(daemon_env(redis_server), listen_sock=sock)
+        assert await wait_exit(daemon.proc) == 78
+    log = daemon.log()
+    assert "is not a listening stream socket; the .socket unit needs ListenStream=" in log
+    assert "Traceback" not in log
+
+
+async def test_a_listen_pid_for_another_process_is_said_not_ignored(
+    daemon_process: Any,
+) -> None:
+    daemon = daemon_process(LISTEN_PID="1", LISTEN_FDS="1")
+    assert can_connect(daemon.port)
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "socket activation ignored: LISTEN_PID=1 is not this process" in log
+    assert "listen=socket-activation" in log
+
+
 # -- journald -----------------------------------------------------------------------------
 
 
@@ -762,6 +789,20 @@ async def test_journal_stream_lines_carry_priorities_and_no_timestamp(
         assert not re.search(r"\d\d:\d\d:\d\d", line), f"journald stamps time itself: {line!r}"
     assert any(line.startswith("<6>") and "listening on" in line for line in lines)
     assert any(line.startswith("<4>") and "unknown message type" in line for line in lines)
+
+
+async def test_configuration_errors_reach_the_journal_with_their_priority(
+    spawn: Callable[..., Spawned], redis_server: RedisServer
+) -> None:
+    env = daemon_env(redis_server, WS_PORT="99999")
+    del env["JWT_SECRET_KEY"]
+    daemon = spawn(env, journal=True)
+    assert await wait_exit(daemon.proc) == 78
+    lines = daemon.log().splitlines()
+    assert len(lines) == 2, lines
+    assert all(line.startswith("<3>smap_notify: invalid configuration: ") for line in lines)
+    assert any("JWT_SECRET_KEY is required" in line for line in lines)
+    assert any("WS_PORT" in line for line in lines)
 
 
 async def test_without_journal_stream_lines_carry_a_timestamp_and_level(
