@@ -249,7 +249,11 @@ def parse_message(
 ) -> Routed | Rejected:
     """Decide what to do with one Pub/Sub message: route it to a user, or reject it."""
     if isinstance(channel, bytes):
-        channel = channel.decode("utf-8", "replace")
+        try:
+            channel = channel.decode("utf-8")
+        except UnicodeDecodeError:
+            # Decoded with replacement characters, different channels would name one user.
+            return Rejected("bad_channel", f"channel {channel[:100]!r} is not valid UTF-8")
     if not channel.startswith(CHANNEL_PREFIX):
         return Rejected("bad_channel", f"channel {channel[:100]!r} is not {CHANNEL_PATTERN}")
     user_id = channel[len(CHANNEL_PREFIX) :]

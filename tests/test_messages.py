@@ -283,9 +283,13 @@ def test_channel_outside_the_pattern_is_rejected(channel: str) -> None:
     assert CHANNEL_PATTERN in result.detail
 
 
-def test_channel_with_invalid_utf8_does_not_raise() -> None:
-    result = routed(b"user_noti:\xff\xfe", message("alert", 1))
-    assert result.user_id
+@pytest.mark.parametrize("channel", [b"user_noti:\xff\xfe", b"user_noti:caf\xe9"])
+def test_a_channel_that_is_not_utf8_is_rejected_not_merged_into_another_user(
+    channel: bytes,
+) -> None:
+    result = rejected(channel, '{"type":"alert","payload":1}')
+    assert result.reason == "bad_channel"
+    assert "not valid UTF-8" in result.detail
 
 
 # -- rejections ----------------------------------------------------------------------------
