@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS: Final = 0.25
 PROBE_AFTER: Final = 1.0  # silence after which the subscription is probed with PING
 DEAD_AFTER: Final = 3.0  # silence after which the subscription is declared dead
+STALLED_AFTER: Final = 1.0  # a longer gap between two turns of the loop: this thread stalled
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 1.0
 MAX_BATCH: Final = 256
@@ -376,9 +377,17 @@ class _Worker:
         coalescer = Coalescer()
         while True:
             trio.from_thread.check_cancelled()
-            state.heartbeat = time.monotonic()
+            turn = time.monotonic()
+            stalled = turn - state.heartbeat > STALLED_AFTER
+            state.heartbeat = turn
             if not replies.wait(POLL_SECONDS):
                 now = time.monotonic()
+                if stalled or now - turn > POLL_SECONDS + STALLED_AFTER:
+                    # This thread did not run (the process was stopped, the VM paused):
+                    # that silence is not Redis's. Probe now; dead only if the probe goes
+                    # unanswered.
+                    last_rx = max(last_rx, now - PROBE_AFTER)
+                    probed_at = 0.0
                 silent = now - last_rx
                 if silent > DEAD_AFTER:
                     raise SubscriptionDead(f"no reply from redis for {silent:.1f}s")

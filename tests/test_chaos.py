@@ -30,7 +30,7 @@ from redis.retry import Retry
 
 from smap_notify.breaker import CircuitBreaker
 from smap_notify.health import PING_TIMEOUT
-from smap_notify.subscriber import PROBE_AFTER
+from smap_notify.subscriber import DEAD_AFTER, PROBE_AFTER
 
 from .conftest import (
     DEV_ORIGIN,
@@ -637,6 +637,39 @@ async def test_an_idle_healthy_subscription_is_not_declared_dead(
     assert daemon.app.counters.redis_reconnects == 0
     assert inbox.frames == []
     assert health and all(s.status == 200 for s in health)
+
+
+async def test_a_stopped_daemon_does_not_take_its_own_pause_for_a_redis_outage(
+    daemon_process: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Invariant: a process stopped (SIGSTOP, a paused VM) for longer than the dead-after
+    limit finds Redis still there when it runs again: no reconnect, no resync sent to
+    every client, only the probe."""
+    daemon: DaemonProcess = daemon_process()
+    ws = await trio_websocket.connect_websocket(
+        nursery,
+        "127.0.0.1",
+        daemon.port,
+        "/ws",
+        use_ssl=False,
+        extra_headers=[("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={make_token()}")],
+    )
+    await wait_until(lambda: "redis subscribed" in daemon.log())
+    daemon.proc.send_signal(signal.SIGSTOP)
+    await trio.sleep(DEAD_AFTER + 2)  # the pause is what is tested
+    daemon.proc.send_signal(signal.SIGCONT)
+    await trio.sleep(DEAD_AFTER)  # time for a wrong verdict, had the pause counted
+    assert (
+        await trio.to_thread.run_sync(
+            redis_server.publish, "user123", {"type": "alert", "payload": "after"}
+        )
+        == 1
+    )
+    with trio.fail_after(5):
+        first = json.loads(await ws.get_message())
+    assert first["type"] == "alert", first
+    assert "subscription lost" not in daemon.log()
+    assert daemon.stop() == 0
 
 
 @pytest.mark.slow
