@@ -41,6 +41,7 @@ from .conftest import (
     make_token,
     wait_until,
 )
+from .test_systemd_integration import open_ws
 
 DETECT_WITHIN: Final = 5.0  # contract: a dead or wedged subscription is noticed this fast
 RECOVER_WITHIN: Final = 2.0  # contract: delivery resumes this soon after Redis is back
@@ -646,14 +647,7 @@ async def test_a_stopped_daemon_does_not_take_its_own_pause_for_a_redis_outage(
     limit finds Redis still there when it runs again: no reconnect, no resync sent to
     every client, only the probe."""
     daemon: DaemonProcess = daemon_process()
-    ws = await trio_websocket.connect_websocket(
-        nursery,
-        "127.0.0.1",
-        daemon.port,
-        "/ws",
-        use_ssl=False,
-        extra_headers=[("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={make_token()}")],
-    )
+    ws = await open_ws(nursery, daemon.port)
     await wait_until(lambda: "redis subscribed" in daemon.log())
     daemon.proc.send_signal(signal.SIGSTOP)
     await trio.sleep(DEAD_AFTER + 2)  # the pause is what is tested
