@@ -266,6 +266,12 @@ async def run_redis_subscriber(
         await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
 
 
+def _error_kind(exc: Exception) -> str:
+    """What kind of failure: the exception and the first word of its text (``NOAUTH``,
+    ``Error`` of "Error 111 connecting to ...", ``redis`` of "redis closed the ...")."""
+    return f"{type(exc).__name__}:{str(exc).partition(' ')[0]}"
+
+
 def error_reply(reply: Exception) -> redis.RedisError:
     """An error reply read off the subscribed connection, as redis-py would raise it."""
     text = str(reply)
@@ -294,6 +300,7 @@ class _Worker:
     def run(self) -> None:
         state = self.state
         host = self.config.redis_host
+        kinds: set[str] = set()  # the kinds of failure logged during this outage
         while True:
             trio.from_thread.check_cancelled()
             try:
@@ -301,7 +308,9 @@ class _Worker:
             except (redis.RedisError, OSError, SubscriptionDead) as exc:
                 error = f"{type(exc).__name__}: {exc}" + self._behind_hint(exc)
                 state.last_error = error
+                kind = _error_kind(exc)
                 if state.active or state.state == "starting":
+                    kinds = {kind}
                     # A wedged connection was lost when it went silent, not when noticed.
                     self.lost_at = self.lost_at or datetime.fromtimestamp(
                         self.alive_at or time.time(), UTC
@@ -312,7 +321,10 @@ class _Worker:
                         host,
                         error,
                     )
-                elif state.attempts % 30 == 0:
+                elif state.attempts % 30 == 0 or kind not in kinds:
+                    # Every 30th attempt, and at once when Redis's answer is new (it came
+                    # back, now asking for a password).
+                    kinds.add(kind)
                     logger.warning(
                         "redis still unavailable redis=%s attempts=%d error=%s",
                         host,

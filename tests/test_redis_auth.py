@@ -58,3 +58,24 @@ async def test_a_wrong_or_missing_password_is_reported_without_the_password(
     everything = "\n".join(r.getMessage() for r in caplog.records) + body.decode()
     for secret in {password, PASSWORD} - {""}:
         assert secret not in everything
+
+
+async def test_redis_back_with_a_password_is_said_at_once_not_at_the_30th_attempt(
+    start_daemon: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    with RedisServer(tmp_path) as plain:
+        daemon: Daemon = await start_daemon(REDIS_HOST=f"127.0.0.1:{plain.port}")
+        plain.kill()
+        await wait_until(lambda: "subscription lost" in caplog.text)
+        plain.password = PASSWORD  # the same Redis comes back, now asking for a password
+        plain.start()
+
+        def said() -> bool:
+            return any(
+                r.levelno == logging.WARNING and "AuthenticationError" in r.getMessage()
+                for r in caplog.records
+            )
+
+        await wait_until(said, timeout=5)
+        assert daemon.app.subscriber.attempts < 30
