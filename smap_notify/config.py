@@ -175,6 +175,7 @@ class Config:
     dev_origin_subnets: tuple[str, ...] = attrs.field(default=DEV_SUBNETS, validator=_subnets)
     shutdown_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
     resync_on_reconnect: bool = True
+    resync_on_drop: bool = True
     deliver_invalid_payloads: bool = False
 
     @property

@@ -104,6 +104,9 @@ class Connection:
         "closing",
         "opened",
         "on_abort",
+        "on_drained",
+        "missed",
+        "missed_since",
         "ws",
     )
 
@@ -139,6 +142,11 @@ class Connection:
         self.closing: trio.Event | None = None
         self.opened = trio.current_time()
         self.on_abort: Callable[[Connection, str], None] | None = None
+        # Frames dropped because the queue was full, since when; on_drained tells the
+        # client once its queue has been written out.
+        self.missed = 0
+        self.missed_since = ""
+        self.on_drained: Callable[[Connection], None] | None = None
         self.ws: trio_websocket.WebSocketConnection | None = None
         stream.conn = self
 
@@ -217,6 +225,10 @@ class Connection:
             self.abort(f"write_error: {exc}")
         finally:
             self.flushing = False
+        # Frames are dropped only while a flush waits for the client: this is where it
+        # has caught up.
+        if self.missed and self.writable and self.on_drained is not None:
+            self.on_drained(self)
 
     async def flush_pending_locked(self) -> None:
         """Send everything pending; the caller holds ``lock``."""

@@ -109,6 +109,7 @@ class Hub:
         conns.add(conn)
         self.connection_count += 1
         conn.on_abort = self._on_abort
+        conn.on_drained = self._on_drained
         self.counters.handshakes_accepted += 1
         self._notify(self.notifier.on_user_connected, conn.user_id)
 
@@ -202,7 +203,7 @@ class Hub:
                     # Full of frames from this batch? Write them now, then look again.
                     conn.write_nowait(nursery)
                     if not conn.push(frame):
-                        self._overflow(conn, overflow_disconnect)
+                        self._overflow(conn, overflow_disconnect, timestamp)
                         continue
                 queued += 1
                 if not conn.dirty:
@@ -216,11 +217,14 @@ class Hub:
                 c.dropped["queue_full"] += 1
         self.flush()
 
-    def _overflow(self, conn: Connection, disconnect: bool) -> None:
+    def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
         self.counters.frames_dropped["queue_full"] += 1
         if disconnect:
             conn.abort("queue_full")
         else:
+            if not conn.missed:
+                conn.missed_since = timestamp
+            conn.missed += 1
             self._log.log(
                 logging.WARNING,
                 "overflow",
@@ -242,6 +246,26 @@ class Hub:
         for conn in self._dirty:
             conn.write_nowait(nursery)
         self._dirty.clear()
+
+    def _on_drained(self, conn: Connection) -> None:
+        """``conn`` caught up after frames were dropped for it: one ``resync`` says so, so
+        that the client refetches what it missed instead of missing it unawares."""
+        missed, since = conn.missed, conn.missed_since
+        conn.missed = 0
+        if not self.config.resync_on_drop:
+            return
+        frame = text_frame(resync_envelope("frames_dropped", since, format_timestamp(), missed))
+        if conn.push(frame):
+            self.counters.resyncs_sent += 1
+            conn.write_nowait(self._nursery_or_fail())
+            self._log.log(
+                logging.INFO,
+                "resync:frames_dropped",
+                "resync sent to a client that missed frames conn=%d user=%s dropped=%d",
+                conn.id,
+                conn.user_id,
+                missed,
+            )
 
     def broadcast_resync(self, resync: Resync) -> None:
         if not self.config.resync_on_reconnect:

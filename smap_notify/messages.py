@@ -330,6 +330,10 @@ def envelope(type_json: bytes, payload_json: bytes, timestamp: str) -> bytes:
     )
 
 
-def resync_envelope(reason: str, since: str | None, timestamp: str) -> bytes:
-    payload = orjson.dumps({"reason": reason, "since": since})
-    return envelope(orjson.dumps(MessageType.RESYNC.value), payload, timestamp)
+def resync_envelope(
+    reason: str, since: str | None, timestamp: str, dropped: int | None = None
+) -> bytes:
+    fields: dict[str, Any] = {"reason": reason, "since": since}
+    if dropped is not None:
+        fields["dropped"] = dropped
+    return envelope(orjson.dumps(MessageType.RESYNC.value), orjson.dumps(fields), timestamp)

@@ -1017,6 +1017,47 @@ async def publish_and_read(
     return got
 
 
+@pytest.mark.parametrize("resync", [True, False])
+async def test_a_client_that_missed_frames_is_told_once_it_catches_up(
+    start_daemon: Any, redis_server: RedisServer, resync: bool
+) -> None:
+    """Invariant: with the drop policy, a client whose queue overflowed gets every frame
+    that was queued, then one resync frame saying how many it missed and since when (none
+    with RESYNC_ON_DROP=false), then the next messages: nothing lost unawares."""
+    daemon: Daemon = await start_daemon(WS_SEND_BUFFER="4", RESYNC_ON_DROP=str(resync).lower())
+    slow = await RawWebSocket.open(daemon.port, "slow", rcvbuf=4096)
+    await daemon.wait_connections(1)
+    counters = daemon.app.counters
+    pipe = redis_server.client().pipeline(transaction=False)
+    for seq in range(200):  # 10 MB: more than the sockets' buffers take
+        message = {"type": "notification", "payload": {"seq": seq, "b": "m" * 50_000}}
+        pipe.publish("user_noti:slow", json.dumps(message))
+    await trio.to_thread.run_sync(pipe.execute)
+    await wait_until(lambda: counters.received == 200)
+    dropped = counters.frames_dropped["queue_full"]
+    assert dropped > 0
+    frames = []
+    with trio.fail_after(20):
+        while len(frames) < 200 - dropped:
+            frames.append(json.loads(await slow.next_text()))
+        await daemon.publish("slow", {"type": "alert", "payload": "next"})
+        frames.append(json.loads(await slow.next_text()))
+        if resync:
+            frames.append(json.loads(await slow.next_text()))
+    assert [f["type"] for f in frames[: 200 - dropped]] == ["notification"] * (200 - dropped)
+    seqs = [f["payload"]["seq"] for f in frames[: 200 - dropped]]
+    assert seqs == sorted(seqs), "in order, the dropped ones missing"
+    told = [f for f in frames if f["type"] == "resync"]
+    if resync:
+        assert frames[200 - dropped]["type"] == "resync", "before the next message"
+        assert told[0]["payload"] == {"reason": "frames_dropped", "since": ANY, "dropped": dropped}
+        assert told[0]["payload"]["since"] <= told[0]["timestamp"]
+        assert counters.resyncs_sent == 1
+    else:
+        assert told == []
+    assert frames[-1]["payload"] == "next"
+
+
 @pytest.mark.slow
 async def test_a_reader_that_stops_does_not_grow_memory_or_hold_up_its_other_tab(
     daemon_process: Callable[..., DaemonProcess],
