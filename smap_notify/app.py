@@ -17,7 +17,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from . import logs, systemd
+from . import entry, logs, systemd
 from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
@@ -323,6 +323,8 @@ async def run(
     check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        for signum in entry.take_early_signals():  # sent while the daemon was importing
+            signal.raise_signal(signum)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(app.serve, listeners)
             addresses = ", ".join(_address(listener) for listener in bound)

@@ -25,6 +25,7 @@ from .conftest import (
     RedisServer,
     http_request,
     make_token,
+    wait_for_port,
     wait_until,
 )
 from .test_systemd_integration import upgrade_status
@@ -531,3 +532,35 @@ def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood
     assert "cannot accept connections: Too many open files (open files limit 128" in log
     assert "Traceback" not in log
     assert log.count("cannot accept connections") <= 10, "rate-limited"
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_daemon_is_still_importing_is_not_the_default_action(
+    daemon_process: Any, signum: signal.Signals
+) -> None:
+    """The first handler is installed before the imports (about 0.3 s): SIGTERM then stops
+    the daemon the usual way (exit 0, logged), a SIGHUP does not kill it."""
+    daemon = daemon_process(wait_ready=False)
+    deadline = time.monotonic() + 10
+    while not catches(daemon.proc.pid, signum):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None
+        time.sleep(0.0005)
+    daemon.proc.send_signal(signum)
+    if signum == signal.SIGTERM:
+        assert daemon.proc.wait(30) == 0
+        log = daemon.log()
+        assert "received SIGTERM, shutting down" in log
+        assert "stopped" in log
+    else:
+        wait_for_port(daemon.port, daemon.proc)
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
