@@ -63,12 +63,16 @@ class ConnStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # trio-websocket calls this holding its stream lock, which is also Connection.lock.
         conn = self.conn
-        if conn is not None:
-            if data and data[0] & 0x0F == _OPCODE_CLOSE:
-                # No notification frame may follow our close frame.
-                conn.close_sent = True
-            await conn.flush_pending_locked()
-        await self.raw.send_all(data)
+        if conn is None:  # the handshake: its own deadline covers it
+            await self.raw.send_all(data)
+            return
+        if data and data[0] & 0x0F == _OPCODE_CLOSE:
+            # No notification frame may follow our close frame.
+            conn.close_sent = True
+        await conn.flush_pending_locked()
+        # Pongs and close frames are bounded like notifications: a client that sends pings
+        # and never reads would otherwise hold trio-websocket's reader in this write.
+        await conn.send_bounded(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.raw.wait_send_all_might_not_block()
@@ -237,11 +241,16 @@ class Connection:
             self.pending.clear()
             self.pending_messages = 0
             self.pending_bytes = 0
-            with trio.move_on_after(self.write_wait) as scope:
-                await self.stream.raw.send_all(data)
-            if scope.cancelled_caught:
-                self.abort("write_timeout")
-                raise trio.BrokenResourceError("write timed out")
+            await self.send_bounded(data)
+
+    async def send_bounded(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` within WS_WRITE_WAIT, or drop the connection; the caller holds
+        ``lock``."""
+        with trio.move_on_after(self.write_wait) as scope:
+            await self.stream.raw.send_all(data)
+        if scope.cancelled_caught:
+            self.abort("write_timeout")
+            raise trio.BrokenResourceError("write timed out")
 
     def abort(self, reason: str) -> None:
         """Drop the connection uncleanly, so the browser's reconnect logic engages."""
