@@ -15,7 +15,7 @@ from typing import Final
 import trio
 from jwt.warnings import InsecureKeyLengthWarning
 
-from . import app, logs
+from . import app, logs, systemd
 from .config import ConfigError, config_warnings, load_config
 
 logger = logging.getLogger("smap_notify")
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         config.env or "production",
         config.redis_host,
         # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.
-        "socket-activation" if environ.get("LISTEN_FDS") else f"{config.ws_host}:{config.ws_port}",
+        "socket-activation"
+        if systemd.activated(environ, pid=os.getpid())
+        else f"{config.ws_host}:{config.ws_port}",
     )
     for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)

@@ -5,7 +5,7 @@ would kill the process without a line, a SIGHUP (a reload sent early) would kill
 a SIGINT would print a KeyboardInterrupt traceback. Here they are recorded instead;
 ``app.run`` passes the stop signals on to its own signal handling once that is up, so
 the daemon stops the usual way, and a reload before the configuration has even been read
-means nothing.
+means nothing. The same stop signal a second time takes its default action at once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ _early: list[int] = []
 
 
 def _record(signum: int, frame: types.FrameType | None) -> None:
+    if signum != signal.SIGHUP and signum in _early:
+        # Asked twice: a start-up that hangs (a name lookup) must still be stoppable.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
     _early.append(signum)
 
 
@@ -27,9 +31,13 @@ def take_early_signals() -> list[int]:
     return taken
 
 
-def main() -> int:
+def catch_early_signals() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _record)
+
+
+def main() -> int:
+    catch_early_signals()
     from .cli import main as cli_main
 
     return cli_main()

@@ -56,7 +56,12 @@ def syslog_priority(levelno: int) -> int:
 
 
 MAX_MESSAGE: Final = 4096  # characters of one log message (tracebacks not counted)
-_ESCAPES: Final = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {
+# C0 and C1 controls and the Unicode line and paragraph separators: each can end a line
+# for some reader of the log (a terminal, a shipper that splits like str.splitlines).
+_ESCAPES: Final = {
+    i: f"\\x{i:02x}" if i < 256 else f"\\u{i:04x}"
+    for i in (*range(32), *range(127, 160), 0x2028, 0x2029)
+} | {
     ord("\n"): "\\n",
     ord("\r"): "\\r",
     ord("\t"): "\\t",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from http import HTTPStatus
@@ -125,6 +127,35 @@ def http_response(
     return out
 
 
+async def _refuse(stream: trio.SocketStream) -> None:
+    """Answer 503 and close; a client that is gone already changes nothing."""
+    sock = stream.socket
+    try:
+        with trio.move_on_after(0.1):
+            await stream.send_all(OUT_OF_DESCRIPTORS_RESPONSE)
+        sock.shutdown(socket.SHUT_WR)
+        # Take the request, or closing with it unread would reset the connection.
+        os.read(sock.fileno(), 65536)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        sock.close()
+
+
+def _descriptor_free() -> bool:
+    """Whether a descriptor is free besides the spare's (which a refusal just freed)."""
+    taken = []
+    try:
+        for _ in range(2):
+            taken.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        return False
+    finally:
+        for fd in taken:
+            os.close(fd)
+    return True
+
+
 def _reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -174,6 +205,10 @@ class _ReaderNursery:
 async def _guarded(fn: Callable[[], Awaitable[None]]) -> None:
     try:
         await fn()
+    except trio_websocket.ConnectionClosed as exc:
+        # Its answer to a client's protocol error could not be written (the client does
+        # not read, WS_WRITE_WAIT): the connection is gone, as it would have been.
+        logger.debug("websocket reader stopped: %s", exc)
     except wsproto.utilities.LocalProtocolError as exc:
         # A client's ping that crossed our close frame: trio-websocket answers it, which
         # wsproto refuses once we are closing (python-trio/trio-websocket#184). Nothing
@@ -200,9 +235,9 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._readers: _ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
-        # Kept open to be closed when descriptors run out, so that the clients waiting
-        # in the backlog can still be accepted and answered 503.
-        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        # Kept open while serving, to be closed when descriptors run out, so that the
+        # clients waiting in the backlog can still be accepted and answered 503.
+        self._spare_fd: int | None = None
         self._descriptors_short_at: float | None = None
 
     async def serve(
@@ -212,13 +247,17 @@ class Server:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept until ``stop_accepting``; connections live on until the caller cancels."""
-        async with trio.open_nursery() as connections:
-            self._readers = _ReaderNursery(connections)
-            with self._accept_scope:
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept, listener, connections)
-                    task_status.started(listeners)
+        self._take_spare()
+        try:
+            async with trio.open_nursery() as connections:
+                self._readers = _ReaderNursery(connections)
+                with self._accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, connections)
+                        task_status.started(listeners)
+        finally:
+            self._release_spare()
 
     def stop_accepting(self) -> None:
         self._accept_scope.cancel()
@@ -229,10 +268,21 @@ class Server:
         at = self._descriptors_short_at
         return at is not None and trio.current_time() - at < OUT_OF_DESCRIPTORS_FOR
 
+    def _take_spare(self) -> None:
+        """Hold one descriptor to free when they run out (see _refuse_backlog)."""
+        if self._spare_fd is None:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _release_spare(self) -> None:
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        """trio.serve_listeners' loop, but running out of descriptors is one warning
-        (rate-limited, no traceback: trio's own logs one per 0.1 s) and a 503 for whoever
-        waits in the backlog, instead of silence until they give up."""
+        """trio.serve_listeners' loop, but running out of descriptors is a rate-limited
+        warning (no traceback: trio's own logs one per 0.1 s) and a 503 for whoever waits
+        in the backlog, instead of silence until they give up."""
         async with listener:
             while True:
                 try:
@@ -244,6 +294,8 @@ class Server:
                     await self._refuse_backlog(listener)
                     await trio.sleep(ACCEPT_RETRY)
                     continue
+                if self._spare_fd is None:  # lost to another thread in a shortage
+                    self._take_spare()
                 connections.start_soon(self._handle, stream)
 
     def _descriptors_short(self, exc: OSError) -> None:
@@ -262,11 +314,12 @@ class Server:
 
     async def _refuse_backlog(self, listener: trio.SocketListener) -> None:
         """Answer 503 to the clients waiting in the backlog, on the descriptor kept spare
-        for it (one at a time: each is closed before the next is accepted)."""
+        for it (one at a time: each is closed before the next is accepted), until the
+        backlog is empty or descriptors are free again."""
+        self._take_spare()
         if self._spare_fd is None:
             return
-        os.close(self._spare_fd)
-        self._spare_fd = None
+        self._release_spare()
         try:
             for _ in range(REFUSE_AT_MOST):
                 with trio.move_on_after(0.01) as waiting:
@@ -274,20 +327,13 @@ class Server:
                 if waiting.cancelled_caught:
                     break
                 self.counters.handshake_rejections["no_file_descriptors"] += 1
-                with trio.move_on_after(0.1):
-                    await stream.send_all(OUT_OF_DESCRIPTORS_RESPONSE)
-                try:  # take the request, or closing would reset the connection
-                    os.read(stream.socket.fileno(), 65536)
-                except OSError:
-                    pass
-                stream.socket.close()
+                await _refuse(stream)
+                if _descriptor_free():
+                    break  # the shortage is over: serve the next ones
         except OSError:
-            pass  # another part of the daemon took the descriptor first
+            pass  # another thread took the descriptor first
         finally:
-            try:
-                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                pass  # taken again: try at the next shortage
+            self._take_spare()
 
     async def _handle(self, raw: trio.SocketStream) -> None:
         stream = ConnStream(raw)

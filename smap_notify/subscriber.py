@@ -168,7 +168,11 @@ def resolve(host: str, port: int, timeout: float) -> list[str]:
     with _lookups_lock:
         lookup = _lookups.get(key)
         if lookup is None:
-            lookup = _lookups[key] = _Lookup(host, port)
+            try:
+                lookup = _Lookup(host, port)
+            except RuntimeError as exc:  # no thread to be had (TasksMax): like an outage
+                raise OSError(f"DNS lookup of {host} not started: {exc}") from None
+            _lookups[key] = lookup
     if not lookup.done.wait(timeout):
         raise LookupTimeout(f"DNS lookup of {host} did not answer within {timeout:g}s")
     with _lookups_lock:
@@ -267,9 +271,10 @@ async def run_redis_subscriber(
 
 
 def _error_kind(exc: Exception) -> str:
-    """What kind of failure: the exception and the first word of its text (``NOAUTH``,
-    ``Error`` of "Error 111 connecting to ...", ``redis`` of "redis closed the ...")."""
-    return f"{type(exc).__name__}:{str(exc).partition(' ')[0]}"
+    """What kind of failure: the exception and the start of its text (``NOAUTH``,
+    ``Error 111`` of "Error 111 connecting to ...", ``redis`` of "redis closed the ...")."""
+    words = str(exc).split(" ", 2)
+    return f"{type(exc).__name__}:{' '.join(words[:2] if words[0] == 'Error' else words[:1])}"
 
 
 def error_reply(reply: Exception) -> redis.RedisError:
@@ -399,7 +404,8 @@ class _Worker:
                     # that silence is not Redis's. Probe now; dead only if the probe goes
                     # unanswered.
                     last_rx = max(last_rx, now - PROBE_AFTER)
-                    probed_at = 0.0
+                    pubsub.ping()
+                    probed_at = now
                 silent = now - last_rx
                 if silent > DEAD_AFTER:
                     raise SubscriptionDead(f"no reply from redis for {silent:.1f}s")

@@ -196,6 +196,15 @@ class ListenFds:
     names: tuple[str, ...]
 
 
+def activated(environ: Mapping[str, str], *, pid: int) -> bool:
+    """Whether ``LISTEN_PID`` and ``LISTEN_FDS`` pass sockets to ``pid`` (no warnings:
+    ``parse_listen_fds`` gives those)."""
+    try:
+        return int(environ.get("LISTEN_PID", "")) == pid and int(environ["LISTEN_FDS"]) > 0
+    except (KeyError, ValueError):
+        return False
+
+
 def parse_listen_fds(
     environ: Mapping[str, str], *, pid: int, start_fd: int = SD_LISTEN_FDS_START
 ) -> ListenFds | None:

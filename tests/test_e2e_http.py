@@ -7,6 +7,8 @@ import logging
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import warnings
 from functools import partial
@@ -20,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import (
     DEV_ORIGIN,
+    REPO,
     WS_UPGRADE_HEADERS,
     Daemon,
     RedisServer,
@@ -511,8 +514,13 @@ def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood
     try:
         # Silent clients, each holding a descriptor of the daemon's until it gives up on
         # them; the last ones wait in the backlog once the daemon's 128 are used up.
-        for _ in range(160):
-            held.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
+        for n in range(160):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            if n % 20 == 19:  # gone (reset) before the daemon gets to it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                continue
+            held.append(sock)
         answer = b""
         while chunk := held[-1].recv(4096):
             answer += chunk
@@ -526,6 +534,7 @@ def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood
     while (status := trio.run(http_request, daemon.port, "/health")[0]) != 200:
         assert time.monotonic() < deadline, f"/health still answers {status}"
         time.sleep(0.1)
+    assert daemon.proc.poll() is None, "clients that reset while refused end nothing"
     assert daemon.stop() == 0
     log = daemon.log()
     assert "open files limit 128 is below WS_MAX_CONNECTIONS=10000" in log
@@ -564,3 +573,25 @@ def test_a_signal_while_the_daemon_is_still_importing_is_not_the_default_action(
         wait_for_port(daemon.port, daemon.proc)
         assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
+
+
+# The early signal handling alone, with real signals: the same stop signal twice before
+# the daemon's own handling is up takes the default action (a hung start-up stays stoppable).
+TWICE_EARLY = """
+import os, signal
+from smap_notify import entry
+entry.catch_early_signals()
+os.kill(os.getpid(), signal.SIGTERM)
+print("recorded", entry._early, flush=True)
+os.kill(os.getpid(), signal.SIGHUP)
+os.kill(os.getpid(), signal.SIGTERM)
+print("survived", flush=True)
+"""
+
+
+def test_a_stop_signal_sent_twice_during_start_up_takes_its_default_action() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TWICE_EARLY], capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+    assert done.returncode == -signal.SIGTERM
+    assert done.stdout == f"recorded [{int(signal.SIGTERM)}]\n"

@@ -257,12 +257,13 @@ def test_limited_logger_keeps_the_traceback_of_the_lines_it_lets_through(
 def test_a_published_newline_cannot_start_a_forged_log_line(
     formatter: logging.Formatter,
 ) -> None:
-    job_id = "J2\n2026-01-01T00:00:00.000+00:00 CRITICAL smap_notify: forged\r\x1b[31m"
+    job_id = "J2\n2026-01-01T00:00:00.000+00:00 CRITICAL smap_notify: forged\r\x1b[31m\x85\u2028"
     record = logging.LogRecord("smap_notify.hub", logging.INFO, "", 0, "job_id=%s", (job_id,), None)
     text = formatter.format(record)
     assert "\n" not in text
     assert text.endswith(
         "job_id=J2\\n2026-01-01T00:00:00.000+00:00 CRITICAL smap_notify: forged\\r\\x1b[31m"
+        "\\x85\\u2028"
     )
 
 

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import trio
 
-from smap_notify.subscriber import SOCKET_TIMEOUT, resolve
+from smap_notify.subscriber import SOCKET_TIMEOUT, _error_kind, resolve
 
 from .conftest import Daemon, RedisServer, http_request, wait_until
 
@@ -124,3 +125,15 @@ async def test_something_else_than_redis_on_the_port_is_retried_not_fatal(
     assert "not a Redis reply" in daemon.app.subscriber.last_error
     status, _, body = await http_request(daemon.port, "/health")
     assert status == 503, body
+
+
+def test_failures_are_told_apart_by_their_errno_and_redis_answer() -> None:
+    kinds = {
+        _error_kind(redis.ConnectionError("Error 111 connecting to r:6379. Connection refused.")),
+        _error_kind(redis.ConnectionError("Error -2 connecting to r:6379. Name not known.")),
+        _error_kind(redis.ConnectionError("redis closed the connection")),
+        _error_kind(redis.AuthenticationError("NOAUTH Authentication required.")),
+        _error_kind(redis.AuthenticationError("WRONGPASS invalid username-password pair")),
+    }
+    assert len(kinds) == 5
+    assert _error_kind(redis.ConnectionError("Error 111 connecting to s:1. Refused.")) in kinds
