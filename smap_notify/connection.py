@@ -45,6 +45,13 @@ class ConnStream(trio.abc.Stream):
     wait for our pending frames so the two never interleave on the wire.
     """
 
+    # Bytes that came with the request head (a client that sent frames without waiting
+    # for the 101): held back until ``upgraded`` is set, because wsproto's server-side
+    # handshake drops whatever follows the request. Class attributes: most connections
+    # never have any, and an idle connection's memory counts.
+    after_upgrade = b""
+    upgraded: trio.Event | None = None
+
     def __init__(self, raw: trio.SocketStream) -> None:
         self.raw = raw
         self.prefix = b""
@@ -55,6 +62,10 @@ class ConnStream(trio.abc.Stream):
         if self.prefix:
             data, self.prefix = self.prefix, b""
             await trio.lowlevel.checkpoint()
+            return data
+        if self.after_upgrade and self.upgraded is not None:
+            await self.upgraded.wait()
+            data, self.after_upgrade = self.after_upgrade, b""
             return data
         data = await self.raw.receive_some(max_bytes)
         self.last_receive = trio.current_time()

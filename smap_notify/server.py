@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import socket
 import time
@@ -46,17 +47,26 @@ class HeadError(Exception):
         self.detail = detail
 
 
+# The blank line that ends a request head: CRLF, or a bare LF as h11 and Go accept too.
+_HEAD_END: Final = re.compile(rb"\r?\n\r?\n")
+
+
+def head_end(data: bytes | bytearray) -> int | None:
+    """Where the request head in ``data`` ends (after its blank line), if it does."""
+    match = _HEAD_END.search(data)
+    return match.end() if match else None
+
+
 async def read_head(stream: ConnStream, limit: int) -> bytes:
     """Bytes up to the end of the request head (and whatever came with them)."""
     buf = bytearray()
-    while b"\r\n\r\n" not in buf:
+    while (end := head_end(buf)) is None:
         if len(buf) > limit:
             raise HeadError(431, "head_too_large", f"over {limit} bytes (HTTP_MAX_HEADER_SIZE)")
         chunk = await stream.raw.receive_some(4096)
         if not chunk:
             raise HeadError(0, "closed_before_head")
         buf += chunk
-    end = buf.index(b"\r\n\r\n") + 4
     if end > limit:
         raise HeadError(431, "head_too_large", f"{end} bytes, over {limit} (HTTP_MAX_HEADER_SIZE)")
     return bytes(buf)
@@ -398,7 +408,11 @@ class Server:
                 )
             )
             return None
-        stream.prefix = upgrade_request(request) + head[head.index(b"\r\n\r\n") + 4 :]
+        stream.prefix = upgrade_request(request)
+        rest = head[head_end(head) or len(head) :]
+        if rest:
+            stream.after_upgrade = rest
+            stream.upgraded = trio.Event()
         return decision
 
     async def _on_client_message(
@@ -473,6 +487,8 @@ class Server:
                     max_message_size=config.ws_max_message_size,
                 )
                 ws = await request.accept()
+                if stream.upgraded is not None:
+                    stream.upgraded.set()
             if scope.cancelled_caught:
                 self._handshake_timed_out("upgrade")
                 stream.abort()

@@ -304,6 +304,32 @@ async def test_rejections_have_reason_phrases_and_compact_json_bodies(
         assert body == b'{"error":"' + error + b'"}'
 
 
+async def test_a_head_with_bare_lf_line_ends_is_answered_not_held(start_daemon: Any) -> None:
+    """h11 and Go's net/http take LF for CRLF; the daemon used to wait for a CRLF blank
+    line until WS_HANDSHAKE_TIMEOUT."""
+    daemon: Daemon = await start_daemon(WS_HANDSHAKE_TIMEOUT="60s")
+    with trio.fail_after(5):
+        answer = await raw_exchange(daemon.port, b"GET /health HTTP/1.1\nHost: x\n\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_frames_sent_with_the_upgrade_request_are_not_lost(start_daemon: Any) -> None:
+    """A client may send frames right behind its request, without waiting for the 101:
+    here a close frame (1000), which the daemon must answer."""
+    daemon: Daemon = await start_daemon()
+    lines = [
+        "GET /ws HTTP/1.1",
+        "Host: x",
+        *(f"{k}: {v}" for k, v in ws_headers(make_token()).items()),
+    ]
+    close = b"\x88\x82" + bytes(4) + b"\x03\xe8"  # masked (zero key) close, code 1000
+    with trio.fail_after(5):
+        answer = await raw_exchange(daemon.port, ("\r\n".join(lines) + "\r\n\r\n").encode() + close)
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert frames == b"\x88\x02\x03\xe8"
+
+
 async def test_head_request_to_ws_gets_headers_without_a_body(start_daemon: Any) -> None:
     daemon: Daemon = await start_daemon()
     answer = await raw_exchange(daemon.port, b"HEAD /ws HTTP/1.1\r\nHost: x\r\n\r\n")
