@@ -80,7 +80,8 @@ class RedisProbe:
         except redis.BusyLoadingError:
             # Redis answers, still loading its dataset; the subscription is unaffected.
             loading = True
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ValueError) as exc:
+            # ValueError: redis-py's parser on a reply that is not Redis's (":abc").
             return RedisHealth(False, error=f"{type(exc).__name__}: {exc}")
         ms = round((time.perf_counter() - start) * 1000, 3)
         return RedisHealth(True, ping_ms=ms, loading=loading)

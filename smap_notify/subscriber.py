@@ -310,7 +310,8 @@ class _Worker:
             trio.from_thread.check_cancelled()
             try:
                 self._session()
-            except (redis.RedisError, OSError, SubscriptionDead) as exc:
+            except (redis.RedisError, OSError, SubscriptionDead, ValueError) as exc:
+                # ValueError: redis-py's parser on a reply that is not Redis's (":abc").
                 error = f"{type(exc).__name__}: {exc}" + self._behind_hint(exc)
                 state.last_error = error
                 kind = _error_kind(exc)

@@ -110,21 +110,30 @@ async def serve_not_redis(reply: bytes, task_status: Any = trio.TASK_STATUS_IGNO
 
 
 @pytest.mark.parametrize(
-    "reply",
-    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"SSH-2.0-OpenSSH_9.2p1\r\n"],
-    ids=["http", "ssh"],
+    ("reply", "password", "error"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "", "not a Redis reply"),
+        (b"SSH-2.0-OpenSSH_9.2p1\r\n", "", "not a Redis reply"),
+        (b":abc\r\n", "", "not a Redis reply"),
+        # With a password, redis-py itself parses the answer to AUTH: a ValueError.
+        (b":abc\r\n", "secret", "ValueError"),
+    ],
+    ids=["http", "ssh", "bad-integer", "bad-integer-to-auth"],
 )
 async def test_something_else_than_redis_on_the_port_is_retried_not_fatal(
-    start_daemon: Any, nursery: trio.Nursery, reply: bytes
+    start_daemon: Any, nursery: trio.Nursery, reply: bytes, password: str, error: str
 ) -> None:
     listeners = await nursery.start(serve_not_redis, reply)
     port = listeners[0].socket.getsockname()[1]
-    daemon: Daemon = await start_daemon(wait_subscribed=False, REDIS_HOST=f"127.0.0.1:{port}")
+    daemon: Daemon = await start_daemon(
+        wait_subscribed=False, REDIS_HOST=f"127.0.0.1:{port}", REDIS_PASSWORD=password
+    )
     await wait_until(lambda: daemon.app.subscriber.attempts >= 2)
     assert daemon.app.subscriber.state == "retrying"
-    assert "not a Redis reply" in daemon.app.subscriber.last_error
-    status, _, body = await http_request(daemon.port, "/health")
-    assert status == 503, body
+    assert error in daemon.app.subscriber.last_error
+    for _ in range(2):
+        status, _, body = await http_request(daemon.port, "/health")
+        assert status == 503, body
 
 
 def test_failures_are_told_apart_by_their_errno_and_redis_answer() -> None:
