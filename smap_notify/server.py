@@ -245,6 +245,8 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._readers: _ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
+        # A shortage of descriptors lasts: say so once, then every 10 s with the count.
+        self._shortage_log = LimitedLogger(logger, burst=1)
         # Kept open while serving, to be closed when descriptors run out, so that the
         # clients waiting in the backlog can still be accepted and answered 503.
         self._spare_fd: int | None = None
@@ -311,7 +313,7 @@ class Server:
     def _descriptors_short(self, exc: OSError) -> None:
         self._descriptors_short_at = trio.current_time()
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self._log.log(
+        self._shortage_log.log(
             logging.WARNING,
             "accept",
             "cannot accept connections: %s (open files limit %d, %d WebSockets open);"
