@@ -10,7 +10,10 @@ means nothing. The same stop signal a second time takes its default action at on
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import types
 
 _early: list[int] = []
@@ -40,4 +43,17 @@ def main() -> int:
     catch_early_signals()
     from .cli import main as cli_main
 
-    return cli_main()
+    status = cli_main()
+    _flush_or_drop_output()
+    return status
+
+
+def _flush_or_drop_output() -> None:
+    """Flush stdout and stderr; when their reader has gone (journald restarted, a closed
+    pipe), drop what is left, or Python's own flush at exit turns the status into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())

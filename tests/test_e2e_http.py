@@ -31,7 +31,7 @@ from .conftest import (
     wait_for_port,
     wait_until,
 )
-from .test_systemd_integration import upgrade_status
+from .test_systemd_integration import daemon_env, upgrade_status
 
 
 def ws_headers(
@@ -621,3 +621,35 @@ def test_a_stop_signal_sent_twice_during_start_up_takes_its_default_action() -> 
     )
     assert done.returncode == -signal.SIGTERM
     assert done.stdout == f"recorded [{int(signal.SIGTERM)}]\n"
+
+
+def test_a_log_reader_that_went_away_does_not_change_the_exit_status(
+    redis_server: RedisServer,
+) -> None:
+    """journald restarted, a pipe closed: lines written after that fail, and Python's own
+    flush at exit used to turn a clean stop's 0 into 120."""
+    env = daemon_env(redis_server)
+    del env["PYTHONUNBUFFERED"]  # as under the unit: stderr buffered between lines
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smap_notify"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert b"starting smap-notify" in proc.stdout.readline()
+        port = int(env["WS_PORT"])
+        wait_for_port(port, proc)
+        proc.stdout.close()  # the reader goes away
+        for _ in range(20):  # lines to write: handshake rejections
+            assert (
+                trio.run(http_request, port, "/ws", ws_headers(None, origin="https://x"))[0] == 403
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
