@@ -13,7 +13,7 @@ import trio
 from .breaker import CircuitBreaker
 from .config import Config
 from .messages import CHANNEL_PATTERN
-from .subscriber import SubscriberState, make_client
+from .subscriber import REDIS_FAILURES, SubscriberState, make_client
 
 PING_TIMEOUT: Final = 1.0
 
@@ -80,8 +80,7 @@ class RedisProbe:
         except redis.BusyLoadingError:
             # Redis answers, still loading its dataset; the subscription is unaffected.
             loading = True
-        except (redis.RedisError, OSError, ValueError) as exc:
-            # ValueError: redis-py's parser on a reply that is not Redis's (":abc").
+        except REDIS_FAILURES as exc:
             return RedisHealth(False, error=f"{type(exc).__name__}: {exc}")
         ms = round((time.perf_counter() - start) * 1000, 3)
         return RedisHealth(True, ping_ms=ms, loading=loading)

@@ -289,12 +289,12 @@ class LimitedLogger:
             return
         allowed, suppressed = self.limiter.check(key, time.monotonic())
         if not allowed:
-            self._levels[key] = level
-        if allowed:
-            if suppressed:
-                msg += " suppressed=%d"
-                args = (*args, suppressed)
-            self.logger.log(level, msg, *args, exc_info=exc_info)
+            self._levels[key] = level  # for report_suppressed
+            return
+        if suppressed:
+            msg += " suppressed=%d"
+            args = (*args, suppressed)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
 
 
 def report_suppressed() -> None:

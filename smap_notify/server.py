@@ -152,12 +152,16 @@ async def _refuse(stream: trio.SocketStream) -> None:
         sock.close()
 
 
+def _open_devnull() -> int:
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def _descriptor_free() -> bool:
     """Whether a descriptor is free besides the spare's (which a refusal just freed)."""
     taken = []
     try:
         for _ in range(2):
-            taken.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            taken.append(_open_devnull())
     except OSError:
         return False
     finally:
@@ -284,7 +288,7 @@ class Server:
         """Hold one descriptor to free when they run out (see _refuse_backlog)."""
         if self._spare_fd is None:
             with contextlib.suppress(OSError):
-                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                self._spare_fd = _open_devnull()
 
     def _release_spare(self) -> None:
         if self._spare_fd is not None:
@@ -328,8 +332,7 @@ class Server:
         """Answer 503 to the clients waiting in the backlog, on the descriptor kept spare
         for it (one at a time: each is closed before the next is accepted), until the
         backlog is empty or descriptors are free again."""
-        self._take_spare()
-        if self._spare_fd is None:
+        if self._spare_fd is None:  # lost to another thread: _accept takes it back
             return
         self._release_spare()
         try:

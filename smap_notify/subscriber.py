@@ -86,6 +86,11 @@ class SubscriptionDead(Exception):
     pass
 
 
+# What talking to Redis may raise when Redis, or whatever answers on REDIS_HOST, fails:
+# ValueError is redis-py's parser on a reply that is not Redis's (":abc").
+REDIS_FAILURES: Final = (redis.RedisError, OSError, ValueError)
+
+
 @attrs.define
 class Coalescer:
     """How long the subscriber lingers for more messages before a hand-over.
@@ -310,8 +315,7 @@ class _Worker:
             trio.from_thread.check_cancelled()
             try:
                 self._session()
-            except (redis.RedisError, OSError, SubscriptionDead, ValueError) as exc:
-                # ValueError: redis-py's parser on a reply that is not Redis's (":abc").
+            except (*REDIS_FAILURES, SubscriptionDead) as exc:
                 error = f"{type(exc).__name__}: {exc}" + self._behind_hint(exc)
                 state.last_error = error
                 kind = _error_kind(exc)
@@ -400,17 +404,16 @@ class _Worker:
             state.heartbeat = turn
             if not replies.wait(POLL_SECONDS):
                 now = time.monotonic()
-                if stalled or now - turn > POLL_SECONDS + STALLED_AFTER:
+                stalled = stalled or now - turn > POLL_SECONDS + STALLED_AFTER
+                if stalled:
                     # This thread did not run (the process was stopped, the VM paused):
                     # that silence is not Redis's. Probe now; dead only if the probe goes
                     # unanswered.
                     last_rx = max(last_rx, now - PROBE_AFTER)
-                    pubsub.ping()
-                    probed_at = now
                 silent = now - last_rx
                 if silent > DEAD_AFTER:
                     raise SubscriptionDead(f"no reply from redis for {silent:.1f}s")
-                if silent > PROBE_AFTER and now - probed_at > PROBE_AFTER:
+                if stalled or (silent > PROBE_AFTER and now - probed_at > PROBE_AFTER):
                     pubsub.ping()
                     probed_at = now
                 continue
