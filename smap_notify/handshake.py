@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
+import math
 from collections.abc import Iterable
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +28,7 @@ class HandshakeRequest:
     method: str
     target: str
     headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
+    http_version: str = "1.1"
 
     @property
     def path(self) -> str:
@@ -44,6 +48,21 @@ class HandshakeRequest:
             and "upgrade" in [part.strip() for part in connection.split(",")]
             and bool(self.headers.get("sec-websocket-key"))
         )
+
+
+def upgrade_problem(request: HandshakeRequest) -> str | None:
+    """What makes an upgrade request invalid under RFC 6455 4.2.1 beyond its headers'
+    presence: HTTP/1.1 or later, and a key that is 16 bytes in base64 (as gorilla checks)."""
+    if request.http_version in ("1.0", "0.9"):
+        return f"HTTP/{request.http_version}: a WebSocket upgrade needs HTTP/1.1"
+    key = request.headers.get("sec-websocket-key", "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        return f"Sec-WebSocket-Key is not 16 bytes in base64: {key[:40]!r}"
+    return None
 
 
 @attrs.frozen
@@ -172,7 +191,8 @@ def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
         if not isinstance(sub, str) or not sub:
             raise TokenError("claim sub must be a non-empty string")
         exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+            # NaN, Infinity (1e400 in JSON too) would never pass: a token that never expires.
             raise TokenError(f"claim exp must be a number (seconds since 1970), got {exp!r:.40}")
         if exp <= now:
             raise TokenError("token has expired (claim exp is not in the future)")
@@ -204,6 +224,8 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
             json_error("not a websocket request"),
             "missing Upgrade: websocket, Connection: upgrade or Sec-WebSocket-Key",
         )
+    if problem := upgrade_problem(request):
+        return Reject(400, "not_websocket", json_error("not a websocket request"), problem)
     version = request.headers.get("sec-websocket-version", "")
     if version.strip() != "13":
         return Reject(

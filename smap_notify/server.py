@@ -51,21 +51,27 @@ class HeadError(Exception):
 _HEAD_END: Final = re.compile(rb"\r?\n\r?\n")
 
 
-def head_end(data: bytes | bytearray) -> int | None:
-    """Where the request head in ``data`` ends (after its blank line), if it does."""
-    match = _HEAD_END.search(data)
+def head_end(data: bytes | bytearray, start: int = 0) -> int | None:
+    """Where the request head in ``data`` ends (after its blank line), if it does; the
+    blank line is looked for from ``start`` on."""
+    match = _HEAD_END.search(data, start)
     return match.end() if match else None
 
 
 async def read_head(stream: ConnStream, limit: int) -> bytes:
     """Bytes up to the end of the request head (and whatever came with them)."""
     buf = bytearray()
-    while (end := head_end(buf)) is None:
+    scanned = 0
+    # Each chunk is scanned once, with the 3 bytes before it that may begin the blank line:
+    # rescanning the whole head on every receive made a head sent a byte at a time cost
+    # the square of its length (a 26 KB head: 4.7 s of CPU).
+    while (end := head_end(buf, scanned)) is None:
         if len(buf) > limit:
             raise HeadError(431, "head_too_large", f"over {limit} bytes (HTTP_MAX_HEADER_SIZE)")
         chunk = await stream.raw.receive_some(4096)
         if not chunk:
             raise HeadError(0, "closed_before_head")
+        scanned = max(0, len(buf) - 3)
         buf += chunk
     if end > limit:
         raise HeadError(431, "head_too_large", f"{end} bytes, over {limit} (HTTP_MAX_HEADER_SIZE)")
@@ -91,7 +97,10 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
             text = f"{headers[key]}{'; ' if key == 'cookie' else ', '}{text}"
         headers[key] = text
     return HandshakeRequest(
-        event.method.decode("ascii", "replace"), event.target.decode("latin-1"), headers
+        event.method.decode("ascii", "replace"),
+        event.target.decode("latin-1"),
+        headers,
+        event.http_version.decode("ascii", "replace"),
     )
 
 
