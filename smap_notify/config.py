@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import attrs
 import cattrs
-from attrs import validators as v
 
 PRODUCTION_ORIGINS: Final = (
     "https://smap.tantai.dev",
@@ -100,6 +99,26 @@ def _port(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         raise ValueError(f"{attribute.name.upper()} must be a port number 0-65535, got {value}")
 
 
+def _at_least(minimum: int) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"{attribute.name.upper()} must be at least {minimum}, got {value}")
+
+    return check
+
+
+def _parse_int(value: object) -> int:
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
 def _one_of(choices: tuple[str, ...]) -> Any:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         if value.lower() not in choices:
@@ -155,7 +174,7 @@ class Config:
     env: str = "production"
     redis_host: str = attrs.field(default="localhost:6379", validator=_redis_host)
     redis_password: str = attrs.field(default="", repr=False)
-    redis_db: int = attrs.field(default=0, validator=v.ge(0))
+    redis_db: int = attrs.field(default=0, validator=_at_least(0))
     redis_use_tls: bool = False
     ws_ping_interval: Duration = attrs.field(default=Duration(30), validator=_positive)
     ws_pong_wait: Duration = attrs.field(default=Duration(60), validator=_positive)
@@ -165,12 +184,16 @@ class Config:
     ws_max_connections_per_user: int = attrs.field(default=100, validator=_positive)
     ws_send_buffer: int = attrs.field(default=256, validator=_positive)
     ws_send_buffer_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
-    ws_overflow_policy: str = attrs.field(default="drop", validator=_one_of(OVERFLOW_POLICIES))
+    ws_overflow_policy: str = attrs.field(
+        default="drop", converter=_lower, validator=_one_of(OVERFLOW_POLICIES)
+    )
     ws_handshake_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
-    http_max_header_size: int = attrs.field(default=32768, validator=v.ge(1024))
+    http_max_header_size: int = attrs.field(default=32768, validator=_at_least(1024))
     jwt_previous_secret_key: str = attrs.field(default="", repr=False)
     cookie_name: str = "smap_auth_token"
-    logger_level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
+    logger_level: str = attrs.field(
+        default="info", converter=_lower, validator=_one_of(LOG_LEVELS)
+    )
     allowed_origins: tuple[str, ...] = PRODUCTION_ORIGINS
     dev_origin_subnets: tuple[str, ...] = attrs.field(default=DEV_SUBNETS, validator=_subnets)
     shutdown_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
@@ -209,6 +232,8 @@ class Config:
                 value = ",".join(value)
             elif isinstance(value, Duration):
                 value = format_duration(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"  # as written in the config
             out[field.name.upper()] = value
         return out
 
@@ -275,7 +300,7 @@ ENV_NAMES: Final = frozenset(field.name.upper() for field in attrs.fields(Config
 _converter: Final = cattrs.Converter()
 _converter.register_structure_hook(Duration, lambda value, _t: parse_duration(value))
 _converter.register_structure_hook(bool, lambda value, _t: parse_bool(value))
-_converter.register_structure_hook(int, lambda value, _t: int(str(value).strip()))
+_converter.register_structure_hook(int, lambda value, _t: _parse_int(value))
 _converter.register_structure_hook(str, lambda value, _t: str(value))
 _converter.register_structure_hook_func(
     lambda t: t == tuple[str, ...], lambda value, _t: _parse_list(value)
@@ -393,7 +418,11 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
         kwargs[field.name] = value
     ping, pong = kwargs.get("ws_ping_interval"), kwargs.get("ws_pong_wait")
     if ping is not None and pong is not None and pong <= ping:
-        problems.append("WS_PONG_WAIT must be longer than WS_PING_INTERVAL")
+        problems.append(
+            f"WS_PONG_WAIT ({format_duration(pong)}) must be longer than WS_PING_INTERVAL"
+            f" ({format_duration(ping)}): a connection is dropped when nothing arrived for"
+            " WS_PONG_WAIT, and the pong answers a ping"
+        )
     if problems:
         raise ConfigError(problems)
     return Config(**kwargs)

@@ -294,7 +294,33 @@ def test_redis_host_accepts_bracketed_ipv6() -> None:
 
 @pytest.mark.parametrize("level", ["debug", "info", "warn", "error", "INFO"])
 def test_logger_levels_of_the_original_are_accepted(level: str) -> None:
-    assert load_config({**VALID, "LOGGER_LEVEL": level}).logger_level == level
+    assert load_config({**VALID, "LOGGER_LEVEL": level}).logger_level == level.lower()
+
+
+@pytest.mark.parametrize("policy", ["Disconnect", "DISCONNECT", " disconnect"[1:]])
+def test_a_choice_in_capitals_is_stored_as_the_code_compares_it(policy: str) -> None:
+    """WS_OVERFLOW_POLICY=Disconnect was accepted, then compared with "disconnect" by the
+    hub: the daemon dropped frames instead of disconnecting."""
+    assert load_config({**VALID, "WS_OVERFLOW_POLICY": policy}).ws_overflow_policy == "disconnect"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"WS_PORT": "abc"}, "WS_PORT: not a whole number: 'abc'"),
+        ({"WS_PORT": ""}, "WS_PORT: not a whole number: ''"),
+        ({"REDIS_DB": "-1"}, "REDIS_DB must be at least 0, got -1"),
+        ({"HTTP_MAX_HEADER_SIZE": "100"}, "HTTP_MAX_HEADER_SIZE must be at least 1024, got 100"),
+    ],
+)
+def test_number_problems_are_said_in_the_settings_terms(env: dict[str, str], problem: str) -> None:
+    assert problems_of({**VALID, **env}) == [problem]
+
+
+def test_check_config_style_values_are_written_as_the_config_writes_them() -> None:
+    masked = load_config({**VALID, "REDIS_USE_TLS": "yes"}).masked()
+    assert (masked["REDIS_USE_TLS"], masked["RESYNC_ON_DROP"]) == ("true", "true")
+    assert load_config({**VALID, "RESYNC_ON_DROP": "0"}).masked()["RESYNC_ON_DROP"] == "false"
 
 
 @pytest.mark.parametrize(
@@ -302,7 +328,16 @@ def test_logger_levels_of_the_original_are_accepted(level: str) -> None:
 )
 def test_pong_wait_must_exceed_ping_interval(ping: str, pong: str) -> None:
     problems = problems_of({**VALID, "WS_PING_INTERVAL": ping, "WS_PONG_WAIT": pong})
-    assert problems == ["WS_PONG_WAIT must be longer than WS_PING_INTERVAL"]
+    assert len(problems) == 1
+    assert (
+        problems[0].startswith("WS_PONG_WAIT (")
+        and "must be longer than WS_PING_INTERVAL (" in problems[0]
+    )
+
+
+def test_the_pong_wait_problem_shows_both_values() -> None:
+    problems = problems_of({**VALID, "WS_PING_INTERVAL": "30s", "WS_PONG_WAIT": "10s"})
+    assert problems[0].startswith("WS_PONG_WAIT (10s) must be longer than WS_PING_INTERVAL (30s)")
 
 
 def test_pong_wait_just_above_ping_interval_is_valid() -> None:
