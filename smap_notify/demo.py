@@ -150,6 +150,10 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
                 "no",
             ],
             stdout=subprocess.DEVNULL,
+            # Out of the terminal's foreground group: Ctrl-C reaches the daemon, and this
+            # Redis is stopped after it (main's finally), so that the daemon's last words
+            # are not "redis subscription lost".
+            process_group=0,
         )
         started.append(proc)
         host, redis_host = "127.0.0.1", f"127.0.0.1:{port}"
