@@ -280,6 +280,20 @@ async def open_listeners(
         raise listen_error(host, port, exc) from None
 
 
+def listen_host_problem(host: str) -> str | None:
+    """Why this machine could not listen on ``host`` (any port), if it could not: for
+    --check-config, which must not take the daemon's own port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        return str(listen_error(host, 0, exc)).replace(":0:", ":", 1)
+    return None
+
+
 def listen_error(host: str, port: int, exc: OSError) -> ListenError:
     """Why WS_HOST:WS_PORT could not be listened on, and whether a restart may help: an
     address in use may be freed by a process still exiting; a host name that does not

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         for key, value in config.masked().items():
             print(f"{key}={value}")
-        for warning in config_warnings(config, args.config):
+        warnings_ = config_warnings(config, args.config)
+        if unusable := app.listen_host_problem(config.ws_host):
+            # Not an error here: under socket activation WS_HOST is not used.
+            warnings_.append(
+                f"WS_HOST={config.ws_host}: {unusable}; started without smap-notify.socket,"
+                " the daemon would exit with 78"
+            )
+        for warning in warnings_:
             print(f"smap-notify: warning: {warning}", file=sys.stderr)
         return EX_OK
     logs.configure_logging(config.logger_level)

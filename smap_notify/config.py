@@ -191,9 +191,7 @@ class Config:
     http_max_header_size: int = attrs.field(default=32768, validator=_at_least(1024))
     jwt_previous_secret_key: str = attrs.field(default="", repr=False)
     cookie_name: str = "smap_auth_token"
-    logger_level: str = attrs.field(
-        default="info", converter=_lower, validator=_one_of(LOG_LEVELS)
-    )
+    logger_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(LOG_LEVELS))
     allowed_origins: tuple[str, ...] = PRODUCTION_ORIGINS
     dev_origin_subnets: tuple[str, ...] = attrs.field(default=DEV_SUBNETS, validator=_subnets)
     shutdown_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)

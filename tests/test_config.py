@@ -562,6 +562,27 @@ def test_check_config_warns_about_origins_no_browser_sends(check_config: CheckCo
     )
 
 
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("192.0.2.10", "Cannot assign requested address"),  # TEST-NET-1: no host has it
+        ("no-such-host.invalid", "WS_HOST does not resolve"),
+    ],
+)
+def test_check_config_warns_about_a_ws_host_this_machine_cannot_listen_on(
+    check_config: CheckConfig, host: str, why: str
+) -> None:
+    """The daemon exits 78 on such a WS_HOST; --check-config used to pass it silently. A
+    warning, not an error: socket activation does not use WS_HOST."""
+    status, _, err = check_config(JWT_SECRET_KEY=SECRET, WS_HOST=host)
+    assert status == 0
+    assert err == (
+        f"smap-notify: warning: WS_HOST={host}: cannot listen on {host}: {why};"
+        " started without smap-notify.socket, the daemon would exit with 78\n"
+    )
+    assert check_config(JWT_SECRET_KEY=SECRET, WS_HOST="127.0.0.1")[2] == ""
+
+
 def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) -> None:
     status, out, err = check_config(WS_PORT="eighty", LOGGER_LEVEL="loud")
     assert status == 78
