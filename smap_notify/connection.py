@@ -11,6 +11,7 @@ which serialises it with our writes on one lock so frames never interleave.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 PING_FRAME: Final = b"\x89\x00"  # FIN + ping, no payload, unmasked (server side)
 _OPCODE_CLOSE: Final = 0x8
+PROTOCOL_FAILURES: Final = frozenset({1002, 1007})  # close codes of a client's protocol error
 _ids = itertools.count(1)
 
 
@@ -89,6 +91,11 @@ class ConnStream(trio.abc.Stream):
         await self.raw.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        # trio-websocket closes the stream right after failing the connection on a client's
+        # protocol error; the server's handler may not have run yet to send the close frame.
+        conn = self.conn
+        if conn is not None and conn.ws is not None and conn.ws.closed is not None:
+            conn.send_failure_close(conn.ws.closed.code)
         await self.raw.aclose()
 
     def abort(self) -> None:
@@ -156,7 +163,7 @@ class Connection:
         # Set while the hub closes the connection with a close handshake; set() when done.
         self.closing: trio.Event | None = None
         self.opened = trio.current_time()
-        self.on_abort: Callable[[Connection, str], None] | None = None
+        self.on_abort: Callable[[Connection, str, str], None] | None = None
         # Frames dropped because the queue was full, since when; on_drained tells the
         # client once its queue has been written out.
         self.missed = 0
@@ -205,7 +212,7 @@ class Connection:
         except BlockingIOError:
             written = 0
         except OSError as exc:
-            self.abort(f"write_error: {exc.strerror or exc}")
+            self.abort("write_error", exc.strerror or str(exc))
             return
         if written == len(data):
             self.pending.clear()
@@ -237,7 +244,7 @@ class Connection:
             async with self.lock:
                 await self.flush_pending_locked()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.abort(f"write_error: {exc}")
+            self.abort("write_error", str(exc))
         finally:
             self.flushing = False
         # Frames are dropped only while a flush waits for the client: this is where it
@@ -263,14 +270,41 @@ class Connection:
             self.abort("write_timeout")
             raise trio.BrokenResourceError("write timed out")
 
-    def abort(self, reason: str) -> None:
-        """Drop the connection uncleanly, so the browser's reconnect logic engages."""
+    def send_failure_close(self, code: int) -> None:
+        """After a client's protocol error (1002, 1007), write a close frame with ``code``
+        now if nothing of ours is half-written; the connection is failing, so whatever is
+        queued is not sent.
+
+        trio-websocket ends such a connection without a close frame (wsproto leaves it
+        OPEN), where RFC 6455 7.1.7 says the endpoint SHOULD send one, which tells the
+        client what it did wrong."""
+        if code not in PROTOCOL_FAILURES or self.close_sent or self.closed:
+            return
+        if self.flushing or self.lock.locked():
+            return
+        fd = self.stream.raw.socket.fileno()
+        if fd < 0:
+            return
+        self.close_sent = True
+        self.pending.clear()
+        self.pending_messages = 0
+        self.pending_bytes = 0
+        with contextlib.suppress(OSError):
+            os.write(fd, b"\x88\x02" + code.to_bytes(2, "big"))
+
+    def abort(self, reason: str, detail: str = "") -> None:
+        """Drop the connection uncleanly, so the browser's reconnect logic engages.
+
+        ``reason`` is a metric label, one of a fixed few; ``detail`` (an OS error's text)
+        goes to the log only. A connection the hub was already closing for a reason
+        (token_expired) keeps that reason when the close itself fails.
+        """
         if self.closed:
             return
         self.closed = True
-        self.close_reason = reason
+        self.close_reason = self.close_reason or reason
         if self.on_abort is not None:
-            self.on_abort(self, reason)
+            self.on_abort(self, reason, detail)
         self.pending.clear()
         self.pending_messages = 0
         self.pending_bytes = 0

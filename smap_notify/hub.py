@@ -136,9 +136,9 @@ class Hub:
         except Exception:
             logger.exception("notifier failed user=%s", args[0])
 
-    def _on_abort(self, conn: Connection, reason: str) -> None:
+    def _on_abort(self, conn: Connection, reason: str, detail: str = "") -> None:
         if conn.pending_messages:
-            self.counters.frames_dropped[reason.split(":")[0]] += conn.pending_messages
+            self.counters.frames_dropped[reason] += conn.pending_messages
             conn.pending_messages = 0
         if reason == "shutdown":  # drain() says how many, once
             logger.debug(
@@ -147,11 +147,12 @@ class Hub:
         else:  # a network blip can end thousands at once: rate-limited per reason
             self._log.log(
                 logging.INFO,
-                "close:" + reason.split(":")[0],
-                "closing connection reason=%s conn=%d user=%s",
+                "close:" + reason,
+                "closing connection reason=%s conn=%d user=%s%s",
                 reason,
                 conn.id,
                 conn.user_id,
+                f" detail={detail!r}" if detail else "",
             )
 
     # -- routing ----------------------------------------------------------------

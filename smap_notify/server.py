@@ -530,6 +530,18 @@ class Server:
                     await self._on_client_message(ws, await ws.get_message())
             except trio_websocket.ConnectionClosed as exc:
                 reason = _closed_reason(exc)
+                if reason in ("protocol_error", "invalid_data"):
+                    assert exc.reason is not None  # the reason said how it ended
+                    conn.send_failure_close(exc.reason.code)
+                    self._log.log(
+                        logging.INFO,
+                        reason,
+                        "client broke the WebSocket protocol reason=%s conn=%d user=%s detail=%r",
+                        reason,
+                        conn.id,
+                        conn.user_id,
+                        exc.reason.reason or "",
+                    )
             finally:
                 self.hub.unregister(conn, reason)
                 if conn.closing is not None:
@@ -553,7 +565,14 @@ class Server:
 
 
 def _closed_reason(exc: trio_websocket.ConnectionClosed) -> str:
+    """A metric label for how the client's side ended."""
     code = exc.reason.code if exc.reason else None
-    if code == 1009:
-        return "message_too_big"
-    return "connection_lost" if code == 1006 else "client_closed"
+    return _CLOSE_CODE_REASONS.get(code, "client_closed")  # type: ignore[arg-type]
+
+
+_CLOSE_CODE_REASONS: Final[dict[int, str]] = {
+    1009: "message_too_big",
+    1006: "connection_lost",
+    1002: "protocol_error",  # a frame the RFC forbids (unmasked, reserved bits or opcode)
+    1007: "invalid_data",  # a text message that is not UTF-8
+}

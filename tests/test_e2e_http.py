@@ -653,3 +653,35 @@ def test_a_log_reader_that_went_away_does_not_change_the_exit_status(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        (b"\x81\x02hi", 1002, "protocol_error"),  # unmasked: clients must mask
+        (b"\xc1\x82" + bytes(4) + b"hi", 1002, "protocol_error"),  # RSV1 without an extension
+        (b"\x81\x82" + bytes(4) + b"\xff\xfe", 1007, "invalid_data"),  # text, not UTF-8
+    ],
+    ids=["unmasked", "reserved-bit", "not-utf8"],
+)
+async def test_a_client_that_breaks_the_protocol_gets_a_close_frame_saying_how(
+    start_daemon: Any, caplog: pytest.LogCaptureFixture, frame: bytes, code: int, reason: str
+) -> None:
+    """RFC 6455 7.1.7: the endpoint SHOULD send a close frame when it fails the connection;
+    trio-websocket cut the socket without one, and the close was counted as client_closed
+    with nothing logged."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    lines = [
+        "GET /ws HTTP/1.1",
+        "Host: x",
+        *(f"{k}: {v}" for k, v in ws_headers(make_token()).items()),
+    ]
+    with trio.fail_after(5):
+        answer = await raw_exchange(daemon.port, ("\r\n".join(lines) + "\r\n\r\n").encode() + frame)
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert frames == b"\x88\x02" + code.to_bytes(2, "big")
+    await daemon.wait_connections(0)
+    assert dict(daemon.app.counters.connections_closed) == {reason: 1}
+    assert f"client broke the WebSocket protocol reason={reason}" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -136,3 +137,61 @@ async def test_closing_lines_are_rate_limited_and_a_shutdown_logs_none_per_conne
     closing = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
     assert len(closing) == 5
     assert all("reason=pong_timeout" in line for line in closing)
+
+
+class SocketStream:
+    """The part of ConnStream a Connection writes through, over a real socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.raw = SimpleNamespace(socket=sock)
+        self.conn: Connection | None = None
+
+    def abort(self) -> None:
+        self.raw.socket.close()
+
+
+async def registered_to_a_closed_peer(nursery: trio.Nursery) -> tuple[Hub, Connection]:
+    """A hub with one connection of user "u" whose client end is already closed."""
+    hub = await start_hub(nursery)
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    conn = Connection(
+        "u",
+        SocketStream(ours),  # type: ignore[arg-type]
+        trio.Lock(),
+        expires_at=time.time() + 3600,
+        max_messages=4,
+        max_bytes=1 << 20,
+        write_wait=1.0,
+    )
+    assert hub.try_reserve("u") is None
+    hub.register(conn)
+    return hub, conn
+
+
+async def test_a_write_error_is_one_metric_label_and_the_os_error_goes_to_the_log(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OS error's text was part of the label: write_error: ... Broken pipe, ...
+    Connection reset by peer: one time series per errno wording."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    hub, conn = await registered_to_a_closed_peer(nursery)
+    hub.route_batch([(b"user_noti:u", b'{"type":"alert","payload":{}}')])
+    assert conn.closed
+    hub.unregister(conn, "closed")
+    assert dict(hub.counters.connections_closed) == {"write_error": 1}
+    assert dict(hub.counters.frames_dropped) == {"write_error": 1}
+    assert "closing connection reason=write_error" in caplog.text
+    assert "detail='Broken pipe'" in caplog.text
+
+
+async def test_a_connection_closed_for_its_token_keeps_that_reason_when_the_close_fails(
+    nursery: trio.Nursery,
+) -> None:
+    """A client that does not read and whose token expired: the close frame cannot be
+    written, and the close was counted as a write error."""
+    hub, conn = await registered_to_a_closed_peer(nursery)
+    conn.close_reason = "token_expired"  # what the keep-alive sweep sets
+    conn.abort("write_error", "Broken pipe")
+    hub.unregister(conn, "closed")
+    assert dict(hub.counters.connections_closed) == {"token_expired": 1}
