@@ -225,6 +225,11 @@ def _loads(data: bytes | str) -> tuple[Any, bool]:
             return orjson.loads(raw), True
         except orjson.JSONDecodeError:
             pass
+    if isinstance(data, bytes):
+        # JSON between systems is UTF-8 (RFC 8259 8.1); given bytes, json.loads would also
+        # guess UTF-16 and UTF-32, which the original's json.Unmarshal refused. A UTF-8
+        # byte-order mark is skipped, as the RFC allows.
+        data = data.decode("utf-8-sig", "surrogatepass")
     return json.loads(data, parse_constant=_no_constants), False
 
 

@@ -385,6 +385,16 @@ def test_a_token_whose_exp_is_not_finite_is_refused(exp: bytes) -> None:
     assert (decision.status, decision.body) == (401, INVALID_TOKEN_BODY)
 
 
+@pytest.mark.parametrize("jti", [12345, {"id": 1}, None, ["a"]])
+def test_claims_the_contract_does_not_check_may_have_any_type(jti: object) -> None:
+    """PyJWT 2.10+ refused a jti that is not a string: 401 for a token the contract
+    accepts (sub, exp and nbf are all it checks)."""
+    claims = {"sub": "user-1", "exp": int(NOW) + 3600, "jti": jti, "iss": 7, "aud": ["a", 1]}
+    claims |= {"email": None, "role": {"r": 1}, "iat": "now"}
+    token = hand_made_token(json.dumps(claims).encode())
+    assert accepted(ws_request(token)).user_id == "user-1"
+
+
 def test_only_the_given_now_decides_expiry() -> None:
     # A clock of the caller's behind the wall clock: PyJWT's own check must not interfere
     # (it did, and this suite's NOW-based tests failed when run long after import).

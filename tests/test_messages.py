@@ -305,6 +305,20 @@ def test_invalid_json_is_rejected(data: bytes | str) -> None:
     assert result.user_id == USER
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-16-be", "utf-32-le", "utf-32"])
+def test_json_in_another_unicode_encoding_than_utf8_is_rejected(encoding: str) -> None:
+    """RFC 8259 8.1: JSON between systems is UTF-8. json.loads(bytes) guessed UTF-16 and
+    UTF-32, and such messages were delivered; the original's json.Unmarshal refused them."""
+    result = rejected(CHANNEL, '{"type":"notification","payload":"x"}'.encode(encoding))
+    assert result.reason == "invalid_json"
+    assert result.user_id == USER
+
+
+def test_a_utf8_byte_order_mark_is_skipped() -> None:
+    data = b"\xef\xbb\xbf" + b'{"type":"alert","payload":{"n":123456789012345678901234}}'
+    assert routed(CHANNEL, data).payload_json == b'{"n":123456789012345678901234}'
+
+
 @pytest.mark.parametrize("data", ["[]", '["type","alert"]', '"alert"', "42", "null", "true"])
 def test_non_object_is_rejected(data: str) -> None:
     assert rejected(CHANNEL, data).reason == "not_object"
