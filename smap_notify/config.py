@@ -336,6 +336,10 @@ ORIGINAL_UNUSED: Final = frozenset(
 )
 
 
+# Settings whose empty value means something of its own (no origins, no subnets).
+EMPTY_IS_A_VALUE: Final = frozenset({"ALLOWED_ORIGINS", "DEV_ORIGIN_SUBNETS"})
+
+
 def config_warnings(config: Config, config_file: Path | None) -> list[str]:
     """What to warn about at start, on reload and in --check-config."""
     return config.warnings() + (file_warnings(config_file) if config_file else [])
@@ -397,6 +401,9 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
     kwargs: dict[str, Any] = {}
     for field in attrs.fields(Config):
         name = field.name.upper()
+        if name in values and not values[name].strip() and name not in EMPTY_IS_A_VALUE:
+            # As the original (caarlos0/env): a setting present but empty takes its default.
+            del values[name]
         if name in values:
             try:
                 value = _converter.structure(values[name], field.type or str)

@@ -228,7 +228,7 @@ def test_redis_host_must_be_host_and_port(value: str) -> None:
     assert any(p.startswith("REDIS_HOST") for p in problems_of({**VALID, "REDIS_HOST": value}))
 
 
-@pytest.mark.parametrize("value", ["", "0.0.0.0:8081", "[::]", "-host", "my_host", "a b"])
+@pytest.mark.parametrize("value", ["0.0.0.0:8081", "[::]", "-host", "my_host", "a b"])
 def test_ws_host_must_be_an_address_or_host_name(value: str) -> None:
     """A bad WS_HOST is a configuration error (78), not a crash at bind time (70), which
     systemd would restart over and over."""
@@ -308,13 +308,27 @@ def test_a_choice_in_capitals_is_stored_as_the_code_compares_it(policy: str) -> 
     ("env", "problem"),
     [
         ({"WS_PORT": "abc"}, "WS_PORT: not a whole number: 'abc'"),
-        ({"WS_PORT": ""}, "WS_PORT: not a whole number: ''"),
+        ({"WS_PORT": "8o81"}, "WS_PORT: not a whole number: '8o81'"),
         ({"REDIS_DB": "-1"}, "REDIS_DB must be at least 0, got -1"),
         ({"HTTP_MAX_HEADER_SIZE": "100"}, "HTTP_MAX_HEADER_SIZE must be at least 1024, got 100"),
     ],
 )
 def test_number_problems_are_said_in_the_settings_terms(env: dict[str, str], problem: str) -> None:
     assert problems_of({**VALID, **env}) == [problem]
+
+
+def test_a_setting_present_but_empty_takes_its_default_as_in_the_original() -> None:
+    """caarlos0/env (v7+), which the original read its settings with, falls back to the
+    default for an empty variable: an env file with WS_PORT= worked there."""
+    empty = dict.fromkeys(ENV_NAMES - {"JWT_SECRET_KEY"}, " ")
+    defaults = Config(jwt_secret_key=SECRET)
+    loaded = load_config({**VALID, **empty})
+    assert attrs.evolve(loaded, allowed_origins=(), dev_origin_subnets=()) == attrs.evolve(
+        defaults, allowed_origins=(), dev_origin_subnets=()
+    )
+    # Empty means something for these two: no origins (warned about), no subnets.
+    assert (loaded.allowed_origins, loaded.dev_origin_subnets) == ((), ())
+    assert problems_of({**VALID, "JWT_SECRET_KEY": ""}) != []  # required stays required
 
 
 def test_check_config_style_values_are_written_as_the_config_writes_them() -> None:
