@@ -24,6 +24,9 @@ import trio_websocket
 logger = logging.getLogger(__name__)
 
 PING_FRAME: Final = b"\x89\x00"  # FIN + ping, no payload, unmasked (server side)
+# Frames joined for one write at most (a larger frame goes alone): the copy each
+# connection makes of what it sends, and what one WS_WRITE_WAIT covers.
+WRITE_CHUNK: Final = 64 * 1024
 _OPCODE_CLOSE: Final = 0x8
 PROTOCOL_FAILURES: Final = frozenset({1002, 1007})  # close codes of a client's protocol error
 _ids = itertools.count(1)
@@ -206,34 +209,74 @@ class Connection:
         fd = self.stream.raw.socket.fileno()
         if fd < 0:  # trio-websocket closed the stream after a close handshake
             return
-        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
-        try:
-            written = os.write(fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            self.abort("write_error", exc.strerror or str(exc))
-            return
-        if written == len(data):
-            self.pending.clear()
-            self.pending_messages = 0
-            self.pending_bytes = 0
-            return
-        self._keep_unwritten(data, written)
-        self._start_flush(nursery)
+        pending = self.pending
+        while True:
+            n = 1 if len(pending) == 1 else self._chunk()
+            data = pending[0] if n == 1 else self._front(n)
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                self.abort("write_error", exc.strerror or str(exc))
+                return
+            if written < len(data):
+                self._keep_unwritten(n, written)
+                self._start_flush(nursery)
+                return
+            if n == len(pending):
+                pending.clear()
+                self.pending_messages = 0
+                self.pending_bytes = 0
+                return
+            self._taken(n, written)
 
-    def _keep_unwritten(self, data: bytes, written: int) -> None:
-        # Count the frames that are not yet completely on the wire.
-        remaining = 0
+    def _chunk(self) -> int:
+        """How many queued frames make the next write: whole frames up to WRITE_CHUNK
+        bytes, at least one.
+
+        Joining frames copies them; joining the whole queue copied up to
+        WS_SEND_BUFFER_BYTES for each slow connection, though the frames themselves are
+        shared by all connections of a user (100 slow tabs: +312 MB).
+        """
+        pending = self.pending
+        count = len(pending)
+        size = len(pending[0])
+        n = 1
+        while n < count:
+            size += len(pending[n])
+            if size > WRITE_CHUNK:
+                break
+            n += 1
+        return n
+
+    def _front(self, n: int) -> bytes:
+        pending = self.pending
+        return b"".join(pending if n == len(pending) else pending[:n])
+
+    def _taken(self, n: int, size: int) -> None:
+        """The first ``n`` queued frames, ``size`` bytes, left the queue."""
+        pending = self.pending
+        messages = sum(frame is not PING_FRAME for frame in pending[:n])
+        del pending[:n]
+        # A ping cut in two counts as a message once written: hence the floor.
+        self.pending_messages = max(0, self.pending_messages - messages)
+        self.pending_bytes -= size
+
+    def _keep_unwritten(self, n: int, written: int) -> None:
+        """``written`` bytes of the first ``n`` queued frames went out: drop the frames
+        that did, and keep the unwritten end of the one cut in two (the only copy)."""
+        pending = self.pending
         offset = 0
-        for frame in self.pending:
-            offset += len(frame)
-            if offset > written and frame is not PING_FRAME:
-                remaining += 1
-        rest = data[written:]
-        self.pending = [rest]
-        self.pending_messages = remaining
-        self.pending_bytes = len(rest)
+        for i in range(n):
+            frame = pending[i]
+            end = offset + len(frame)
+            if end > written:
+                if written > offset:
+                    pending[i] = frame[written - offset :]
+                self._taken(i, written)
+                return
+            offset = end
 
     def _start_flush(self, nursery: trio.Nursery) -> None:
         self.flushing = True
@@ -253,12 +296,15 @@ class Connection:
             self.on_drained(self)
 
     async def flush_pending_locked(self) -> None:
-        """Send everything pending; the caller holds ``lock``."""
-        while self.pending and not self.closed:
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.pending_messages = 0
-            self.pending_bytes = 0
+        """Send everything pending, a chunk at a time, each within WS_WRITE_WAIT: a
+        client that reads slowly but steadily is not taken for a stalled one, as it was
+        when a backlog of megabytes had to go out within one deadline. The caller holds
+        ``lock``."""
+        pending = self.pending
+        while pending and not self.closed:
+            n = self._chunk()
+            data = pending[0] if n == 1 else self._front(n)
+            self._taken(n, len(data))
             await self.send_bounded(data)
 
     async def send_bounded(self, data: bytes | bytearray | memoryview) -> None:

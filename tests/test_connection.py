@@ -1,0 +1,85 @@
+"""A connection's outbound queue over real sockets: what it copies and how long a write may
+take."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+import trio.testing
+
+from smap_notify.connection import WRITE_CHUNK, Connection, ConnStream, text_frame
+
+
+async def slow_connection(
+    *, write_wait: float = 10.0, buffer: int = 64 * 1024
+) -> tuple[Connection, trio.socket.SocketType]:
+    """A connection to a client (the second value) that reads only when the test does."""
+    ours, theirs = trio.socket.socketpair()
+    for sock in (ours, theirs):
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, buffer)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, buffer)
+    conn = Connection(
+        "u",
+        ConnStream(trio.SocketStream(ours)),
+        trio.Lock(),
+        expires_at=time.time() + 3600,
+        max_messages=256,
+        max_bytes=8 << 20,
+        write_wait=write_wait,
+    )
+    return conn, theirs
+
+
+async def test_slow_connections_of_one_user_share_its_frames_instead_of_copying_them(
+    nursery: trio.Nursery,
+) -> None:
+    """Each connection joined its whole queue into one bytes object and kept the unwritten
+    rest: 100 non-reading tabs of one user and 13 MB published took 312 MB."""
+    conns = [await slow_connection() for _ in range(5)]
+    frames = [text_frame(bytes([65 + n % 26]) * 60_000) for n in range(40)]
+    for frame in frames:
+        for conn, _ in conns:
+            assert conn.push(frame)
+    for conn, _ in conns:
+        conn.write_nowait(nursery)  # writes what the socket takes, keeps the rest
+    held = {id(piece): len(piece) for conn, _ in conns for piece in conn.pending}
+    shared = sum(len(frame) for frame in frames)
+    assert all(conn.pending for conn, _ in conns)  # the clients did not read it all
+    assert sum(held.values()) <= shared + len(conns) * (WRITE_CHUNK + len(frames[0]))
+    # The queue's accounting still covers what is left, frame by frame.
+    for conn, _ in conns:
+        assert conn.pending_bytes == sum(len(piece) for piece in conn.pending)
+        assert conn.pending_messages == len(conn.pending)
+
+
+async def test_a_slow_but_steady_reader_is_not_taken_for_a_stalled_one(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """24 messages of 300 KB to a client reading 30 KB every 0.2 s (150 KB/s): about 2 s
+    per message, well within WS_WRITE_WAIT (10 s); the whole 7 MB backlog went out as one
+    write under one deadline, and the client was dropped as write_timeout."""
+    conn, client = await slow_connection(write_wait=10.0)
+    frame = text_frame(b"x" * 300_000)
+    for _ in range(24):
+        assert conn.push(frame)
+    conn.write_nowait(nursery)
+    received = 0
+    while received < 24 * len(frame):
+        await trio.sleep(0.2)
+        received += len(await client.recv(30_000))
+        assert not conn.closed, f"dropped after {received} bytes ({conn.close_reason})"
+    assert received == 24 * len(frame)
+
+
+async def test_a_client_that_stops_reading_is_still_dropped_after_write_wait(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await slow_connection(write_wait=10.0)
+    frame = text_frame(b"x" * 300_000)
+    for _ in range(4):
+        assert conn.push(frame)
+    conn.write_nowait(nursery)
+    await client.recv(30_000)
+    await trio.sleep(10.5)
+    assert (conn.closed, conn.close_reason) == (True, "write_timeout")
