@@ -25,7 +25,7 @@ from .hub import Batch, Hub, Notifier
 from .inbox import Inbox
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
-from .server import Server
+from .server import FD_HEADROOM, Server
 from .subscriber import SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 BACKLOG: Final = 4096  # pending connections the kernel keeps for us (a reconnect storm)
 INBOX_SIZE: Final = 2  # batches in flight; see Inbox for why so few
 LATE_SIGNALS_WAIT: Final = 0.05  # how long a stopping daemon still takes signals in
-# Descriptors the daemon needs besides its WebSockets: listeners, Redis, the health
-# check, the log, the event loop's own, connections still in their handshake.
-FD_HEADROOM: Final = 64
 SUPPRESSED_EVERY: Final = 10.0  # seconds between reports of rate-limited log events
 SUBSCRIBER_STALE: Final = 10.0  # seconds without a heartbeat before the thread counts as hung
 

@@ -33,6 +33,15 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 ACCEPT_RETRY: Final = 0.1
 REFUSE_AT_MOST: Final = 1000  # clients answered 503 per shortage
 OUT_OF_DESCRIPTORS_FOR: Final = 5.0  # seconds a shortage shows in STATUS=
+# Descriptors the daemon needs besides its WebSockets: listeners, Redis, the health
+# check, the log, the event loop's own, connections still in their handshake.
+FD_HEADROOM: Final = 64
+# Request heads being read at once, at most (a slowloris holds many): past this, or past
+# what the open-files limit leaves beside the open WebSockets, a new connection closes the
+# oldest head that has taken HEAD_CROWDED_AFTER already. A browser sends its head at once.
+MAX_PENDING_HEADS: Final = 1024
+MIN_PENDING_HEADS: Final = 16
+HEAD_CROWDED_AFTER: Final = 1.0
 
 
 # An HTTP endpoint: (request, remote) -> (status, content type, body).
@@ -264,6 +273,8 @@ class Server:
         # clients waiting in the backlog can still be accepted and answered 503.
         self._spare_fd: int | None = None
         self._descriptors_short_at: float | None = None
+        # Request heads being read, oldest first: (since, the scope that closes it).
+        self._heads: dict[ConnStream, tuple[float, trio.CancelScope]] = {}
 
     async def serve(
         self,
@@ -329,12 +340,13 @@ class Server:
         self._shortage_log.log(
             logging.WARNING,
             "accept",
-            "cannot accept connections: %s (open files limit %d, %d WebSockets open);"
-            " answering 503 until descriptors free up: raise LimitNOFILE= or lower"
-            " WS_MAX_CONNECTIONS",
+            "cannot accept connections: %s (open files limit %d, %d WebSockets open,"
+            " %d request heads being read); answering 503 until descriptors free up: raise"
+            " LimitNOFILE= or lower WS_MAX_CONNECTIONS",
             os.strerror(exc.errno or 0),
             soft,
             self.hub.connection_count,
+            len(self._heads),
         )
 
     async def _refuse_backlog(self, listener: trio.SocketListener) -> None:
@@ -381,6 +393,52 @@ class Server:
             with trio.CancelScope(shield=True):
                 await raw.aclose()
 
+    async def _read_head(self, stream: ConnStream) -> bytes | None:
+        """The request head, or None when it was closed to make room (_make_room)."""
+        now = trio.current_time()
+        self._make_room(now)
+        scope = trio.CancelScope()
+        self._heads[stream] = (now, scope)
+        try:
+            with scope:
+                return await read_head(stream, self.config.http_max_header_size)
+            return None
+        finally:
+            self._heads.pop(stream, None)
+
+    def _make_room(self, now: float) -> None:
+        """Close the oldest request heads still being read when there are too many for
+        the descriptors left: connections that send nothing (a slowloris) would otherwise
+        hold every descriptor until WS_HANDSHAKE_TIMEOUT, and everyone, /health included,
+        would get 503."""
+        heads = self._heads
+        if len(heads) < MIN_PENDING_HEADS:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        cap = MAX_PENDING_HEADS
+        if soft != resource.RLIM_INFINITY:
+            room = soft - FD_HEADROOM - self.hub.connection_count
+            cap = max(MIN_PENDING_HEADS, min(cap, room))
+        while len(heads) >= cap:
+            stream, (since, scope) = next(iter(heads.items()))
+            if now - since < HEAD_CROWDED_AFTER:
+                return
+            del heads[stream]
+            scope.cancel()
+            self.counters.handshake_rejections["head_crowded_out"] += 1
+            self._log.log(
+                logging.WARNING,
+                "head_crowded_out",
+                "closed a connection whose request head was not complete after %.1fs, to"
+                " make room: %d heads being read (at most %d with the open files limit %d"
+                " and %d WebSockets open)",
+                now - since,
+                len(heads),
+                cap,
+                soft,
+                self.hub.connection_count,
+            )
+
     def _handshake_timed_out(self, phase: str) -> None:
         self.counters.handshake_rejections["handshake_timeout"] += 1
         self._log.log(logging.INFO, "timeout", "handshake timed out phase=%s", phase)
@@ -389,7 +447,9 @@ class Server:
         """Read the request head and answer it; an Accept means: upgrade this one."""
         config = self.config
         try:
-            head = await read_head(stream, config.http_max_header_size)
+            head = await self._read_head(stream)
+            if head is None:
+                return None
             request = parse_head(head, config.http_max_header_size)
         except HeadError as exc:
             if exc.reason != "closed_before_head":

@@ -569,6 +569,36 @@ def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood
     assert log.count("cannot accept connections") == 1, "once, then every 10 s"
 
 
+def test_silent_connections_cannot_crowd_out_everyone_else(daemon_process: Any) -> None:
+    """Connections that never send a request held a descriptor each until
+    WS_HANDSHAKE_TIMEOUT: with enough of them every client, /health included, got 503.
+    Now, past what the open-files limit leaves, the oldest silent ones are closed."""
+    daemon = daemon_process(command=("-c", FEW_DESCRIPTORS), WS_HANDSHAKE_TIMEOUT="60s")
+    silent = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(60)]
+    try:
+        # Heads are closed only once they have had a second to arrive: a browser's takes
+        # milliseconds. This wait is the scenario (silent clients), not synchronisation.
+        time.sleep(1.5)
+        for _ in range(60):
+            silent.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
+        # 128 descriptors, 64 of them for the daemon's own needs: 120 silent clients would
+        # leave none, and /health would be refused.
+        assert trio.run(http_request, daemon.port, "/health")[0] == 200
+        silent[0].settimeout(10)
+        assert silent[0].recv(1) == b"", "the oldest silent connection was closed"
+        assert silent[-1].getpeername()  # the newest are still held
+    finally:
+        for sock in silent:
+            sock.close()
+    metrics = trio.run(http_request, daemon.port, "/metrics")[2].decode()
+    assert 'smap_notify_handshake_rejections_total{reason="head_crowded_out"}' in metrics
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "closed a connection whose request head was not complete after" in log
+    assert "cannot accept connections" not in log
+    assert "Traceback" not in log
+
+
 def catches(pid: int, signum: int) -> bool:
     """Whether process ``pid`` has a handler for ``signum`` (SigCgt in /proc)."""
     with open(f"/proc/{pid}/status") as status:
