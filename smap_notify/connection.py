@@ -211,8 +211,7 @@ class Connection:
             return
         pending = self.pending
         while True:
-            n = 1 if len(pending) == 1 else self._chunk()
-            data = pending[0] if n == 1 else self._front(n)
+            n, data = self._next_write()
             try:
                 written = os.write(fd, data)
             except BlockingIOError:
@@ -250,9 +249,14 @@ class Connection:
             n += 1
         return n
 
-    def _front(self, n: int) -> bytes:
+    def _next_write(self) -> tuple[int, bytes]:
+        """The next write: how many queued frames, and their bytes."""
         pending = self.pending
-        return b"".join(pending if n == len(pending) else pending[:n])
+        if self.pending_bytes <= WRITE_CHUNK:  # the usual case: all of it
+            n = len(pending)
+            return n, pending[0] if n == 1 else b"".join(pending)
+        n = self._chunk()
+        return n, pending[0] if n == 1 else b"".join(pending[:n])
 
     def _taken(self, n: int, size: int) -> None:
         """The first ``n`` queued frames, ``size`` bytes, left the queue."""
@@ -302,8 +306,7 @@ class Connection:
         ``lock``."""
         pending = self.pending
         while pending and not self.closed:
-            n = self._chunk()
-            data = pending[0] if n == 1 else self._front(n)
+            n, data = self._next_write()
             self._taken(n, len(data))
             await self.send_bounded(data)
 
