@@ -8,6 +8,7 @@ frame a demo WebSocket client receives. Ctrl-C stops everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import secrets
@@ -105,25 +106,39 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -
 
 
 def main() -> int:
-    started: list[subprocess.Popen[bytes]] = []
+    # What the demo started, and whether it shares the terminal's process group (and so
+    # gets Ctrl-C itself).
+    started: list[tuple[subprocess.Popen[bytes], bool]] = []
+    ctrl_c: list[bool] = []  # set when Ctrl-C (SIGINT to the group) ended the demo
     try:
-        return _run(started)
+        return _run(started, ctrl_c)
     except DemoError as exc:
         print(f"smap-notify-demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        ctrl_c.append(True)
         return 0
     finally:
-        for proc in reversed(started):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for proc, in_group in reversed(started):
+            _stop(proc, signalled=in_group and bool(ctrl_c))
 
 
-def _run(started: list[subprocess.Popen[bytes]]) -> int:
+def _stop(proc: subprocess.Popen[bytes], *, signalled: bool) -> None:
+    """Stop a process the demo started. The daemon got Ctrl-C with the demo (same
+    process group): it is left to finish its own drain, since a second signal would cut
+    it short (and one arriving as it exits meets the default handler)."""
+    if signalled:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _run(started: list[tuple[subprocess.Popen[bytes], bool]], ctrl_c: list[bool]) -> int:
     redis_host = os.environ.get("REDIS_HOST", "localhost:6379")
     host, _, port_text = redis_host.rpartition(":")
     if not _redis_answers(host, int(port_text)):
@@ -155,7 +170,7 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
             # are not "redis subscription lost".
             process_group=0,
         )
-        started.append(proc)
+        started.append((proc, False))
         host, redis_host = "127.0.0.1", f"127.0.0.1:{port}"
         while not _redis_answers(host, port):
             if proc.poll() is not None:
@@ -179,7 +194,7 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
         REDIS_HOST=redis_host,
     )
     daemon = subprocess.Popen([sys.executable, "-m", "smap_notify"], env=env)
-    started.append(daemon)
+    started.append((daemon, True))
     if not _wait_ready(ws_port, daemon):
         print(f"smap-notify did not start (exit status {daemon.poll()})", file=sys.stderr)
         return 1
@@ -202,17 +217,20 @@ def _run(started: list[subprocess.Popen[bytes]]) -> int:
 """,
         flush=True,
     )
-    trio.run(_watch, ws_port, token)
+    if trio.run(_watch, ws_port, token) == signal.SIGINT:
+        ctrl_c.append(True)
     return 0
 
 
-async def _watch(port: int, token: str) -> None:
+async def _watch(port: int, token: str) -> int:
+    """Print frames until SIGTERM or SIGINT; returns which."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_print_frames, port, token)
-            async for _ in signals:
+            async for signum in signals:
                 nursery.cancel_scope.cancel()
-                break
+                return signum
+    return 0
 
 
 async def _print_frames(port: int, token: str) -> None:
