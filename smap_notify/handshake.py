@@ -18,6 +18,7 @@ from jwt.types import Options
 from .config import Config
 
 JWT_ALGORITHMS: Final = ["HS256", "HS384", "HS512"]
+FAR_FUTURE: Final = 10**12  # seconds since 1970: the year 33658
 WS_PATH: Final = "/ws"
 
 
@@ -194,12 +195,17 @@ def verify_token(token: str, secrets: Iterable[str], now: float) -> TokenClaims:
         if not isinstance(sub, str) or not sub:
             raise TokenError("claim sub must be a non-empty string")
         exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        if (
+            isinstance(exp, bool)
+            or not isinstance(exp, int | float)
+            or (isinstance(exp, float) and not math.isfinite(exp))
+        ):
             # NaN, Infinity (1e400 in JSON too) would never pass: a token that never expires.
             raise TokenError(f"claim exp must be a number (seconds since 1970), got {exp!r:.40}")
         if exp <= now:
             raise TokenError("token has expired (claim exp is not in the future)")
-        return TokenClaims(sub, float(exp), index > 0)
+        # An integer exp may be beyond any float (10**400): far enough to mean never.
+        return TokenClaims(sub, float(min(exp, FAR_FUTURE)), index > 0)
     raise TokenError(f"{type(last).__name__}: {last}" if last else "no secret configured")
 
 

@@ -385,6 +385,15 @@ def test_a_token_whose_exp_is_not_finite_is_refused(exp: bytes) -> None:
     assert (decision.status, decision.body) == (401, INVALID_TOKEN_BODY)
 
 
+def test_an_integer_exp_beyond_any_float_is_far_future_not_a_crash() -> None:
+    """math.isfinite(10**400) raises OverflowError: the client got no answer and the log
+    a traceback."""
+    token = hand_made_token(b'{"sub":"user-1","exp":1' + b"0" * 400 + b"}")
+    assert accepted(ws_request(token)).expires_at == 1e12
+    expired = hand_made_token(b'{"sub":"user-1","exp":-1' + b"0" * 400 + b"}")
+    assert refused(ws_request(expired)).status == 401
+
+
 @pytest.mark.parametrize("jti", [12345, {"id": 1}, None, ["a"]])
 def test_claims_the_contract_does_not_check_may_have_any_type(jti: object) -> None:
     """PyJWT 2.10+ refused a jti that is not a string: 401 for a token the contract
