@@ -351,9 +351,11 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        if self.close_reason and self.close_reason != reason:
+            detail = f"{reason}: {detail}" if detail else reason
         self.close_reason = self.close_reason or reason
         if self.on_abort is not None:
-            self.on_abort(self, reason, detail)
+            self.on_abort(self, self.close_reason, detail)
         self.pending.clear()
         self.pending_messages = 0
         self.pending_bytes = 0

@@ -186,12 +186,15 @@ async def test_a_write_error_is_one_metric_label_and_the_os_error_goes_to_the_lo
 
 
 async def test_a_connection_closed_for_its_token_keeps_that_reason_when_the_close_fails(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that does not read and whose token expired: the close frame cannot be
     written, and the close was counted as a write error."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
     hub, conn = await registered_to_a_closed_peer(nursery)
     conn.close_reason = "token_expired"  # what the keep-alive sweep sets
     conn.abort("write_error", "Broken pipe")
     hub.unregister(conn, "closed")
     assert dict(hub.counters.connections_closed) == {"token_expired": 1}
+    assert "reason=token_expired" in caplog.text
+    assert "detail='write_error: Broken pipe'" in caplog.text
