@@ -388,15 +388,24 @@ class Server:
             # The client reset the connection while its upgrade was being answered.
             logger.debug("client went away during the upgrade")
         except Exception:
-            logger.exception("connection handler failed")
+            # A defect, but one a client can trigger again and again: rate-limited.
+            self._log.log(
+                logging.ERROR, "handler_failed", "connection handler failed", exc_info=True
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await raw.aclose()
 
     async def _read_head(self, stream: ConnStream) -> bytes | None:
-        """The request head, or None when it was closed to make room (_make_room)."""
+        """The request head, or None when there was no room for it or it was closed to
+        make room (_make_room)."""
         now = trio.current_time()
-        self._make_room(now)
+        if not self._make_room(now):
+            # Too many heads, all younger than HEAD_CROWDED_AFTER (a burst of silent
+            # connections): refused at once, before they take every descriptor.
+            self.counters.handshake_rejections["too_many_heads"] += 1
+            await stream.raw.send_all(OUT_OF_DESCRIPTORS_RESPONSE)
+            return None
         scope = trio.CancelScope()
         self._heads[stream] = (now, scope)
         try:
@@ -406,14 +415,14 @@ class Server:
         finally:
             self._heads.pop(stream, None)
 
-    def _make_room(self, now: float) -> None:
+    def _make_room(self, now: float) -> bool:
         """Close the oldest request heads still being read when there are too many for
         the descriptors left: connections that send nothing (a slowloris) would otherwise
         hold every descriptor until WS_HANDSHAKE_TIMEOUT, and everyone, /health included,
-        would get 503."""
+        would get 503. False: no room, and every head is too young to close."""
         heads = self._heads
         if len(heads) < MIN_PENDING_HEADS:
-            return
+            return True
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         cap = MAX_PENDING_HEADS
         if soft != resource.RLIM_INFINITY:
@@ -422,7 +431,19 @@ class Server:
         while len(heads) >= cap:
             stream, (since, scope) = next(iter(heads.items()))
             if now - since < HEAD_CROWDED_AFTER:
-                return
+                self._log.log(
+                    logging.WARNING,
+                    "too_many_heads",
+                    "refused a connection (503): %d request heads being read, all under"
+                    " %.0fs old (at most %d with the open files limit %d and %d WebSockets"
+                    " open)",
+                    len(heads),
+                    HEAD_CROWDED_AFTER,
+                    cap,
+                    soft,
+                    self.hub.connection_count,
+                )
+                return False
             del heads[stream]
             scope.cancel()
             self.counters.handshake_rejections["head_crowded_out"] += 1
@@ -438,6 +459,7 @@ class Server:
                 soft,
                 self.hub.connection_count,
             )
+        return True
 
     def _handshake_timed_out(self, phase: str) -> None:
         self.counters.handshake_rejections["handshake_timeout"] += 1

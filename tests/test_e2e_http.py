@@ -535,17 +535,28 @@ sys.exit(cli.main())
 def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood(
     daemon_process: Any,
 ) -> None:
-    daemon = daemon_process(command=("-c", FEW_DESCRIPTORS), WS_HANDSHAKE_TIMEOUT="60s")
+    daemon = daemon_process(command=("-c", FEW_DESCRIPTORS), WS_MAX_CONNECTIONS_PER_USER="1000")
+    upgrade = (
+        "\r\n".join(
+            [
+                "GET /ws HTTP/1.1",
+                "Host: x",
+                *(f"{k}: {v}" for k, v in ws_headers(make_token()).items()),
+            ]
+        ).encode()
+        + b"\r\n\r\n"
+    )
     held: list[socket.socket] = []
     try:
-        # Silent clients, each holding a descriptor of the daemon's until it gives up on
-        # them; the last ones wait in the backlog once the daemon's 128 are used up.
+        # WebSockets, each holding a descriptor of the daemon's: more than its 128 allow
+        # (a LimitNOFILE= too low for the clients); the last ones wait in the backlog.
         for n in range(160):
             sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
             if n % 20 == 19:  # gone (reset) before the daemon gets to it
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
                 continue
+            sock.sendall(upgrade)
             held.append(sock)
         answer = b""
         while chunk := held[-1].recv(4096):
@@ -569,31 +580,44 @@ def test_running_out_of_descriptors_is_one_warning_and_503_not_a_traceback_flood
     assert log.count("cannot accept connections") == 1, "once, then every 10 s"
 
 
+def health_status(port: int) -> int | str:
+    """/health's status, or why there was none (a 503 answered before the request was
+    read ends in a reset)."""
+    try:
+        return trio.run(http_request, port, "/health")[0]
+    except (OSError, trio.BrokenResourceError) as exc:
+        return repr(exc)
+
+
 def test_silent_connections_cannot_crowd_out_everyone_else(daemon_process: Any) -> None:
     """Connections that never send a request held a descriptor each until
-    WS_HANDSHAKE_TIMEOUT: with enough of them every client, /health included, got 503.
-    Now, past what the open-files limit leaves, the oldest silent ones are closed."""
+    WS_HANDSHAKE_TIMEOUT: a burst of them, and every client, /health included, got 503
+    until then. Now request heads are capped below the open-files limit: beyond the cap a
+    new connection gets 503 at once while the heads are young, and closes the oldest one
+    once it has had a second to arrive."""
     daemon = daemon_process(command=("-c", FEW_DESCRIPTORS), WS_HANDSHAKE_TIMEOUT="60s")
-    silent = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(60)]
+    silent = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(120)]
     try:
-        # Heads are closed only once they have had a second to arrive: a browser's takes
-        # milliseconds. This wait is the scenario (silent clients), not synchronisation.
-        time.sleep(1.5)
-        for _ in range(60):
-            silent.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
-        # 128 descriptors, 64 of them for the daemon's own needs: 120 silent clients would
-        # leave none, and /health would be refused.
-        assert trio.run(http_request, daemon.port, "/health")[0] == 200
+        # 128 descriptors, 64 of them for the daemon's own needs: the burst leaves none.
+        answer = b""
+        while chunk := silent[-1].recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        deadline = time.monotonic() + 10  # far below WS_HANDSHAKE_TIMEOUT
+        while (status := health_status(daemon.port)) != 200:
+            assert time.monotonic() < deadline, f"/health still answers {status}"
+            time.sleep(0.1)
         silent[0].settimeout(10)
         assert silent[0].recv(1) == b"", "the oldest silent connection was closed"
-        assert silent[-1].getpeername()  # the newest are still held
     finally:
         for sock in silent:
             sock.close()
     metrics = trio.run(http_request, daemon.port, "/metrics")[2].decode()
-    assert 'smap_notify_handshake_rejections_total{reason="head_crowded_out"}' in metrics
+    for reason in ("too_many_heads", "head_crowded_out"):
+        assert f'smap_notify_handshake_rejections_total{{reason="{reason}"}}' in metrics
     assert daemon.stop() == 0
     log = daemon.log()
+    assert "refused a connection (503): " in log
     assert "closed a connection whose request head was not complete after" in log
     assert "cannot accept connections" not in log
     assert "Traceback" not in log
