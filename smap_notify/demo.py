@@ -110,6 +110,10 @@ def main() -> int:
     # gets Ctrl-C itself).
     started: list[tuple[subprocess.Popen[bytes], bool]] = []
     ctrl_c: list[bool] = []  # set when Ctrl-C (SIGINT to the group) ended the demo
+    # Until the demo watches for them itself: SIGTERM and SIGHUP stop it like Ctrl-C
+    # (their default action would leave the daemon and the Redis running).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_early)
     try:
         return _run(started, ctrl_c)
     except DemoError as exc:
@@ -118,9 +122,22 @@ def main() -> int:
     except KeyboardInterrupt:
         ctrl_c.append(True)
         return 0
+    except _StoppedEarly:
+        return 0
     finally:
+        # A second stop signal must not cut the clean-up short and leave processes.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         for proc, in_group in reversed(started):
             _stop(proc, signalled=in_group and bool(ctrl_c))
+
+
+class _StoppedEarly(Exception):
+    """SIGTERM or SIGHUP before the demo watched for signals."""
+
+
+def _stop_early(signum: int, _frame: object) -> None:
+    raise _StoppedEarly(signum)
 
 
 def _stop(proc: subprocess.Popen[bytes], *, signalled: bool) -> None:
@@ -204,8 +221,7 @@ def _run(started: list[tuple[subprocess.Popen[bytes], bool]], ctrl_c: list[bool]
         algorithm="HS256",
     )
     redis_cli = f"redis-cli -h {host} -p {redis_host.rpartition(':')[2]}"
-    print(
-        f"""
+    banner = f"""
 * smap-notify is running: ws://127.0.0.1:{ws_port}/ws   health: http://127.0.0.1:{ws_port}/health
 * A token for user {DEMO_USER} (valid 24 h):
     {token}
@@ -214,17 +230,18 @@ def _run(started: list[tuple[subprocess.Popen[bytes], bool]], ctrl_c: list[bool]
 * Connect your own client with the cookie smap_auth_token=<token> (or ?token=<token>)
   and an Origin header such as {DEMO_ORIGIN}.
 * A demo client is connected as {DEMO_USER}; what it receives is printed below. Ctrl-C stops.
-""",
-        flush=True,
-    )
-    if trio.run(_watch, ws_port, token) == signal.SIGINT:
+"""
+    if trio.run(_watch, ws_port, token, banner) == signal.SIGINT:
         ctrl_c.append(True)
     return 0
 
 
-async def _watch(port: int, token: str) -> int:
-    """Print frames until SIGTERM or SIGINT; returns which."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch(port: int, token: str, banner: str) -> int:
+    """Print the banner, then frames until SIGTERM, SIGINT or SIGHUP (the terminal closed:
+    the daemon takes its SIGHUP as a reload, and would stay with the throwaway Redis);
+    returns which."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        print(banner, flush=True)  # once the signals are ours: the user may act on it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_print_frames, port, token)
             async for signum in signals:

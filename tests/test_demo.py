@@ -122,6 +122,23 @@ def test_demo_prints_what_its_client_receives_and_ctrl_c_stops_everything(
             os.killpg(demo.pid, 0)  # the daemon is gone too
 
 
+def test_closing_the_terminal_stops_the_demo_its_daemon_and_its_redis() -> None:
+    """SIGHUP to the group (the terminal closed) killed the demo by default, and the
+    daemon, which takes SIGHUP as a reload, stayed on its port with the throwaway Redis."""
+    port = free_port()
+    with run_demo(REDIS_HOST=f"127.0.0.1:{free_port()}", WS_PORT=str(port)) as (demo, out):
+        line = out.wait_for("* No Redis answered, so a throwaway redis-server runs on")
+        redis_port = int(line.rpartition(":")[2])
+        out.wait_for("A demo client is connected")
+        os.killpg(demo.pid, signal.SIGHUP)
+        assert demo.wait(30) == 0
+        for gone in (redis_port, port):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", gone), timeout=2).close()
+        with pytest.raises(ProcessLookupError):
+            os.killpg(demo.pid, 0)
+
+
 def test_demo_without_a_redis_starts_its_own_and_stops_it_on_ctrl_c() -> None:
     """A user's host may have no Redis: the demo runs a throwaway redis-server."""
     port = free_port()
