@@ -267,7 +267,8 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._readers: _ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
-        # A shortage of descriptors lasts: say so once, then every 10 s with the count.
+        # A shortage of descriptors (or of room for request heads) lasts: say so once,
+        # then every 10 s with the count.
         self._shortage_log = LimitedLogger(logger, burst=1)
         # Kept open while serving, to be closed when descriptors run out, so that the
         # clients waiting in the backlog can still be accepted and answered 503.
@@ -431,7 +432,7 @@ class Server:
         while len(heads) >= cap:
             stream, (since, scope) = next(iter(heads.items()))
             if now - since < HEAD_CROWDED_AFTER:
-                self._log.log(
+                self._shortage_log.log(
                     logging.WARNING,
                     "too_many_heads",
                     "refused a connection (503): %d request heads being read, all under"
@@ -447,7 +448,7 @@ class Server:
             del heads[stream]
             scope.cancel()
             self.counters.handshake_rejections["head_crowded_out"] += 1
-            self._log.log(
+            self._shortage_log.log(
                 logging.WARNING,
                 "head_crowded_out",
                 "closed a connection whose request head was not complete after %.1fs, to"
