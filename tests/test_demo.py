@@ -3,6 +3,7 @@ Redis, the real daemon it starts, what it prints, and Ctrl-C to its process grou
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -81,9 +82,10 @@ def run_demo(**env: str) -> Iterator[tuple[subprocess.Popen[str], Output]]:
     try:
         yield proc, Output(proc)
     finally:
-        if proc.poll() is None:
+        # The whole group, also when the demo itself is gone: a daemon it left behind.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.wait(10)
 
 
 def active_connections(port: int) -> int:
