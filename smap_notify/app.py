@@ -287,15 +287,19 @@ def listen_host_problem(host: str) -> str | None:
         with socket.socket(family, kind, proto) as probe:
             probe.bind(address)
     except OSError as exc:
-        return str(listen_error(host, 0, exc)).replace(":0:", ":", 1)
+        return str(listen_error(host, None, exc))
     return None
 
 
-def listen_error(host: str, port: int, exc: OSError) -> ListenError:
-    """Why WS_HOST:WS_PORT could not be listened on, and whether a restart may help: an
-    address in use may be freed by a process still exiting; a host name that does not
-    resolve, an address this machine does not have, or a port it may not use stays so."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def listen_error(host: str, port: int | None, exc: OSError) -> ListenError:
+    """Why WS_HOST:WS_PORT (or WS_HOST on any port: ``port`` None) could not be listened
+    on, and whether a restart may help: an address in use may be freed by a process still
+    exiting; a host name that does not resolve, an address this machine does not have, or
+    a port it may not use stays so."""
+    if port is None:
+        where = host
+    else:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(exc, socket.gaierror):
         return ListenError(f"cannot listen on {where}: WS_HOST does not resolve", lasting=True)
     reason = os.strerror(exc.errno) if exc.errno else str(exc)

@@ -597,6 +597,13 @@ def test_check_config_warns_about_a_ws_host_this_machine_cannot_listen_on(
     assert check_config(JWT_SECRET_KEY=SECRET, WS_HOST="127.0.0.1")[2] == ""
 
 
+def test_check_config_names_an_ipv6_ws_host_as_given(check_config: CheckConfig) -> None:
+    """The message was once cut at its first ":0:", inside the address."""
+    status, _, err = check_config(JWT_SECRET_KEY=SECRET, WS_HOST="2001:db8:0:1::5")
+    assert status == 0
+    assert "WS_HOST=2001:db8:0:1::5: cannot listen on 2001:db8:0:1::5: " in err
+
+
 def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) -> None:
     status, out, err = check_config(WS_PORT="eighty", LOGGER_LEVEL="loud")
     assert status == 78
