@@ -224,11 +224,18 @@ class Connection:
                 self._start_flush(nursery)
                 return
             if n == len(pending):
+                # _clear(), inline: this is the write of every delivered message.
                 pending.clear()
                 self.pending_messages = 0
                 self.pending_bytes = 0
                 return
             self._taken(n, written)
+
+    def _clear(self) -> None:
+        """Empty the queue: written, or not to be written."""
+        self.pending.clear()
+        self.pending_messages = 0
+        self.pending_bytes = 0
 
     def _chunk(self) -> int:
         """How many queued frames make the next write: whole frames up to WRITE_CHUNK
@@ -335,9 +342,7 @@ class Connection:
         if fd < 0:
             return
         self.close_sent = True
-        self.pending.clear()
-        self.pending_messages = 0
-        self.pending_bytes = 0
+        self._clear()
         with contextlib.suppress(OSError):
             os.write(fd, b"\x88\x02" + code.to_bytes(2, "big"))
 
@@ -356,7 +361,5 @@ class Connection:
         self.close_reason = self.close_reason or reason
         if self.on_abort is not None:
             self.on_abort(self, self.close_reason, detail)
-        self.pending.clear()
-        self.pending_messages = 0
-        self.pending_bytes = 0
+        self._clear()
         self.stream.abort()

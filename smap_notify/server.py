@@ -20,7 +20,7 @@ import trio_websocket
 import wsproto.utilities
 
 from .config import Config
-from .connection import Connection, ConnStream
+from .connection import PROTOCOL_FAILURES, Connection, ConnStream
 from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
 from .hub import Hub
 from .logs import LimitedLogger
@@ -613,8 +613,7 @@ class Server:
                     await self._on_client_message(ws, await ws.get_message())
             except trio_websocket.ConnectionClosed as exc:
                 reason = _closed_reason(exc)
-                if reason in ("protocol_error", "invalid_data"):
-                    assert exc.reason is not None  # the reason said how it ended
+                if exc.reason is not None and exc.reason.code in PROTOCOL_FAILURES:
                     conn.send_failure_close(exc.reason.code)
                     self._log.log(
                         logging.INFO,
