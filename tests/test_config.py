@@ -477,6 +477,23 @@ def test_config_file_with_a_byte_order_mark_reads_its_first_line(tmp_path: Path)
     assert load_config({}, path).jwt_secret_key == "from-the-file"
 
 
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (b"JWT_SECRET_KEY=x\n# caf\xe9\n", ":2: not UTF-8 text (byte 0xe9)"),
+        ("JWT_SECRET_KEY=x\n".encode("utf-16"), ":1: not UTF-8 text (byte 0xff)"),
+    ],
+)
+def test_config_file_that_is_not_utf8_is_a_config_error(
+    tmp_path: Path, data: bytes, where: str
+) -> None:
+    path = tmp_path / "smap-notify.env"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(VALID, path)
+    assert info.value.problems == [f"{path}{where}; save the file as UTF-8"]
+
+
 def test_config_file_names_that_look_like_settings_but_are_none_are_warned_about(
     tmp_path: Path,
 ) -> None:

@@ -70,9 +70,11 @@ def start(
 def reload(notify_socket: NotifyReceiver, config_file: Path) -> Callable[..., Any]:
     """Rewrite the config file, send SIGHUP, wait for RELOADING=1 then READY=1."""
 
-    async def reload_with(daemon: DaemonProcess, text: str | None) -> None:
+    async def reload_with(daemon: DaemonProcess, text: str | bytes | None) -> None:
         if text is None:
             await trio.Path(config_file).unlink()
+        elif isinstance(text, bytes):
+            await trio.Path(config_file).write_bytes(text)
         else:
             await trio.Path(config_file).write_text(text)
         daemon.proc.send_signal(signal.SIGHUP)
@@ -242,4 +244,17 @@ async def test_missing_file_on_reload_keeps_the_running_configuration(
     await reload(daemon, None)
     assert "cannot read config file" in daemon.log()
     assert await upgrade_status(daemon.port, "bob") == 101
+    await still_receives(redis_server, first, "alice", "still running")
+
+
+async def test_a_file_that_is_not_utf8_on_reload_keeps_the_daemon_running(
+    start: Any, reload: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    # An editor's slip: a Latin-1 comment. systemd skips comments; the daemon must not die.
+    daemon = await start(f"JWT_SECRET_KEY={SECRET}\n")
+    first = await open_ws(nursery, daemon.port, "alice")
+    await reload(daemon, f"# caf\xe9\nJWT_SECRET_KEY={NEW_SECRET}\n".encode("latin-1"))
+    rejected = [line for line in daemon.log().splitlines() if "reload rejected" in line]
+    assert [line for line in rejected if ":1: not UTF-8 text (byte 0xe9)" in line], rejected
+    assert await upgrade_status(daemon.port, token=make_token("bob", secret=SECRET)) == 101
     await still_receives(redis_server, first, "alice", "still running")
