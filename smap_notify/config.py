@@ -373,9 +373,9 @@ def _parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     try:
         text = data.decode("utf-8-sig")  # an editor's byte-order mark too
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        number = data.count(b"\n", 0, exc.start) + 1
         return values, [
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+            f"{path}:{number}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
         ]
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
