@@ -87,13 +87,20 @@ async def read_head(stream: ConnStream, limit: int) -> bytes:
     return bytes(buf)
 
 
+# h11 quotes the offending line or value in its message (``illegal request line:
+# bytearray(b'GET /ws?token=...')``, ``Illegal header value b'...'``): a token or a cookie.
+_QUOTED_REQUEST_TEXT: Final = re.compile(r":? (?:bytearray\()?b['\"]")
+
+
 def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
     conn.receive_data(data)
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise HeadError(exc.error_status_hint, "bad_request", str(exc)) from None
+        # The log line says what was wrong, never the request text itself.
+        detail = _QUOTED_REQUEST_TEXT.split(str(exc), 1)[0]
+        raise HeadError(exc.error_status_hint, "bad_request", detail) from None
     if not isinstance(event, h11.Request):
         raise HeadError(400, "bad_request", "no complete request")
     headers: dict[str, str] = {}

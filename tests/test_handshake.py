@@ -616,6 +616,25 @@ def test_parse_head_rejects_bad_heads_with_400(head: bytes) -> None:
     assert info.value.reason == "bad_request"
 
 
+@pytest.mark.parametrize(
+    ("head", "detail"),
+    [
+        (b"GET /ws?token=SECRET &x=1 HTTP/1.1\r\nHost: x\r\n\r\n", "illegal request line"),
+        (b"GET /ws?token=SECRET&l=\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", "illegal request line"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nCookie : t=SECRET\r\n\r\n", "illegal header line"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nCookie: t=SECRET\x00\r\n\r\n", "illegal header line"),
+    ],
+)
+def test_parse_head_says_what_was_wrong_without_quoting_the_request(
+    head: bytes, detail: str
+) -> None:
+    # The detail goes to the log; the request text may hold a token or a cookie.
+    with pytest.raises(HeadError) as info:
+        parse_head(head, 8192)
+    assert info.value.status == 400
+    assert info.value.detail == detail
+
+
 def test_parse_head_rejects_an_incomplete_head_over_the_limit_with_431() -> None:
     with pytest.raises(HeadError) as info:
         parse_head(b"GET /ws HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 5000, 1024)
