@@ -146,9 +146,30 @@ def _listen_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> No
 
 
 def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    if "@" in value:
+        # user:password@host:port or a URL with credentials: the value is not repeated,
+        # since this message goes to the log and to --check-config's output.
+        raise ValueError(
+            "REDIS_HOST must be host:port (e.g. localhost:6379), got a value with user"
+            " information (not shown); the password goes in REDIS_PASSWORD"
+        )
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+        or not _redis_host_part(host)
+    ):
         raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {value!r}")
+
+
+def _redis_host_part(host: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (in brackets, or without)."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return not bracketed and _HOST_NAME.fullmatch(host) is not None
+    return address.version == 6 or not bracketed
 
 
 def _subnets(_inst: Any, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

@@ -222,10 +222,51 @@ def test_bad_port_is_a_problem(value: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["localhost", ":6379", "localhost:", "localhost:0", "h:99999", "redis://cache:6379"],
+    [
+        "localhost",
+        ":6379",
+        "localhost:",
+        "localhost:0",
+        "h:99999",
+        "h:\u0668\u0660",  # Arabic-Indic digits: int() reads them, a port is ASCII
+        "redis://cache:6379",
+        "local host:6379",
+        "127.0.0.1 :6379",
+        "a..b:6379",
+        "-cache:6379",
+        "my_cache:6379",
+        f"{'a' * 64}.example:6379",
+        "[::1:6379",
+        "[127.0.0.1]:6379",
+        "[cache]:6379",
+    ],
 )
 def test_redis_host_must_be_host_and_port(value: str) -> None:
     assert any(p.startswith("REDIS_HOST") for p in problems_of({**VALID, "REDIS_HOST": value}))
+
+
+@pytest.mark.parametrize(
+    "value", ["default:hunter2@cache:6379", "redis://:hunter2@cache:6379", "hunter2@cache:6379"]
+)
+def test_redis_host_with_credentials_is_refused_without_repeating_them(value: str) -> None:
+    problems = [p for p in problems_of({**VALID, "REDIS_HOST": value}) if "REDIS_HOST" in p]
+    assert len(problems) == 1
+    assert "hunter2" not in problems[0]
+    assert "REDIS_PASSWORD" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("cache.internal:6380", ("cache.internal", 6380)),
+        ("cache.internal.:6380", ("cache.internal.", 6380)),
+        ("10.0.0.5:6379", ("10.0.0.5", 6379)),
+        ("[2001:db8::5]:6379", ("2001:db8::5", 6379)),
+        ("2001:db8::5:6379", ("2001:db8::5", 6379)),
+    ],
+)
+def test_redis_host_accepts_names_and_addresses(value: str, address: tuple[str, int]) -> None:
+    assert load_config({**VALID, "REDIS_HOST": value}).redis_address == address
 
 
 @pytest.mark.parametrize("value", ["0.0.0.0:8081", "[::]", "-host", "my_host", "a b"])
