@@ -29,7 +29,7 @@ RESTART_FIELDS: Final = frozenset(
     {"ws_host", "ws_port", "redis_host", "redis_password", "redis_db", "redis_use_tls"}
 )
 
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", re.ASCII)
 _DURATION_UNITS: Final = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -58,6 +58,8 @@ def parse_duration(text: str) -> Duration:
     s = text.strip()
     if not s:
         raise ValueError("empty duration")
+    if not s.replace("µ", "u").isascii() or "_" in s:  # float() reads '1_0' and '٣'
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
     try:
         seconds = float(s)
     except ValueError:
@@ -73,6 +75,8 @@ def parse_duration(text: str) -> Duration:
             raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
+    if not math.isfinite(total):  # 400 nines and a unit
+        raise ValueError(f"not a duration: {text[:40]!r}... (too large)")
     return Duration(total)
 
 
@@ -107,12 +111,15 @@ def _at_least(minimum: int) -> Any:
     return check
 
 
+_WHOLE_NUMBER: Final = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_int(value: object) -> int:
     text = str(value).strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"not a whole number: {text!r}") from None
+    # Not int() alone: it also reads '10_000' and digits of other scripts ('٨٠٨١').
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def _lower(value: str) -> str:

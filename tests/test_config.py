@@ -138,13 +138,15 @@ def test_go_duration_is_parsed_to_seconds(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "   ", "abc", "30x", "s", "-5s", "1m 30s", "30S", "5s5"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "abc", "30x", "s", "-5s", "1m 30s", "30S", "5s5", "1_0", "\u0663"]
+)
 def test_bad_duration_raises_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["nan", "inf", "Infinity"])
+@pytest.mark.parametrize("text", ["nan", "inf", "Infinity", "9" * 400 + "s", "\u0663s"])
 def test_non_finite_duration_is_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -350,6 +352,11 @@ def test_a_choice_in_capitals_is_stored_as_the_code_compares_it(policy: str) -> 
     [
         ({"WS_PORT": "abc"}, "WS_PORT: not a whole number: 'abc'"),
         ({"WS_PORT": "8o81"}, "WS_PORT: not a whole number: '8o81'"),
+        ({"WS_PORT": "8_081"}, "WS_PORT: not a whole number: '8_081'"),
+        (
+            {"WS_PORT": "\u0668\u0660\u0668\u0661"},
+            "WS_PORT: not a whole number: '\u0668\u0660\u0668\u0661'",
+        ),
         ({"REDIS_DB": "-1"}, "REDIS_DB must be at least 0, got -1"),
         ({"HTTP_MAX_HEADER_SIZE": "100"}, "HTTP_MAX_HEADER_SIZE must be at least 1024, got 100"),
     ],
