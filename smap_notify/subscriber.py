@@ -444,8 +444,13 @@ class _Worker:
         return handed_at
 
     def _take(self, reply: Any, batch: list[RawMessage]) -> None:
-        kind = reply[0] if isinstance(reply, list) else reply
+        kind = reply[0] if isinstance(reply, list) and reply else reply
         if kind == b"pmessage":
+            if len(reply) != 4:  # Redis sends pattern, channel and data
+                raise redis.InvalidResponse(
+                    f"not a Redis reply (a pmessage of {len(reply)} elements):"
+                    " is REDIS_HOST a Redis server?"
+                )
             batch.append((reply[2], reply[3]))
         elif kind == b"psubscribe":
             self._subscribed()

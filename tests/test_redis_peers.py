@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 import trio
@@ -134,6 +135,42 @@ async def test_something_else_than_redis_on_the_port_is_retried_not_fatal(
     for _ in range(2):
         status, _, body = await http_request(daemon.port, "/health")
         assert status == 503, body
+
+
+async def serve_short_pmessage(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Speaks RESP like Redis, confirms PSUBSCRIBE, then sends a pmessage of 3 elements."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        reader = hiredis.Reader()
+        while data := await stream.receive_some():
+            reader.feed(data)
+            while (command := reader.gets()) is not False:
+                if command[0].upper() == b"PSUBSCRIBE":
+                    await stream.send_all(
+                        b"*3\r\n$10\r\npsubscribe\r\n$11\r\nuser_noti:*\r\n:1\r\n"
+                        b"*3\r\n$8\r\npmessage\r\n$11\r\nuser_noti:*\r\n$11\r\nuser_noti:u1\r\n"
+                    )
+                else:
+                    await stream.send_all(b"+OK\r\n")
+
+    await trio.serve_tcp(answer, 0, host="127.0.0.1", task_status=task_status)
+
+
+async def test_a_pmessage_redis_never_sends_is_retried_not_fatal(
+    start_daemon: Any, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It ended the daemon: an IndexError in the subscriber thread, exit 70.
+    listeners = await nursery.start(serve_short_pmessage)
+    port = listeners[0].socket.getsockname()[1]
+    daemon: Daemon = await start_daemon(wait_subscribed=False, REDIS_HOST=f"127.0.0.1:{port}")
+
+    def losses() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
+
+    await wait_until(lambda: len(losses()) >= 2)
+    assert "not a Redis reply (a pmessage of 3 elements)" in losses()[0]
+    status, _, _ = await http_request(daemon.port, "/health")
+    assert status in (200, 503)  # still answering: subscribed for moments, then cut again
 
 
 def test_failures_are_told_apart_by_their_errno_and_redis_answer() -> None:
