@@ -271,16 +271,32 @@ class Hub:
     def broadcast_resync(self, resync: Resync) -> None:
         if not self.config.resync_on_reconnect:
             return
-        frame = text_frame(resync_envelope(resync.reason, resync.since, format_timestamp()))
-        sent = 0
+        timestamp = format_timestamp()
+        frame = text_frame(resync_envelope(resync.reason, resync.since, timestamp))
+        sent = full = 0
         for conn in self.connections():
-            if conn.writable and conn.push(frame):
+            if not conn.writable:
+                continue
+            if conn.push(frame):
                 sent += 1
                 if not conn.dirty:
                     self._queue_write(conn)
+            else:
+                # Its queue is full: it misses this resync like a message, and the
+                # frames_dropped resync it gets once it has caught up covers the outage.
+                full += 1
+                self.counters.frames_dropped["queue_full"] += 1
+                if not conn.missed:
+                    conn.missed_since = resync.since or timestamp
+                conn.missed += 1
         self.counters.resyncs_sent += sent
         self.flush()
-        logger.info("resync sent to clients connections=%d reason=%s", sent, resync.reason)
+        logger.info(
+            "resync sent to clients connections=%d reason=%s%s",
+            sent,
+            resync.reason,
+            f" queues_full={full} (told once they catch up)" if full else "",
+        )
 
     def _log_rejected(self, result: Rejected) -> None:
         self._log.log(

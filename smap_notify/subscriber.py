@@ -485,8 +485,9 @@ class _Worker:
                 state.attempts,
             )
             # Clients connected during the outage may have missed messages: tell them.
+            # redis_connected: nothing was delivered before, so nothing was missed since.
             reason = "redis_reconnected" if self.ever_subscribed else "redis_connected"
-            since = lost_at.isoformat(timespec="microseconds")
+            since = lost_at.isoformat(timespec="microseconds") if self.ever_subscribed else None
             self.inbox.put_from_thread(Resync(reason, since), self._waiting)
         self.ever_subscribed = True
         self.lost_at = None

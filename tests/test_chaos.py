@@ -580,6 +580,8 @@ async def test_client_connected_before_the_first_subscription_gets_a_resync(
     with trio.fail_after(5):
         first = json.loads(await ws.get_message())
     assert first["type"] == "resync", first
+    # Nothing was delivered before: no "since" to refetch from (it said the first attempt).
+    assert first["payload"] == {"reason": "redis_connected", "since": None}
 
 
 async def test_health_is_200_within_2s_of_redis_returning_after_the_breaker_opened(

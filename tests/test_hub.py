@@ -13,7 +13,7 @@ import trio
 
 from smap_notify.config import Config, Duration
 from smap_notify.connection import PING_FRAME, Connection
-from smap_notify.hub import Hub
+from smap_notify.hub import Hub, Resync
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 
@@ -198,3 +198,23 @@ async def test_a_connection_closed_for_its_token_keeps_that_reason_when_the_clos
     assert dict(hub.counters.connections_closed) == {"token_expired": 1}
     assert "reason=token_expired" in caplog.text
     assert "detail='write_error: Broken pipe'" in caplog.text
+
+
+async def test_a_connection_whose_queue_is_full_misses_the_resync_and_is_told_later(
+    nursery: trio.Nursery,
+) -> None:
+    """The Redis-reconnect resync was skipped for a full queue without a word: the client
+    later got its queued frames and nothing saying that it missed an outage."""
+    hub = await start_hub(nursery)
+    full, free = connection("slow", max_messages=1), connection("fast")
+    for conn in (full, free):
+        assert hub.try_reserve(conn.user_id) is None
+        hub.register(conn)
+    assert full.push(b"queued")
+    hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets: keep queues as they are
+    hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
+    assert free.pending_messages == 1
+    assert full.pending == [b"queued"]
+    assert (full.missed, full.missed_since) == (1, "2026-11-30T17:00:00.000000+00:00")
+    assert hub.counters.frames_dropped == {"queue_full": 1}
+    assert hub.counters.resyncs_sent == 1
