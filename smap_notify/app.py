@@ -337,7 +337,9 @@ async def run(
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
     check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *entry.UNUSED_SIGNALS
+    ) as signals:
         for signum in entry.take_early_signals():  # sent while the daemon was importing
             signal.raise_signal(signum)
         async with trio.open_nursery() as nursery:
@@ -348,6 +350,9 @@ async def run(
             task_status.started(app)
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum in entry.UNUSED_SIGNALS:
+                    logger.warning("received %s, which smap-notify has no use for: ignored", name)
+                    continue
                 if signum == signal.SIGHUP:
                     if not app.draining:
                         app.reload()

@@ -1,8 +1,8 @@
 """The process entry point: stop signals are caught before the daemon's imports.
 
 Importing Trio, PyJWT, redis-py and the rest takes about 0.3 s. A SIGTERM in that time
-would kill the process without a line, a SIGHUP (a reload sent early) would kill it, and
-a SIGINT would print a KeyboardInterrupt traceback. Here they are recorded instead;
+would kill the process without a line, a SIGHUP (a reload sent early) or a SIGUSR1 would
+kill it, and a SIGINT would print a KeyboardInterrupt traceback. Here they are recorded instead;
 ``app.run`` passes the stop signals on to its own signal handling once that is up, so
 the daemon stops the usual way, and a reload before the configuration has even been read
 means nothing. The same stop signal a second time takes its default action at once.
@@ -17,10 +17,13 @@ import sys
 import types
 
 _early: list[int] = []
+# Signals whose default action ends the process and which the daemon has no use for: a
+# stray `kill -USR1` (log rotation habits) is logged and ignored instead.
+UNUSED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _record(signum: int, frame: types.FrameType | None) -> None:
-    if signum != signal.SIGHUP and signum in _early:
+    if signum in (signal.SIGTERM, signal.SIGINT) and signum in _early:
         # Asked twice: a start-up that hangs (a name lookup) must still be stoppable.
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
@@ -35,7 +38,7 @@ def take_early_signals() -> list[int]:
 
 
 def catch_early_signals() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *UNUSED_SIGNALS):
         signal.signal(signum, _record)
 
 

@@ -664,6 +664,8 @@ entry.catch_early_signals()
 os.kill(os.getpid(), signal.SIGTERM)
 print("recorded", entry._early, flush=True)
 os.kill(os.getpid(), signal.SIGHUP)
+os.kill(os.getpid(), signal.SIGUSR1)
+os.kill(os.getpid(), signal.SIGUSR1)
 os.kill(os.getpid(), signal.SIGTERM)
 print("survived", flush=True)
 """

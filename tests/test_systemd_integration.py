@@ -633,6 +633,24 @@ async def test_sighup_sends_reloading_with_monotonic_usec_then_ready(
     assert can_connect(daemon.port)
 
 
+async def test_sigusr1_and_sigusr2_are_logged_and_ignored(
+    daemon_process: Any, notify_socket: NotifyReceiver, nursery: trio.Nursery
+) -> None:
+    # Their default action ended the process without a line; systemd then restarted it.
+    daemon = daemon_process(wait_ready=False, NOTIFY_SOCKET=notify_socket.path)
+    await notify_socket.expect(is_("READY"))
+    ws = await open_ws(nursery, daemon.port)
+    await wait_connections(daemon.port, 1)
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        daemon.proc.send_signal(signum)
+        name = signal.Signals(signum).name
+        await wait_until(lambda name=name: f"received {name}" in daemon.log())
+    assert daemon.proc.poll() is None
+    assert "which smap-notify has no use for: ignored" in daemon.log()
+    await wait_connections(daemon.port, 1)
+    assert ws.closed is None
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_stop_signal_sends_stopping_and_exits_0(
     daemon_process: Any,
