@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 from jwt.warnings import InsecureKeyLengthWarning
@@ -23,6 +23,15 @@ logger = logging.getLogger("smap_notify")
 EX_OK: Final = 0
 EX_SOFTWARE: Final = 70  # the daemon failed while running
 EX_CONFIG: Final = 78  # sysexits EX_CONFIG: systemd shows it as "configuration error"
+EX_USAGE: Final = 64  # sysexits EX_USAGE: a wrong command line; not restarted either
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's own status, 2, is one that systemd's Restart=on-failure restarts:
+        # a typo in ExecStart= would be retried until the start limit.
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _version() -> str:
@@ -33,7 +42,7 @@ def _version() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="smap-notify",
         description="Deliver SMAP notifications from Redis Pub/Sub (user_noti:*) to WebSockets.",
     )

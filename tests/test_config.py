@@ -631,6 +631,18 @@ def test_version_is_the_installed_package_version(
     assert capsys.readouterr().out == f"smap-notify {importlib.metadata.version('smap-notify')}\n"
 
 
+def test_a_wrong_command_line_exits_64_which_the_unit_does_not_restart(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # argparse's own 2 is restarted by Restart=on-failure until the start limit.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--conifg", "x"])
+    assert exit_.value.code == 64
+    assert "unrecognized arguments: --conifg x" in capsys.readouterr().err
+    unit = (Path(__file__).parent.parent / "systemd" / "smap-notify.service").read_text()
+    assert "RestartPreventExitStatus=64 78\n" in unit
+
+
 def test_check_config_warns_about_origins_no_browser_sends(check_config: CheckConfig) -> None:
     status, out, err = check_config(JWT_SECRET_KEY=SECRET, ALLOWED_ORIGINS="https://app.example/")
     assert status == 0
