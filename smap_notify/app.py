@@ -209,7 +209,6 @@ class App:
         """STATUS= when it changes (checked every second), and WATCHDOG=1 every half
         WATCHDOG_USEC while the event loop runs and the subscriber thread is alive."""
         interval = systemd.watchdog_interval(self.environ)
-        tick = min(interval or 1.0, 1.0)
         next_ping = trio.current_time()
         while True:
             status = self._status_text()
@@ -221,7 +220,7 @@ class App:
             if interval is not None and now >= next_ping and self.subscriber_alive():
                 self.notifier.watchdog()
                 next_ping = now + interval
-            await trio.sleep(tick)
+            await trio.sleep_until(status_wake(now, next_ping if interval is not None else None))
 
     async def _report_suppressed(self) -> None:
         """The log events that rate limits held back, for floods that stopped."""
@@ -369,6 +368,18 @@ async def run(
         await _take_late_signals(signals)
     logs.report_suppressed()
     logger.info("stopped")
+
+
+STATUS_TICK: Final = 1.0  # how often the STATUS= line is brought up to date
+
+
+def status_wake(now: float, next_ping: float | None) -> float:
+    """When the status loop next runs: in a second, or at the next watchdog ping if that
+    comes sooner. A ping that is due but was held back (the subscriber thread is not
+    alive) is looked at again in a second."""
+    if next_ping is not None and now < next_ping:
+        return min(now + STATUS_TICK, next_ping)
+    return now + STATUS_TICK
 
 
 def check_open_files(max_connections: int) -> None:
