@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"WS_HOST={config.ws_host}: {unusable}; started without smap-notify.socket,"
                 " the daemon would exit with 78"
             )
+        # Run as ExecStartPre=, stderr is the journal: the warnings keep their priority.
+        prefix = "<4>" if logs.is_journal_stream(sys.stderr, environ) else ""
         for warning in warnings_:
-            print(f"smap-notify: warning: {warning}", file=sys.stderr)
+            print(f"{prefix}smap-notify: warning: {warning}", file=sys.stderr)
         return EX_OK
     logs.configure_logging(config.logger_level)
     # Python warnings (libraries') in the log's own format and priority, not as raw lines.

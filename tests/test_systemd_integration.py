@@ -823,6 +823,18 @@ async def test_configuration_errors_reach_the_journal_with_their_priority(
     assert any("WS_PORT" in line for line in lines)
 
 
+async def test_check_config_warnings_reach_the_journal_with_their_priority(
+    spawn: Callable[..., Spawned], redis_server: RedisServer
+) -> None:
+    # As ExecStartPre=: the configuration listing on stdout, the warnings on stderr.
+    env = daemon_env(redis_server, JWT_SECRET_KEY="short", ALLOWED_ORIGINS="https://app.example/")
+    daemon = spawn(env, args=("--check-config",), journal=True)
+    assert await wait_exit(daemon.proc) == 0
+    warnings = [line for line in daemon.log().splitlines() if "warning:" in line]
+    assert len(warnings) == 2, daemon.log()
+    assert all(line.startswith("<4>smap-notify: warning: ") for line in warnings), warnings
+
+
 async def test_without_journal_stream_lines_carry_a_timestamp_and_level(
     daemon_process: Any, notify_socket: NotifyReceiver
 ) -> None:
