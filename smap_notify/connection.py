@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
@@ -40,6 +40,17 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return b"\x81\x7e" + n.to_bytes(2, "big") + payload
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def _unsent_messages(frames: Sequence[bytes], sent: int) -> int:
+    """Of ``frames`` written back to back, the messages not wholly among the first ``sent``
+    bytes (pings are no messages)."""
+    end = 0
+    for i, frame in enumerate(frames):
+        end += len(frame)
+        if end > sent:
+            return sum(frame is not PING_FRAME for frame in frames[i:])
+    return 0
 
 
 class ConnStream(trio.abc.Stream):
@@ -314,15 +325,33 @@ class Connection:
         pending = self.pending
         while pending and not self.closed:
             n, data = self._next_write()
+            frames = pending[:n]
             self._taken(n, len(data))
-            await self.send_bounded(data)
+            await self.send_bounded(data, frames)
 
-    async def send_bounded(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_bounded(
+        self, data: bytes | bytearray | memoryview, frames: Sequence[bytes] = ()
+    ) -> None:
         """Send ``data`` within WS_WRITE_WAIT, or drop the connection; the caller holds
-        ``lock``."""
-        with trio.move_on_after(self.write_wait) as scope:
-            await self.stream.raw.send_all(data)
+        ``lock``. ``frames``: the queued frames ``data`` joins, already off the queue; those
+        not wholly sent when the wait runs out are counted as dropped with the rest.
+
+        trio's ``send_all`` forgets how much it sent when cancelled, so the socket's
+        ``send`` is called here: a cancellation reaches it only while it waits, before it
+        sends anything."""
+        sock = self.stream.raw.socket
+        sent = 0
+        try:
+            with trio.move_on_after(self.write_wait) as scope, memoryview(data) as view:
+                while sent < len(view):
+                    with view[sent:] as rest:
+                        sent += await sock.send(rest)
+        except OSError as exc:
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("socket was already closed") from exc
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if scope.cancelled_caught:
+            self.pending_messages += _unsent_messages(frames, sent)
             self.abort("write_timeout")
             raise trio.BrokenResourceError("write timed out")
 

@@ -83,3 +83,25 @@ async def test_a_client_that_stops_reading_is_still_dropped_after_write_wait(
     await client.recv(30_000)
     await trio.sleep(10.5)
     assert (conn.closed, conn.close_reason) == (True, "write_timeout")
+
+
+async def test_frames_of_a_write_cut_short_by_write_wait_are_counted_as_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nothing accepted is lost unawares: the frames that reach the client and the frames
+    counted as dropped add up to what was queued. The frames of the chunk being written
+    when the wait ran out were neither (256 and 42 in an outside audit)."""
+    conn, client = await slow_connection(write_wait=10.0, buffer=16 * 1024)
+    dropped: list[int] = []
+    conn.on_abort = lambda c, reason, detail: dropped.append(c.pending_messages)
+    frame = text_frame(b"y" * 997)
+    for _ in range(256):
+        assert conn.push(frame)
+    conn.write_nowait(nursery)
+    await trio.sleep(10.5)
+    assert (conn.closed, conn.close_reason) == (True, "write_timeout")
+    received = b""
+    while chunk := await client.recv(65536):
+        received += chunk
+    assert len(dropped) == 1
+    assert len(received) // len(frame) + dropped[0] == 256
