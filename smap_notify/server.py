@@ -522,7 +522,12 @@ class Server:
     async def _on_client_message(
         self, ws: trio_websocket.WebSocketConnection, message: str | bytes
     ) -> None:
-        """Client data messages (the web UI's JSON pings) carry nothing for us."""
+        """Client data messages (the web UI's JSON pings) carry nothing for us. A text
+        message over WS_MAX_MESSAGE_SIZE bytes closes the connection with 1009, as a longer
+        one does: trio-websocket counts a text message's characters, up to 4 bytes each."""
+        limit = self.config.ws_max_message_size
+        if isinstance(message, str) and len(message) * 4 > limit and utf8_size(message) > limit:
+            await ws.aclose(1009, f"Exceeded maximum message size: {limit} bytes")
 
     def _decide(self, request: HandshakeRequest) -> Accept | Reject:
         if self.draining:
@@ -651,6 +656,10 @@ class Server:
         finally:
             if not registered:
                 self.hub.release(accept.user_id)
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8"))
 
 
 def _closed_reason(exc: trio_websocket.ConnectionClosed) -> str:

@@ -222,17 +222,35 @@ async def test_client_messages_are_ignored_and_client_pings_answered(
     assert json.loads(await receive(ws))["payload"] == "after"
 
 
+@pytest.mark.parametrize(
+    "message",
+    ["x" * 513, b"x" * 513, "\u4e2d" * 171, "\U0001f600" * 129, "\u00e9" * 257],
+    ids=["ascii", "binary", "cjk-513-bytes", "emoji-516-bytes", "latin-514-bytes"],
+)
 async def test_oversized_client_message_closes_with_1009(
+    start_daemon: Any, nursery: trio.Nursery, message: str | bytes
+) -> None:
+    # WS_MAX_MESSAGE_SIZE counts bytes; trio-websocket counts a text message's characters.
+    daemon: Daemon = await start_daemon(WS_MAX_MESSAGE_SIZE="512")
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    await ws.send_message(message)
+    with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as info:
+        await ws.get_message()
+    assert info.value.reason.code == 1009
+    await daemon.wait_connections(0)
+    assert daemon.app.counters.connections_closed == {"message_too_big": 1}
+
+
+async def test_a_client_message_of_exactly_the_limit_in_bytes_is_read_and_ignored(
     start_daemon: Any, nursery: trio.Nursery
 ) -> None:
     daemon: Daemon = await start_daemon(WS_MAX_MESSAGE_SIZE="512")
     ws = await daemon.connect("user123", nursery=nursery)
     await daemon.wait_connections(1)
-    await ws.send_message("x" * 513)
-    with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as info:
-        await ws.get_message()
-    assert info.value.reason.code == 1009
-    await daemon.wait_connections(0)
+    await ws.send_message("\u4e2d" * 170 + "xy")  # 512 bytes
+    await daemon.publish("user123", {"type": "notification", "payload": "still open"})
+    assert json.loads(await receive(ws))["payload"] == "still open"
 
 
 async def test_notifier_hears_connects_and_disconnects(
