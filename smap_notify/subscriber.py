@@ -316,7 +316,9 @@ class _Worker:
             try:
                 self._session()
             except (*REDIS_FAILURES, SubscriptionDead) as exc:
-                error = f"{type(exc).__name__}: {exc}" + self._behind_hint(exc)
+                error = f"{type(exc).__name__}: {exc}" + (
+                    self._behind_hint(exc) or self._connect_hint(exc)
+                )
                 state.last_error = error
                 kind = _error_kind(exc)
                 if state.active or state.state == "starting":
@@ -348,6 +350,20 @@ class _Worker:
             delay = backoff_delay(state.attempts)
             state.attempts += 1
             self._sleep(delay)
+
+    def _connect_hint(self, exc: Exception) -> str:
+        """What an attempt's error means when redis-py's words do not say it."""
+        if self.state.active:
+            return ""
+        if isinstance(exc, redis.ConnectionError) and str(exc) == "Connection not ready":
+            # redis-py's pool found data waiting on a new connection before any command.
+            return (
+                " (the server wrote before it was asked: not a Redis server, or a Redis"
+                " refusing new clients, e.g. at its maxclients)"
+            )
+        if isinstance(exc, ConnectionResetError) and not self.config.redis_use_tls:
+            return " (a Redis that accepts only TLS resets plain connections: REDIS_USE_TLS?)"
+        return ""
 
     def _behind_hint(self, exc: Exception) -> str:
         """Why Redis may have closed a subscription that had fallen behind.

@@ -21,7 +21,15 @@ import pytest
 import redis
 import trio
 
-from smap_notify.subscriber import SOCKET_TIMEOUT, _error_kind, resolve
+from smap_notify.config import Config
+from smap_notify.metrics import Counters
+from smap_notify.subscriber import (
+    SOCKET_TIMEOUT,
+    SubscriberState,
+    _error_kind,
+    _Worker,
+    resolve,
+)
 
 from .conftest import Daemon, RedisServer, http_request, wait_until
 
@@ -183,3 +191,26 @@ def test_failures_are_told_apart_by_their_errno_and_redis_answer() -> None:
     }
     assert len(kinds) == 5
     assert _error_kind(redis.ConnectionError("Error 111 connecting to s:1. Refused.")) in kinds
+
+
+@pytest.mark.parametrize(
+    ("exc", "tls", "hint"),
+    [
+        (redis.ConnectionError("Connection not ready"), False, "wrote before it was asked"),
+        (ConnectionResetError(104, "Connection reset by peer"), False, "REDIS_USE_TLS?"),
+        (ConnectionResetError(104, "Connection reset by peer"), True, ""),
+        (redis.ConnectionError("Error 111 connecting to r:6379."), False, ""),
+    ],
+)
+def test_an_attempts_error_says_what_redis_pys_words_do_not(
+    exc: Exception, tls: bool, hint: str
+) -> None:
+    """A server that speaks first (an SSH banner, Redis at maxclients) gave only redis-py's
+    "Connection not ready"; a TLS-only Redis only a reset."""
+    config = Config(jwt_secret_key="x" * 32, redis_use_tls=tls)
+    inbox: Any = None  # the hint needs no inbox
+    worker = _Worker(config, inbox, SubscriberState(), Counters())
+    said = worker._connect_hint(exc)
+    assert (hint in said) if hint else said == ""
+    worker.state.active = True  # a subscription that was up and is lost: no guessing
+    assert worker._connect_hint(exc) == ""
