@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_EXPIRED_CODE: Final = 4001
 CLOSE_GRACE: Final = 2.0
+STALL_SLACK: Final = 1.0  # a keep-alive tick this much late: the event loop did not run
 
 # One item from the subscriber: a batch of (channel, data), or a resync marker.
 RawMessage = tuple[bytes, bytes]
@@ -382,11 +383,17 @@ class Hub:
         client libraries fail on a ping that crosses their own close frame.
         """
         turn = 0
+        last_tick = trio.current_time()
         while True:
             interval = self.config.ws_ping_interval
             tick = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
             await trio.sleep(tick)
             now = trio.current_time()
+            # The event loop itself did not run (the process stopped, the VM paused, a
+            # long block): the clients' pongs wait unread in the sockets, so silence is not
+            # judged until the readers have had a tick to catch up.
+            stalled = now - last_tick > tick + STALL_SLACK
+            last_tick = now
             wall = time.time()
             pong_wait = self.config.ws_pong_wait
             # Rounded down: each connection's ping comes at least once per interval.
@@ -395,7 +402,7 @@ class Hub:
             grace = min(interval, pong_wait - interval) / 2
             turn = (turn + 1) % turns
             for conn in list(self.connections()):
-                if now - conn.stream.last_receive > pong_wait:
+                if now - conn.stream.last_receive > pong_wait and not stalled:
                     conn.abort("pong_timeout")
                 elif conn.expires_at <= wall and not conn.close_reason:
                     conn.close_reason = "token_expired"

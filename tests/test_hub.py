@@ -218,3 +218,28 @@ async def test_a_connection_whose_queue_is_full_misses_the_resync_and_is_told_la
     assert (full.missed, full.missed_since) == (1, "2026-11-30T17:00:00.000000+00:00")
     assert hub.counters.frames_dropped == {"queue_full": 1}
     assert hub.counters.resyncs_sent == 1
+
+
+async def test_clients_are_not_dropped_for_the_silence_of_a_stalled_daemon(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After the daemon itself did not run for longer than WS_PONG_WAIT (SIGSTOP, a VM
+    paused), the clients' pongs wait unread in the sockets: every client was dropped as
+    pong_timeout at the first tick. The readers get a tick to catch up first."""
+    conns = await start_pinging_hub(nursery, 2, 5, 10)
+    hub = conns[0].on_abort.__self__  # type: ignore[union-attr]
+    ticks: list[float] = []
+    flush = hub.flush
+    hub.flush = lambda: (ticks.append(trio.current_time()), flush())[1]
+    await trio.sleep(1.5)  # the keep-alive ticks, then sleeps
+    for conn in conns:
+        conn.stream.last_receive = trio.current_time()
+    seen = len(ticks)
+    autojump_clock.jump(12)  # the event loop stopped for 12 s
+    while len(ticks) == seen:  # the first tick after it
+        await trio.lowlevel.checkpoint()
+    assert not any(conn.closed for conn in conns)
+    for conn in conns[1:]:  # the readers catch up: pongs from all but one client
+        conn.stream.last_receive = trio.current_time()
+    await trio.sleep(1.5)
+    assert [conn.close_reason for conn in conns] == ["pong_timeout"] + [""] * 9
