@@ -422,6 +422,11 @@ async def _shutdown(app: App, scope: trio.CancelScope, keep_backlog: bool) -> No
 
 def _address(listener: trio.SocketListener) -> str:
     sock = listener.socket
+    if sock.family == socket.AF_UNIX:  # socket activation can pass one
+        name = sock.getsockname()
+        if isinstance(name, bytes):  # abstract: a leading NUL byte, shown as @
+            name = "@" + name[1:].decode(errors="replace")
+        return f"unix:{name}"
     host, port = sock.getsockname()[:2]
     if sock.family != socket.AF_INET6:
         return f"{host}:{port}"

@@ -21,9 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from smap_notify import systemd
-from smap_notify.app import STATUS_TICK, status_wake
+from smap_notify.app import STATUS_TICK, _address, status_wake
+from smap_notify.cli import host_port
 from smap_notify.systemd import (
     ListenFds,
     Notifier,
@@ -418,3 +420,22 @@ def test_a_held_back_watchdog_ping_is_looked_at_again_in_a_second() -> None:
     # next_ping in the past: the subscriber thread was not alive at the ping's time.
     assert status_wake(10.0, 9.5) == 10.0 + STATUS_TICK
     assert status_wake(10.0, None) == 10.0 + STATUS_TICK
+
+
+def test_listen_addresses_are_written_so_that_they_read_back(tmp_path: Path) -> None:
+    """A passed AF_UNIX socket was logged as '/:t' (a path's first two characters), an
+    abstract one as '0:97'; an IPv6 WS_HOST without brackets."""
+    path = str(tmp_path / "ws.sock")
+    with socket.socket(socket.AF_UNIX) as named, socket.socket(socket.AF_UNIX) as abstract:
+        named.bind(path)
+        abstract.bind(b"\0smap-notify-test")
+        named.listen()
+        abstract.listen()
+        assert _address(trio.SocketListener(trio.socket.from_stdlib_socket(named))) == (
+            f"unix:{path}"
+        )
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(abstract))
+        assert _address(listener) == "unix:@smap-notify-test"
+    assert host_port("::1", 8081) == "[::1]:8081"
+    assert host_port("127.0.0.1", 8081) == "127.0.0.1:8081"
+    assert host_port("localhost", 8081) == "localhost:8081"
