@@ -83,7 +83,8 @@ class DaemonCollector(Collector):
         )
         yield _counter(
             "smap_notify_frames_sent",
-            "Frames queued for delivery, one per connection.",
+            "Frames queued for delivery, one per connection (those lost later are also"
+            " in smap_notify_frames_dropped).",
             c.frames_sent,
         )
         yield _labelled(
@@ -92,7 +93,9 @@ class DaemonCollector(Collector):
             c.frames_dropped,
         )
         yield _counter(
-            "smap_notify_resyncs_sent", "Resync frames sent after a Redis outage.", c.resyncs_sent
+            "smap_notify_resyncs_sent",
+            "Resync frames queued: after a Redis outage, and to clients that missed frames.",
+            c.resyncs_sent,
         )
         yield _counter(
             "smap_notify_handshakes_accepted", "WebSocket upgrades accepted.", c.handshakes_accepted
