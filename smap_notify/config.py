@@ -240,6 +240,11 @@ class Config:
     def warnings(self) -> list[str]:
         """Settings that are valid but cannot do what they look meant to do."""
         out = secret_warnings(self) + origin_warnings(self.allowed_origins)
+        if not self.production and self.env.strip().lower().startswith("prod"):
+            out.append(
+                f"ENV={self.env!r} is not 'production': browsers' origins are checked as in"
+                " development (localhost and DEV_ORIGIN_SUBNETS are let in)"
+            )
         if self.production and not self.allowed_origins:
             out.append(
                 "ALLOWED_ORIGINS is empty and ENV is production: every browser is refused"
@@ -291,6 +296,12 @@ def origin_warnings(origins: Iterable[str]) -> list[str]:
             continue
         hint = f"; write {as_sent!r}" if as_sent else " (an origin is scheme://host[:port])"
         out.append(f"ALLOWED_ORIGINS: {origin!r} never equals a browser's Origin header{hint}")
+    out += [
+        f"ALLOWED_ORIGINS: {origin!r}: origins are compared exactly, '*' is no wildcard"
+        " (list each origin)"
+        for origin in origins
+        if "*" in origin and _as_origin(origin) == origin
+    ]
     return out
 
 

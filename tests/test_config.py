@@ -305,6 +305,28 @@ def test_an_allowed_origin_no_browser_sends_is_warned_about(origin: str, hint: s
     ]
 
 
+@pytest.mark.parametrize("origin", ["https://*.smap.tantai.dev", "https://smap-*.tantai.dev"])
+def test_a_wildcard_in_an_allowed_origin_is_warned_about(origin: str) -> None:
+    config = load_config({**VALID, "ALLOWED_ORIGINS": origin})
+    assert config.warnings() == [
+        f"ALLOWED_ORIGINS: {origin!r}: origins are compared exactly, '*' is no wildcard"
+        " (list each origin)"
+    ]
+
+
+@pytest.mark.parametrize("env", ["prod", "Prod", "prodution", "production-eu"])
+def test_an_env_that_looks_like_production_but_is_not_is_warned_about(env: str) -> None:
+    # Anything but "production" (or empty) relaxes the origin policy, as the original did.
+    config = load_config({**VALID, "ENV": env})
+    assert not config.production
+    assert config.warnings() == [
+        f"ENV={env!r} is not 'production': browsers' origins are checked as in development"
+        " (localhost and DEV_ORIGIN_SUBNETS are let in)"
+    ]
+    assert load_config({**VALID, "ENV": "dev"}).warnings() == []
+    assert load_config({**VALID, "ENV": "staging"}).warnings() == []
+
+
 def test_a_secret_shorter_than_hs256_asks_is_warned_about_by_length_only() -> None:
     config = load_config({"JWT_SECRET_KEY": "dev-secret", "JWT_PREVIOUS_SECRET_KEY": "x" * 32})
     assert config.warnings() == [
