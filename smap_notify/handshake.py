@@ -142,6 +142,18 @@ def _cookie(header: str, name: str) -> str:
     return ""
 
 
+def _no_token(request: HandshakeRequest, cookie_name: str) -> str:
+    """The log's detail for a request without a token: the names of the cookies it had
+    (never their values), so that a COOKIE_NAME that differs from identity-srv's shows."""
+    names = [
+        part.strip().partition("=")[0][:40]
+        for part in request.headers.get("cookie", "").split(";")
+        if part.strip()
+    ]
+    sent = f" (cookies sent: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+    return f"no {cookie_name} cookie{sent if names else ''} and no token parameter"
+
+
 def find_token(request: HandshakeRequest, cookie_name: str) -> tuple[str, bool]:
     """The token from the cookie, else from ``?token=``; second value: it came from the query."""
     token = _cookie(request.headers.get("cookie", ""), cookie_name)
@@ -221,7 +233,7 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
         )
     token, in_query = find_token(request, config.cookie_name)
     if not token:
-        return Reject(401, "missing_token", MISSING_TOKEN, "no cookie and no token parameter")
+        return Reject(401, "missing_token", MISSING_TOKEN, _no_token(request, config.cookie_name))
     try:
         claims = verify_token(token, (config.jwt_secret_key, config.jwt_previous_secret_key), now)
     except TokenError as exc:

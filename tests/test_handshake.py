@@ -271,6 +271,16 @@ def test_missing_token_is_401_with_the_originals_body() -> None:
     assert decision.content_type == "application/json"
 
 
+def test_missing_token_names_the_cookies_sent_never_their_values() -> None:
+    # A COOKIE_NAME that differs from identity-srv's looked like no cookie at all.
+    request = ws_request(None, cookie="theme=dark; SMAP_AUTH_TOKEN=secret-value; lang=vi")
+    assert refused(request).detail == (
+        "no smap_auth_token cookie (cookies sent: theme, SMAP_AUTH_TOKEN, lang)"
+        " and no token parameter"
+    )
+    assert refused(ws_request(None)).detail == "no smap_auth_token cookie and no token parameter"
+
+
 @pytest.mark.parametrize("target", ["/ws?token=", "/ws?other=1", "/ws?token", "/ws?"])
 def test_empty_token_parameter_is_missing(target: str) -> None:
     assert refused(ws_request(target=target)).body == MISSING_TOKEN_BODY
