@@ -52,6 +52,7 @@ class App:
     notifier: systemd.Notifier
     started: float = attrs.Factory(time.monotonic)
     draining: bool = False
+    socket_activated: bool = False  # listening on sockets systemd passed: WS_HOST/PORT unused
     _status: str | None = None  # what STATUS= last said; None until READY=1
 
     @classmethod
@@ -174,17 +175,24 @@ class App:
             for f in attrs.fields(Config)
             if getattr(old, f.name) != getattr(new, f.name)
         ]
-        restart = [name for name in changed if name.lower() in RESTART_FIELDS]
+        kept = [name for name in changed if name.lower() in RESTART_FIELDS]
+        unused = {"WS_HOST", "WS_PORT"} if self.socket_activated else set()
+        restart = [name for name in kept if name not in unused]
         live = {f.name: getattr(new, f.name) for f in attrs.fields(Config)}
-        for name in restart:
+        for name in kept:
             live[name.lower()] = getattr(old, name.lower())
         applied = Config(**live)
         self.config = self.hub.config = self.server.config = applied
         logs.set_level(applied.logger_level)
         logger.info(
             "configuration reloaded changed=%s",
-            ",".join(n for n in changed if n not in restart) or "-",
+            ",".join(n for n in changed if n not in kept) or "-",
         )
+        if ignored := [n for n in changed if n in unused]:
+            logger.info(
+                "reload: %s not used: listening on the sockets systemd passed (ListenStream=)",
+                ",".join(ignored),
+            )
         if restart:
             logger.warning("reload: these settings need a restart to change: %s", ",".join(restart))
         for warning in config_warnings(applied, self.config_file):
@@ -336,6 +344,7 @@ async def run(
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
     check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
+    app.socket_activated = inherited
     with trio.open_signal_receiver(
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *entry.UNUSED_SIGNALS
     ) as signals:

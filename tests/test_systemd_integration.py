@@ -717,6 +717,29 @@ async def test_socket_activated_daemon_serves_websockets_on_fd_3(
         assert daemon.stop() == 0
 
 
+async def test_reload_under_socket_activation_asks_no_restart_for_ws_port(
+    spawn: Callable[..., Spawned],
+    notify_socket: NotifyReceiver,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    # WS_HOST and WS_PORT are not used there: a restart would change nothing.
+    config_file = tmp_path / "smap-notify.env"
+    config_file.write_text("")
+    with listening_socket() as listener:
+        env = daemon_env(redis_server, NOTIFY_SOCKET=notify_socket.path)
+        daemon = spawn(env, args=("--config", str(config_file)), listen_sock=listener)
+        await notify_socket.expect(is_("READY"))
+        config_file.write_text(f"WS_PORT={free_port()}\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        await notify_socket.expect(is_("RELOADING"))
+        await notify_socket.expect(is_("READY"))
+        log = daemon.log()
+        assert "need a restart" not in log
+        assert "reload: WS_PORT not used: listening on the sockets systemd passed" in log
+        assert daemon.stop() == 0
+
+
 async def test_restart_on_a_held_socket_refuses_no_connection(
     spawn: Callable[..., Spawned],
     notify_socket: NotifyReceiver,
