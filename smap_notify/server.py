@@ -535,7 +535,7 @@ class Server:
                 503,
                 "draining",
                 b'{"error":"shutting down"}',
-                "draining",
+                "the daemon is shutting down",
                 extra_headers=(("Retry-After", "1"),),
             )
         decision = decide(request, self.config, time.time())
