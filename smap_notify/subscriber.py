@@ -45,6 +45,9 @@ STALLED_AFTER: Final = 1.0  # a longer gap between two turns of the loop: this t
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 1.0
 MAX_BATCH: Final = 256
+# A batch also ends at this many bytes of message data: with few large messages (a
+# publisher's 1 MB reports) 256 of them would hold hundreds of megabytes in flight.
+MAX_BATCH_BYTES: Final = 4 << 20
 READ_SIZE: Final = 65536
 # Before handing a batch over, the thread lingers for more messages when the stream is
 # steady: every hand-over costs both threads a wake-up (150-300 µs of CPU on a slow VM,
@@ -441,25 +444,28 @@ class _Worker:
                 # Under a steady stream, linger briefly for the next messages: every
                 # hand-over costs two thread wake-ups, which would otherwise be paid per
                 # message.
-                linger = coalescer.linger(last_rx, len(batch))
+                linger = coalescer.linger(last_rx, MAX_BATCH if replies.more else len(batch))
                 if linger and replies.linger(linger):
                     replies.read(self._take, batch)
             finally:
                 # Also when the read ended in the connection's close: what was read before
                 # it is delivered (ahead of the resync that follows the reconnect).
                 if batch:
-                    coalescer.handed_over(self._hand_over(batch), len(batch))
+                    handed_at = self._hand_over(batch, full=replies.more)
+                    coalescer.handed_over(handed_at, len(batch))
 
-    def _hand_over(self, batch: list[RawMessage]) -> float:
-        """Queue ``batch`` for the hub; returns when (time.monotonic())."""
+    def _hand_over(self, batch: list[RawMessage], *, full: bool) -> float:
+        """Queue ``batch`` for the hub; returns when (time.monotonic()). ``full``: the
+        batch filled up, more was waiting (the subscriber is behind)."""
         self.state.last_message_at = datetime.fromtimestamp(self.alive_at or time.time(), UTC)
         handed_at = time.monotonic()
-        if len(batch) >= MAX_BATCH:
+        if full:
             self.behind_at = handed_at
         self.inbox.put_from_thread(batch, self._waiting)
         return handed_at
 
-    def _take(self, reply: Any, batch: list[RawMessage]) -> None:
+    def _take(self, reply: Any, batch: list[RawMessage]) -> int:
+        """Add a message to ``batch``; returns its size (0 for other replies)."""
         kind = reply[0] if isinstance(reply, list) and reply else reply
         if kind == b"pmessage":
             if len(reply) != 4:  # Redis sends pattern, channel and data
@@ -467,7 +473,9 @@ class _Worker:
                     f"not a Redis reply (a pmessage of {len(reply)} elements):"
                     " is REDIS_HOST a Redis server?"
                 )
-            batch.append((reply[2], reply[3]))
+            data = reply[3]
+            batch.append((reply[2], data))
+            return len(data) if isinstance(data, bytes) else 0
         elif kind == b"psubscribe":
             self._subscribed()
         elif isinstance(reply, Exception):
@@ -481,6 +489,7 @@ class _Worker:
             # keeps working through both.
             logger.debug("redis answered the liveness probe with an error=%s", reply)
         # pong (our probe) and anything else only prove the connection is alive
+        return 0
 
     def _subscribed(self) -> None:
         state = self.state
@@ -537,6 +546,12 @@ class Replies:
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
         self._more = False  # complete replies may be buffered (a batch filled up)
+        self._batch_bytes = 0  # message data in the batch being read
+
+    @property
+    def more(self) -> bool:
+        """The last read filled its batch: complete replies may be waiting already."""
+        return self._more
 
     def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` (whole milliseconds: ``poll``'s unit) for a reply."""
@@ -554,17 +569,25 @@ class Replies:
         time.sleep(seconds)
         return self.wait(0)
 
-    def read(self, take: Callable[[Any, list[RawMessage]], None], batch: list[RawMessage]) -> None:
-        """Read what has arrived and ``take`` each complete reply, up to ``MAX_BATCH``."""
+    def read(
+        self, take: Callable[[Any, list[RawMessage]], int | None], batch: list[RawMessage]
+    ) -> None:
+        """Read what has arrived and ``take`` each complete reply, up to ``MAX_BATCH``
+        messages or ``MAX_BATCH_BYTES`` (``take`` returns the bytes it added to ``batch``).
+        Afterwards ``more`` says whether the batch is full."""
         reader = self._reader
         self._more = False
+        if not batch:
+            self._batch_bytes = 0
         unread = True  # the socket may hold more than has been read
         try:
             while True:
                 reply = reader.gets()
                 while reply is not False:
-                    take(reply, batch)
-                    if len(batch) >= MAX_BATCH:
+                    added = take(reply, batch)
+                    if added:
+                        self._batch_bytes += added
+                    if len(batch) >= MAX_BATCH or self._batch_bytes >= MAX_BATCH_BYTES:
                         self._more = True
                         return
                     reply = reader.gets()

@@ -23,6 +23,7 @@ from redis._parsers import _RESP2Parser
 from trio_websocket import _impl
 from wsproto.handshake import H11Handshake
 
+from smap_notify import subscriber
 from smap_notify.config import Config
 from smap_notify.connection import ConnStream
 from smap_notify.server import _FINISHED_HANDSHAKE, release_handshake_state
@@ -126,6 +127,40 @@ def _pmessage(i: int) -> bytes:
         len(data),
         data,
     )
+
+
+def test_replies_end_a_batch_of_large_messages_at_max_batch_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """256 messages of 1 MB made one batch: 256 MB in flight per batch, two batches queued
+    for the hub and a third being read. (A smaller bound here, so that the socket holds
+    several batches' worth.)"""
+    monkeypatch.setattr(subscriber, "MAX_BATCH_BYTES", 35_000)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    payloads = [bytes([65 + i]) * 10_000 for i in range(12)]
+    head = b"*4\r\n$8\r\npmessage\r\n$11\r\nuser_noti:*\r\n$11\r\nuser_noti:1\r\n"
+    try:
+        b.sendall(b"".join(head + b"$%d\r\n%s\r\n" % (len(p), p) for p in payloads))
+        replies = Replies(SimpleNamespace(_sock=a))
+        batches, full = [], []
+
+        def take(reply: Any, into: list[Any]) -> int:
+            into.append(reply[3])
+            return len(reply[3])
+
+        while replies.wait(0.0):
+            batch: list[Any] = []
+            replies.read(take, batch)
+            if batch:  # after a full batch, a look that finds nothing more
+                batches.append(batch)
+                full.append(replies.more)
+        assert [len(batch) for batch in batches] == [4, 4, 4]
+        assert full == [True, True, True]
+        assert [p for batch in batches for p in batch] == payloads
+    finally:
+        a.close()
+        b.close()
 
 
 def test_replies_split_big_bursts_into_batches_and_say_more_is_there() -> None:
