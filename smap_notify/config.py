@@ -386,7 +386,10 @@ def config_warnings(config: Config, config_file: Path | None) -> list[str]:
 
 def file_warnings(path: Path) -> list[str]:
     """Names in the config file that look like settings of ours but are none."""
-    values, _ = _parse_env_file(path)  # its problems are load_config's to report
+    try:
+        values, _ = _parse_env_file(path)  # its problems are load_config's to report
+    except _Unreadable:
+        return []
     return [
         f"{path}: {name} is not a setting of smap-notify and is ignored (a typo?)"
         for name in values
@@ -402,20 +405,27 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+class _Unreadable(ConfigError):
+    """The config file cannot be read at all: what it sets is unknown."""
+
+
 def _parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The file's KEY=VALUE pairs and the problems of its lines; raises ``_Unreadable``."""
     values: dict[str, str] = {}
     problems: list[str] = []
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return values, [f"cannot read config file {path}: {exc.strerror or exc}"]
+        raise _Unreadable([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
     try:
         text = data.decode("utf-8-sig")  # an editor's byte-order mark too
     except UnicodeDecodeError as exc:
         number = data.count(b"\n", 0, exc.start) + 1
-        return values, [
-            f"{path}:{number}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
-        ]
+        raise _Unreadable(
+            [
+                f"{path}:{number}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+            ]
+        ) from None
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith(("#", ";")):

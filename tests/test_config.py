@@ -562,6 +562,10 @@ def test_config_file_that_is_not_utf8_is_a_config_error(
     with pytest.raises(ConfigError) as info:
         load_config(VALID, path)
     assert info.value.problems == [f"{path}{where}; save the file as UTF-8"]
+    # What the file sets is unknown: its secret is not reported missing as well.
+    with pytest.raises(ConfigError) as info:
+        load_config({}, path)
+    assert info.value.problems == [f"{path}{where}; save the file as UTF-8"]
 
 
 def test_config_file_names_that_look_like_settings_but_are_none_are_warned_about(
