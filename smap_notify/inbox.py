@@ -36,18 +36,25 @@ class Inbox(Generic[T]):
             self._credits.put(None)
         self._token = trio.lowlevel.current_trio_token()
 
-    def put_from_thread(self, item: T, while_waiting: Callable[[], None]) -> None:
-        """From the worker thread: queue ``item``; waits only while the hub is behind.
+    def put_from_thread(self, item: T, while_waiting: Callable[[], None]) -> bool:
+        """From the worker thread: queue ``item``; waits only while the hub is behind,
+        and returns whether it had to.
 
         ``while_waiting`` runs about every 0.25 s of waiting (heartbeats, cancellation).
         """
-        while True:
-            try:
-                self._credits.get(timeout=0.25)
-                break
-            except queue.Empty:
-                while_waiting()
+        waited = False
+        try:
+            self._credits.get_nowait()
+        except queue.Empty:
+            waited = True
+            while True:
+                try:
+                    self._credits.get(timeout=0.25)
+                    break
+                except queue.Empty:
+                    while_waiting()
         self._token.run_sync_soon(self._put, item)
+        return waited
 
     def _put(self, item: T) -> None:
         try:

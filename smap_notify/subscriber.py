@@ -308,7 +308,10 @@ class _Worker:
         self.lost_at: datetime | None = None
         self.alive_at: float | None = None  # wall clock of the last reply from Redis
         self.ever_subscribed = False
-        self.behind_at: float | None = None  # when a full batch was last handed over
+        self.behind_at: float | None = None  # when it was last behind at a hand-over
+        # Wall clock of the first hand-over that found the subscriber behind (a full batch,
+        # or the hub still busy) since it last kept up for BEHIND_WITHIN.
+        self.behind_since: float | None = None
 
     def run(self) -> None:
         state = self.state
@@ -319,17 +322,20 @@ class _Worker:
             try:
                 self._session()
             except (*REDIS_FAILURES, SubscriptionDead) as exc:
-                error = f"{type(exc).__name__}: {exc}" + (
-                    self._behind_hint(exc) or self._connect_hint(exc)
-                )
+                behind = self._behind_hint(exc)
+                error = f"{type(exc).__name__}: {exc}" + (behind or self._connect_hint(exc))
                 state.last_error = error
                 kind = _error_kind(exc)
                 if state.active or state.state == "starting":
                     kinds = {kind}
                     # A wedged connection was lost when it went silent, not when noticed.
-                    self.lost_at = self.lost_at or datetime.fromtimestamp(
-                        self.alive_at or time.time(), UTC
-                    )
+                    lost = self.alive_at or time.time()
+                    if behind and self.behind_since is not None:
+                        # Cut for falling behind: what Redis dropped was published after
+                        # the backlog began, and the backlog that did arrive was read up
+                        # to the cut. The resync's since must not be later than the loss.
+                        lost = min(lost, self.behind_since)
+                    self.lost_at = self.lost_at or datetime.fromtimestamp(lost, UTC)
                     logger.warning(
                         "redis subscription %s, retrying redis=%s error=%s",
                         "lost" if state.active else "unavailable",
@@ -456,12 +462,19 @@ class _Worker:
 
     def _hand_over(self, batch: list[RawMessage], *, full: bool) -> float:
         """Queue ``batch`` for the hub; returns when (time.monotonic()). ``full``: the
-        batch filled up, more was waiting (the subscriber is behind)."""
+        batch filled up, more was waiting. Either that or a hub still busy with the batches
+        before means the subscriber is behind: Redis buffers meanwhile."""
         self.state.last_message_at = datetime.fromtimestamp(self.alive_at or time.time(), UTC)
         handed_at = time.monotonic()
-        if full:
+        now = time.time()
+        waited = self.inbox.put_from_thread(batch, self._waiting)
+        if full or waited:  # more was waiting in the socket, or the hub was still busy
+            if self.behind_since is None:
+                self.behind_since = now
             self.behind_at = handed_at
-        self.inbox.put_from_thread(batch, self._waiting)
+        elif self.behind_at is not None and handed_at - self.behind_at > BEHIND_WITHIN:
+            # Caught up a while ago (the last batch before a cut is seldom full).
+            self.behind_since = None
         return handed_at
 
     def _take(self, reply: Any, batch: list[RawMessage]) -> int:

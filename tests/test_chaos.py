@@ -522,6 +522,7 @@ async def test_a_subscriber_cut_for_falling_behind_says_why_and_resyncs(
     for _ in range(10_000):
         pipe.publish("user_noti:user123", message)
     pipe.execute()
+    published = datetime.now(UTC)
 
     with trio.fail_after(DETECT_WITHIN + RECOVER_WITHIN):
         while (frame := json.loads(await ws.get_message()))["payload"] != ANY_RECONNECT:
@@ -530,6 +531,9 @@ async def test_a_subscriber_cut_for_falling_behind_says_why_and_resyncs(
                 "frames_dropped"
             ), frame
     assert frame["type"] == "resync"
+    # Every dropped message was published before the burst ended: a since after that
+    # (when the daemon had read the backlog that did arrive) would skip them.
+    assert datetime.fromisoformat(frame["payload"]["since"]) <= published, frame
     lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
     assert len(lost) == 1, lost
     assert "client-output-buffer-limit" in lost[0], lost[0]
