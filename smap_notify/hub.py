@@ -383,16 +383,18 @@ class Hub:
         client libraries fail on a ping that crosses their own close frame.
         """
         turn = 0
-        last_tick = trio.current_time()
+        last_tick = resumed = trio.current_time()
         while True:
             interval = self.config.ws_ping_interval
             tick = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
             await trio.sleep(tick)
             now = trio.current_time()
             # The event loop itself did not run (the process stopped, the VM paused, a
-            # long block): the clients' pongs wait unread in the sockets, so silence is not
-            # judged until the readers have had a tick to catch up.
-            stalled = now - last_tick > tick + STALL_SLACK
+            # long block): what the clients sent meanwhile waits unread, and most of them
+            # have not been pinged since. Their silence counts from now on, so each gets
+            # its ping and a whole WS_PONG_WAIT to answer it.
+            if now - last_tick > tick + STALL_SLACK:
+                resumed = now
             last_tick = now
             wall = time.time()
             pong_wait = self.config.ws_pong_wait
@@ -402,7 +404,7 @@ class Hub:
             grace = min(interval, pong_wait - interval) / 2
             turn = (turn + 1) % turns
             for conn in list(self.connections()):
-                if now - conn.stream.last_receive > pong_wait and not stalled:
+                if now - max(conn.stream.last_receive, resumed) > pong_wait:
                     conn.abort("pong_timeout")
                 elif conn.expires_at <= wall and not conn.close_reason:
                     conn.close_reason = "token_expired"
