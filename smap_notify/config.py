@@ -49,6 +49,11 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# Longer than any timeout means anything; 1e308 passed the finiteness check and then
+# overflowed in the arithmetic of the drain (exit 70 at SIGTERM).
+MAX_DURATION: Final = 1e9  # about 31 years
+
+
 class Duration(float):
     """Seconds, parsed from a Go duration string (``30s``, ``1m30s``, ``500ms``)."""
 
@@ -67,6 +72,8 @@ def parse_duration(text: str) -> Duration:
     else:
         if not math.isfinite(seconds):
             raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+        if seconds > MAX_DURATION:
+            raise ValueError(f"not a duration: {text[:40]!r} (over {MAX_DURATION:.0f}s)")
         return Duration(seconds)
     pos, total = 0, 0.0
     while pos < len(s):
@@ -75,8 +82,8 @@ def parse_duration(text: str) -> Duration:
             raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
-    if not math.isfinite(total):  # 400 nines and a unit
-        raise ValueError(f"not a duration: {text[:40]!r}... (too large)")
+    if total > MAX_DURATION:  # 400 nines and a unit: infinite
+        raise ValueError(f"not a duration: {text[:40]!r} (over {MAX_DURATION:.0f}s)")
     return Duration(total)
 
 
@@ -159,6 +166,11 @@ def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> Non
         raise ValueError(
             "REDIS_HOST must be host:port (e.g. localhost:6379), got a value with user"
             " information (not shown); the password goes in REDIS_PASSWORD"
+        )
+    if "://" in value or "?" in value:  # a URL: its query may hold a password
+        raise ValueError(
+            "REDIS_HOST must be host:port (e.g. localhost:6379), got a URL (not shown);"
+            " TLS is REDIS_USE_TLS, the database REDIS_DB, the password REDIS_PASSWORD"
         )
     host, sep, port = value.rpartition(":")
     if (

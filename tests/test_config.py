@@ -146,7 +146,9 @@ def test_bad_duration_raises_value_error(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["nan", "inf", "Infinity", "9" * 400 + "s", "\u0663s"])
+@pytest.mark.parametrize(
+    "text", ["nan", "inf", "Infinity", "9" * 400 + "s", "\u0663s", "1e308", "9" * 308 + "s"]
+)
 def test_non_finite_duration_is_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -248,7 +250,13 @@ def test_redis_host_must_be_host_and_port(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["default:hunter2@cache:6379", "redis://:hunter2@cache:6379", "hunter2@cache:6379"]
+    "value",
+    [
+        "default:hunter2@cache:6379",
+        "redis://:hunter2@cache:6379",
+        "hunter2@cache:6379",
+        "redis://cache:6379?password=hunter2",
+    ],
 )
 def test_redis_host_with_credentials_is_refused_without_repeating_them(value: str) -> None:
     problems = [p for p in problems_of({**VALID, "REDIS_HOST": value}) if "REDIS_HOST" in p]
