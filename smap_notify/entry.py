@@ -31,8 +31,10 @@ def _record(signum: int, frame: types.FrameType | None) -> None:
 
 
 def take_early_signals() -> list[int]:
-    """The stop signals received before the daemon's own signal handling was up."""
-    taken = [s for s in _early if s in (signal.SIGTERM, signal.SIGINT)]
+    """The signals received before the daemon's own signal handling was up: the stop
+    signals and the unused ones (a SIGHUP then means nothing: no configuration was read
+    yet to re-read)."""
+    taken = [s for s in _early if s != signal.SIGHUP]
     _early.clear()
     return taken
 

@@ -679,6 +679,25 @@ def test_a_stop_signal_sent_twice_during_start_up_takes_its_default_action() -> 
     assert done.stdout == f"recorded [{int(signal.SIGTERM)}]\n"
 
 
+EARLY_UNUSED = """
+import os, signal
+from smap_notify import entry
+entry.catch_early_signals()
+os.kill(os.getpid(), signal.SIGUSR1)
+os.kill(os.getpid(), signal.SIGHUP)
+print([signal.Signals(s).name for s in entry.take_early_signals()], flush=True)
+"""
+
+
+def test_an_unused_signal_during_start_up_is_passed_on_to_be_logged() -> None:
+    # It was recorded, then dropped without a line once the daemon was up.
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_UNUSED], capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+    assert done.returncode == 0
+    assert done.stdout == "['SIGUSR1']\n"
+
+
 def test_a_log_reader_that_went_away_does_not_change_the_exit_status(
     redis_server: RedisServer,
 ) -> None:
