@@ -145,13 +145,15 @@ def _cookie(header: str, name: str) -> str:
 def _no_token(request: HandshakeRequest, cookie_name: str) -> str:
     """The log's detail for a request without a token: the names of the cookies it had
     (never their values), so that a COOKIE_NAME that differs from identity-srv's shows."""
+    # A part without "=" is a cookie with an empty name: what it holds is its value.
     names = [
-        part.strip().partition("=")[0][:40]
+        name.strip()[:40]
         for part in request.headers.get("cookie", "").split(";")
-        if part.strip()
+        if (name := part.partition("=")[0]).strip() and "=" in part
     ]
     sent = f" (cookies sent: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
-    return f"no {cookie_name} cookie{sent if names else ''} and no token parameter"
+    which = "an empty" if cookie_name in names else "no"
+    return f"{which} {cookie_name} cookie{sent if names else ''} and no token parameter"
 
 
 def find_token(request: HandshakeRequest, cookie_name: str) -> tuple[str, bool]:

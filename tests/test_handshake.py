@@ -279,6 +279,15 @@ def test_missing_token_names_the_cookies_sent_never_their_values() -> None:
         " and no token parameter"
     )
     assert refused(ws_request(None)).detail == "no smap_auth_token cookie and no token parameter"
+    # A cookie with an empty name is sent as its value alone: not logged.
+    request = ws_request(None, cookie="VALUE-OF-A-NAMELESS-COOKIE; x=1")
+    assert refused(request).detail == (
+        "no smap_auth_token cookie (cookies sent: x) and no token parameter"
+    )
+    request = ws_request(None, cookie="smap_auth_token=; x=1")
+    assert refused(request).detail == (
+        "an empty smap_auth_token cookie (cookies sent: smap_auth_token, x) and no token parameter"
+    )
 
 
 @pytest.mark.parametrize("target", ["/ws?token=", "/ws?other=1", "/ws?token", "/ws?"])
