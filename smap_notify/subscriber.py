@@ -481,14 +481,16 @@ class _Worker:
         """Add a message to ``batch``; returns its size (0 for other replies)."""
         kind = reply[0] if isinstance(reply, list) and reply else reply
         if kind == b"pmessage":
-            if len(reply) != 4:  # Redis sends pattern, channel and data
+            # Redis sends pattern, channel and data, each a bulk string.
+            if len(reply) != 4 or not (type(reply[2]) is bytes and type(reply[3]) is bytes):
                 raise redis.InvalidResponse(
-                    f"not a Redis reply (a pmessage of {len(reply)} elements):"
+                    f"not a Redis reply (a pmessage of {len(reply)} elements:"
+                    f" {', '.join(type(part).__name__ for part in reply)}):"
                     " is REDIS_HOST a Redis server?"
                 )
             data = reply[3]
             batch.append((reply[2], data))
-            return len(data) if isinstance(data, bytes) else 0
+            return len(data)
         elif kind == b"psubscribe":
             self._subscribed()
         elif isinstance(reply, Exception):

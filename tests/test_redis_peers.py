@@ -176,7 +176,7 @@ async def test_a_pmessage_redis_never_sends_is_retried_not_fatal(
         return [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
 
     await wait_until(lambda: len(losses()) >= 2)
-    assert "not a Redis reply (a pmessage of 3 elements)" in losses()[0]
+    assert "not a Redis reply (a pmessage of 3 elements: bytes, bytes, bytes)" in losses()[0]
     status, _, _ = await http_request(daemon.port, "/health")
     assert status in (200, 503)  # still answering: subscribed for moments, then cut again
 
@@ -214,3 +214,27 @@ def test_an_attempts_error_says_what_redis_pys_words_do_not(
     assert (hint in said) if hint else said == ""
     worker.state.active = True  # a subscription that was up and is lost: no guessing
     assert worker._connect_hint(exc) == ""
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [b"pmessage", b"user_noti:*", 5, b"{}"],
+        [b"pmessage", b"user_noti:*", None, b"{}"],
+        [b"pmessage", b"user_noti:*", b"user_noti:u", 7],
+        [b"pmessage", b"user_noti:*", b"user_noti:u", [b"x"]],
+        [b"pmessage", b"user_noti:*", b"user_noti:u"],
+    ],
+)
+def test_a_pmessage_of_other_shapes_is_not_a_redis_reply(reply: list[Any]) -> None:
+    """An integer channel reached the hub and was logged with a traceback as an
+    internal_error (outside re-check): Redis sends bulk strings only."""
+    config = Config(jwt_secret_key="x" * 32)
+    inbox: Any = None
+    worker = _Worker(config, inbox, SubscriberState(), Counters())
+    batch: list[Any] = []
+    with pytest.raises(redis.InvalidResponse, match="not a Redis reply"):
+        worker._take(reply, batch)
+    assert batch == []
+    assert worker._take([b"pmessage", b"user_noti:*", b"user_noti:u", b"{}"], batch) == 2
+    assert batch == [(b"user_noti:u", b"{}")]
