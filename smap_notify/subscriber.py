@@ -70,6 +70,12 @@ RATE_WINDOW: Final = 0.01
 SOCKET_TIMEOUT: Final = 2.0
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
 BEHIND_WITHIN: Final = 2.0
+# A subscription lost sooner than FLAP_WITHIN after it was made is a flap (a peer that
+# subscribes, then breaks the protocol; a Redis that keeps cutting us): the wait before
+# the next attempt then grows with each flap, up to FLAP_CAP, instead of starting again
+# from BACKOFF_BASE (every cycle costs a warning pair and a resync to every client).
+FLAP_WITHIN: Final = 10.0
+FLAP_CAP: Final = 5.0
 
 
 @attrs.define
@@ -129,6 +135,15 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Capped exponential backoff with jitter (half to full of the capped delay)."""
     capped = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt, 16)))
     return capped * (0.5 + 0.5 * (rng or random).random())
+
+
+def reconnect_delay(attempt: int, flaps: int, rng: random.Random | None = None) -> float:
+    """The wait before the next attempt: the backoff, or after ``flaps`` subscriptions
+    in a row that were lost within FLAP_WITHIN, at least one that doubles with each."""
+    delay = backoff_delay(attempt, rng)
+    if flaps:
+        delay = max(delay, min(FLAP_CAP, BACKOFF_BASE * (2 ** min(flaps, 16))))
+    return delay
 
 
 class _Lookup:
@@ -312,6 +327,8 @@ class _Worker:
         # Wall clock of the first hand-over that found the subscriber behind (a full batch,
         # or the hub still busy) since it last kept up for BEHIND_WITHIN.
         self.behind_since: float | None = None
+        self.subscribed_at: float | None = None  # time.monotonic() of the last subscription
+        self.flaps = 0  # subscriptions in a row lost within FLAP_WITHIN
 
     def run(self) -> None:
         state = self.state
@@ -322,6 +339,12 @@ class _Worker:
             try:
                 self._session()
             except (*REDIS_FAILURES, SubscriptionDead) as exc:
+                if state.active:
+                    subscribed_at = self.subscribed_at
+                    flapped = (
+                        subscribed_at is not None and time.monotonic() - subscribed_at < FLAP_WITHIN
+                    )
+                    self.flaps = self.flaps + 1 if flapped else 0
                 behind = self._behind_hint(exc)
                 error = f"{type(exc).__name__}: {exc}" + (behind or self._connect_hint(exc))
                 state.last_error = error
@@ -337,10 +360,11 @@ class _Worker:
                         lost = min(lost, self.behind_since)
                     self.lost_at = self.lost_at or datetime.fromtimestamp(lost, UTC)
                     logger.warning(
-                        "redis subscription %s, retrying redis=%s error=%s",
+                        "redis subscription %s, retrying redis=%s error=%s%s",
                         "lost" if state.active else "unavailable",
                         host,
                         error,
+                        f" flaps={self.flaps}" if state.active and self.flaps else "",
                     )
                 elif state.attempts % 30 == 0 or kind not in kinds:
                     # Every 30th attempt, and at once when Redis's answer is new (it came
@@ -356,7 +380,7 @@ class _Worker:
                     logger.debug("redis reconnect failed redis=%s error=%s", host, error)
                 state.active = False
                 state.state = "retrying"
-            delay = backoff_delay(state.attempts)
+            delay = reconnect_delay(state.attempts, self.flaps)
             state.attempts += 1
             self._sleep(delay)
 
@@ -509,6 +533,7 @@ class _Worker:
     def _subscribed(self) -> None:
         state = self.state
         lost_at = self.lost_at
+        self.subscribed_at = time.monotonic()
         if lost_at is None:
             logger.info(
                 "redis subscribed pattern=%s redis=%s", CHANNEL_PATTERN, self.config.redis_host

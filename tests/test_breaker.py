@@ -7,7 +7,13 @@ import random
 import pytest
 
 from smap_notify.breaker import CircuitBreaker
-from smap_notify.subscriber import BACKOFF_BASE, BACKOFF_CAP, backoff_delay
+from smap_notify.subscriber import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    FLAP_CAP,
+    backoff_delay,
+    reconnect_delay,
+)
 
 
 def opened(at: float = 100.0) -> CircuitBreaker:
@@ -143,3 +149,14 @@ def test_backoff_is_jittered() -> None:
 def test_backoff_without_rng_uses_the_module_random() -> None:
     delay = backoff_delay(3)
     assert 0.4 <= delay <= 0.8
+
+
+def test_the_wait_after_flapping_subscriptions_grows_with_each_up_to_its_cap() -> None:
+    """A peer that subscribes and then breaks the protocol was retried every 0.1 s: each
+    cycle a warning pair and a resync to every client (an outside re-check: 29 in 5 s)."""
+    rng = random.Random(7)
+    assert reconnect_delay(0, 0, rng) <= BACKOFF_BASE  # an ordinary loss: as before
+    waits = [reconnect_delay(0, flaps, rng) for flaps in range(1, 12)]
+    assert waits == sorted(waits)
+    assert waits[0] >= 2 * BACKOFF_BASE
+    assert waits[-1] == FLAP_CAP
