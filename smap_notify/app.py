@@ -303,10 +303,7 @@ def listen_error(host: str, port: int | None, exc: OSError) -> ListenError:
     on, and whether a restart may help: an address in use may be freed by a process still
     exiting; a host name that does not resolve, an address this machine does not have, or
     a port it may not use stays so."""
-    if port is None:
-        where = host
-    else:
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host if port is None else host_port(host, port)
     if isinstance(exc, socket.gaierror):
         return ListenError(f"cannot listen on {where}: WS_HOST does not resolve", lasting=True)
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -437,8 +434,14 @@ def _address(listener: trio.SocketListener) -> str:
             name = "@" + name[1:].decode(errors="replace")
         return f"unix:{name}"
     host, port = sock.getsockname()[:2]
-    if sock.family != socket.AF_INET6:
-        return f"{host}:{port}"
-    if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-        return f"[{host}]:{port} (IPv6 and IPv4)"
-    return f"[{host}]:{port}"
+    both = (
+        sock.family == socket.AF_INET6
+        and host == "::"
+        and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    )
+    return host_port(host, port) + (" (IPv6 and IPv4)" if both else "")
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

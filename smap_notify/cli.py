@@ -41,11 +41,6 @@ def _version() -> str:
         return "(not installed)"
 
 
-def host_port(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(
         prog="smap-notify",
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.
         "socket-activation"
         if systemd.activated(environ, pid=os.getpid())
-        else host_port(config.ws_host, config.ws_port),
+        else app.host_port(config.ws_host, config.ws_port),
     )
     for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)

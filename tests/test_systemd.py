@@ -24,8 +24,7 @@ import pytest
 import trio
 
 from smap_notify import systemd
-from smap_notify.app import STATUS_TICK, _address, status_wake
-from smap_notify.cli import host_port
+from smap_notify.app import STATUS_TICK, _address, host_port, status_wake
 from smap_notify.systemd import (
     ListenFds,
     Notifier,
@@ -436,6 +435,16 @@ def test_listen_addresses_are_written_so_that_they_read_back(tmp_path: Path) -> 
         )
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(abstract))
         assert _address(listener) == "unix:@smap-notify-test"
+    with socket.socket(socket.AF_INET6) as dual, socket.socket(socket.AF_INET6) as v6:
+        dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual.bind(("::", 0))
+        v6.bind(("::1", 0))
+        for sock in (dual, v6):
+            sock.listen()
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(dual))
+        assert _address(listener) == f"[::]:{dual.getsockname()[1]} (IPv6 and IPv4)"
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(v6))
+        assert _address(listener) == f"[::1]:{v6.getsockname()[1]}"
     assert host_port("::1", 8081) == "[::1]:8081"
     assert host_port("127.0.0.1", 8081) == "127.0.0.1:8081"
     assert host_port("localhost", 8081) == "localhost:8081"
