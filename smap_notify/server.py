@@ -653,6 +653,11 @@ class Server:
                     conn.user_id,
                     conn.close_reason or reason,
                 )
+                # Connection and ConnStream refer to each other: without this the pair,
+                # with trio-websocket's objects behind it, would wait for the cyclic
+                # collector, which runs rarely here (cli.py raises its thresholds).
+                stream.conn = None
+                conn.ws = None
         finally:
             if not registered:
                 self.hub.release(accept.user_id)

@@ -9,11 +9,13 @@ events or polls a condition with a deadline.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import signal
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1130,6 +1132,36 @@ async def test_a_reader_that_stops_does_not_grow_memory_or_hold_up_its_other_tab
     assert metrics.frames_dropped["queue_full"] >= 10_000, metrics.frames_dropped
     assert metrics.delivered == 15_000 and metrics.balanced
     assert metrics.gauge("websocket_active_connections") == 2, "drop policy keeps it open"
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """A connection and its stream referred to each other, so each closed connection, with
+    trio-websocket's objects behind it, waited for the cyclic collector, which the daemon
+    runs rarely (an outside soak: 1,943 closed connections held at idle, RSS up 2.6 MB per
+    cycle of churn). Clean closes and vanishing clients alike are freed when they end."""
+    daemon: Daemon = await start_daemon()
+    gc.collect()
+    gc.disable()
+    try:
+        for how in ("close", "vanish"):
+            if how == "close":
+                ws = await ws_connect(daemon.port, "user123", nursery)
+            else:
+                raw = await RawWebSocket.open(daemon.port, "user123")
+            await daemon.wait_connections(1)
+            (conn,) = daemon.app.hub.users["user123"]
+            gone = weakref.ref(conn.stream)  # Connection has no __weakref__ slot
+            del conn
+            if how == "close":
+                await ws.aclose()
+            else:
+                await raw.vanish()
+            await daemon.wait_connections(0)
+            await wait_until(lambda gone=gone: gone() is None)
+    finally:
+        gc.enable()
 
 
 # -- SIGTERM mid fan-out -------------------------------------------------------------------------
