@@ -42,14 +42,14 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
-def _unsent_messages(frames: Sequence[bytes], sent: int) -> int:
-    """Of ``frames`` written back to back, the messages not wholly among the first ``sent``
-    bytes (pings are no messages)."""
+def _unsent_frames(frames: Sequence[bytes], sent: int) -> int:
+    """Of ``frames`` written back to back, how many are not wholly among the first
+    ``sent`` bytes."""
     end = 0
     for i, frame in enumerate(frames):
         end += len(frame)
         if end > sent:
-            return sum(frame is not PING_FRAME for frame in frames[i:])
+            return len(frames) - i
     return 0
 
 
@@ -277,10 +277,13 @@ class Connection:
         return n, pending[0] if n == 1 else b"".join(pending[:n])
 
     def _taken(self, n: int, size: int) -> None:
-        """The first ``n`` queued frames, ``size`` bytes, left the queue."""
-        pending = self.pending
-        messages = sum(frame is not PING_FRAME for frame in pending[:n])
-        del pending[:n]
+        """The first ``n`` queued frames, ``size`` bytes, were written."""
+        self._written(self.pending, n, size)
+        del self.pending[:n]
+
+    def _written(self, frames: Sequence[bytes], n: int, size: int) -> None:
+        """The first ``n`` of ``frames``, ``size`` bytes, were written: off the counts."""
+        messages = sum(frame is not PING_FRAME for frame in frames[:n])
         # A ping cut in two counts as a message once written: hence the floor.
         self.pending_messages = max(0, self.pending_messages - messages)
         self.pending_bytes -= size
@@ -326,15 +329,20 @@ class Connection:
         while pending and not self.closed:
             n, data = self._next_write()
             frames = pending[:n]
-            self._taken(n, len(data))
+            # Off the queue, since the next write starts after them, but in its counts
+            # until written: the bound covers the frames in flight too, and those of a
+            # write that fails are counted as dropped with the rest of the queue.
+            del pending[:n]
             await self.send_bounded(data, frames)
+            self._written(frames, len(frames), len(data))
 
     async def send_bounded(
         self, data: bytes | bytearray | memoryview, frames: Sequence[bytes] = ()
     ) -> None:
         """Send ``data`` within WS_WRITE_WAIT, or drop the connection; the caller holds
-        ``lock``. ``frames``: the queued frames ``data`` joins, already off the queue; those
-        not wholly sent when the wait runs out are counted as dropped with the rest.
+        ``lock``. ``frames``: the queued frames ``data`` joins, off the queue but still in
+        its counts; when the write fails or the wait runs out, those wholly sent leave the
+        counts and the rest are counted as dropped with the queue.
 
         trio's ``send_all`` forgets how much it sent when cancelled, so the socket's
         ``send`` is called here: a cancellation reaches it only while it waits, before it
@@ -349,11 +357,18 @@ class Connection:
         except OSError as exc:
             if sock.fileno() == -1:
                 raise trio.ClosedResourceError("socket was already closed") from exc
+            self._written_in_part(frames, sent)
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if scope.cancelled_caught:
-            self.pending_messages += _unsent_messages(frames, sent)
+            self._written_in_part(frames, sent)
             self.abort("write_timeout")
             raise trio.BrokenResourceError("write timed out")
+
+    def _written_in_part(self, frames: Sequence[bytes], sent: int) -> None:
+        """A write of ``frames`` ended after ``sent`` bytes: the frames wholly sent leave
+        the counts."""
+        whole = len(frames) - _unsent_frames(frames, sent)
+        self._written(frames, whole, sum(len(frame) for frame in frames[:whole]))
 
     def send_failure_close(self, code: int) -> None:
         """After a client's protocol error (1002, 1007), write a close frame with ``code``

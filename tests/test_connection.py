@@ -3,6 +3,8 @@ take."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import trio
@@ -105,3 +107,48 @@ async def test_frames_of_a_write_cut_short_by_write_wait_are_counted_as_dropped(
         received += chunk
     assert len(dropped) == 1
     assert len(received) // len(frame) + dropped[0] == 256
+
+
+async def test_frames_of_a_write_that_fails_are_counted_as_dropped(
+    nursery: trio.Nursery,
+) -> None:
+    """The flush took a chunk (up to 64 KB of frames) off the queue's count before writing
+    it; when the client vanished, those frames were neither written nor counted as
+    dropped (109-253 of 2,000 in an outside audit). Written and dropped frames now add up
+    to what was queued."""
+    conn, client = await slow_connection(buffer=16 * 1024)
+    dropped: list[tuple[str, int]] = []
+    conn.on_abort = lambda c, reason, detail: dropped.append((reason, c.pending_messages))
+    frame = text_frame(b"y" * 997)
+    for _ in range(256):
+        assert conn.push(frame)
+    conn.write_nowait(nursery)
+    await trio.testing.wait_all_tasks_blocked()
+    assert conn.flushing  # a chunk in flight, waiting for the client
+    # Everything written so far, read without a checkpoint; then the client vanishes.
+    received = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(client.fileno(), 1 << 20):
+            received += chunk
+    client.close()
+    with trio.fail_after(5):
+        while not conn.closed:
+            await trio.sleep(0.01)
+    assert [reason for reason, _ in dropped] == ["write_error"]
+    assert len(received) // len(frame) + dropped[0][1] == 256
+
+
+async def test_the_queue_bound_covers_the_frames_in_flight(nursery: trio.Nursery) -> None:
+    """WS_SEND_BUFFER bounds a connection's frames: those of a write still waiting for
+    the client count, as they did not (up to 256 more were held in an outside audit)."""
+    conn, _client = await slow_connection(buffer=16 * 1024)
+    frame = text_frame(b"y" * 997)
+    accepted = 0
+    while conn.push(frame):
+        accepted += 1
+        if accepted % 64 == 0:
+            conn.write_nowait(nursery)
+            await trio.testing.wait_all_tasks_blocked()
+    unwritten = conn.pending_messages
+    assert unwritten == 256  # max_messages
+    assert len(conn.pending) < unwritten  # some of them are in flight
