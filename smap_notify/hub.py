@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 TOKEN_EXPIRED_CODE: Final = 4001
 CLOSE_GRACE: Final = 2.0
 STALL_SLACK: Final = 1.0  # a keep-alive tick this much late: the event loop did not run
+# Dry-run results logged at once before the rate limit holds them back (refilled over
+# 10 s): dry runs are started by hand, so more than this is a publisher's flood.
+DRYRUN_LOG_BURST: Final = 50
 
 # One item from the subscriber: a batch of (channel, data), or a resync marker.
 RawMessage = tuple[bytes, bytes]
@@ -81,6 +84,7 @@ class Hub:
         self._dirty: list[Connection] = []
         self._nursery: trio.Nursery | None = None
         self._log = LimitedLogger(logger)
+        self._dryrun_log = LimitedLogger(logger, burst=DRYRUN_LOG_BURST)
 
     # -- registry ---------------------------------------------------------------
 
@@ -299,11 +303,13 @@ class Hub:
             f" queues_full={full} (told once they catch up)" if full else "",
         )
 
+    # Publishers' text in these lines is cut (a channel, so a user id, can be megabytes):
+    # the reason and detail must fit in a line (logs cut lines at 4,096 characters).
     def _log_rejected(self, result: Rejected) -> None:
         self._log.log(
             logging.WARNING,
             "rejected:" + result.reason,
-            "message rejected reason=%s user=%s type=%s detail=%s",
+            "message rejected reason=%s user=%.200s type=%.64s detail=%s",
             result.reason,
             result.user_id or "-",
             result.type or "-",
@@ -311,11 +317,12 @@ class Hub:
         )
 
     def _log_routed(self, result: Routed) -> None:
+        # "routed": passed on to the user's connections, if it has any.
         if result.invalid is not None:
             self._log.log(
                 logging.WARNING,
                 "invalid:" + result.type,
-                "invalid payload delivered anyway user=%s type=%s detail=%s",
+                "invalid payload routed anyway user=%.200s type=%s detail=%s",
                 result.user_id,
                 result.type,
                 result.invalid,
@@ -324,13 +331,17 @@ class Hub:
             self._log.log(
                 logging.WARNING,
                 "unknown_type",
-                "unknown message type delivered user=%s type=%.64s",
+                "unknown message type routed unchanged user=%.200s type=%.64s",
                 result.user_id,
                 result.type,
             )
         elif isinstance(result.payload, DryRunPayload):
-            logger.info(
-                "dryrun result user=%s job_id=%s platform=%s status=%s",
+            # A line per dry run, as the contract asks, but a publisher's flood of them
+            # is held back like any other.
+            self._dryrun_log.log(
+                logging.INFO,
+                "dryrun_result",
+                "dryrun result user=%.200s job_id=%.200s platform=%.64s status=%.64s",
                 result.user_id,
                 result.payload.job_id,
                 result.payload.platform,
@@ -422,7 +433,14 @@ class Hub:
 
     async def _expire(self, conn: Connection) -> None:
         """A clean close (4001), so SMAP's web UI does not reconnect with a dead token."""
-        logger.info("token expired, closing conn=%d user=%s", conn.id, conn.user_id)
+        # Rate-limited like the other closes: tokens issued together expire together.
+        self._log.log(
+            logging.INFO,
+            "token_expired",
+            "token expired, closing conn=%d user=%s",
+            conn.id,
+            conn.user_id,
+        )
         assert conn.ws is not None and conn.closing is not None
         try:
             with trio.move_on_after(CLOSE_GRACE) as scope:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -13,7 +14,7 @@ import trio
 
 from smap_notify.config import Config, Duration
 from smap_notify.connection import PING_FRAME, Connection
-from smap_notify.hub import Hub, Resync
+from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 
@@ -137,6 +138,42 @@ async def test_closing_lines_are_rate_limited_and_a_shutdown_logs_none_per_conne
     closing = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
     assert len(closing) == 5
     assert all("reason=pong_timeout" in line for line in closing)
+
+
+async def test_a_flood_of_dryrun_results_is_held_back_and_long_fields_are_cut(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every dryrun_result was logged at INFO, whole and without a rate limit, even for
+    users with no connection: 10,000 of them with 5,000-character job ids added 41 MB of
+    log in an outside audit."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    hub = await start_hub(nursery)
+    payload = {"job_id": "J" * 5000, "platform": "tiktok", "status": "success"}
+    message = json.dumps({"type": "dryrun_result", "payload": payload}).encode()
+    hub.route_batch([(b"user_noti:nobody", message)] * 500)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dryrun")]
+    assert len(lines) == DRYRUN_LOG_BURST
+    assert all(len(line) < 600 for line in lines), len(lines[0])
+    assert lines[0].endswith("platform=tiktok status=success")
+    assert hub.counters.received == hub.counters.accounted() == 500
+
+
+async def test_a_long_user_id_does_not_push_the_reason_out_of_the_line(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lines are cut at 4,096 characters; a 5,000-character user id (the channel is the
+    publisher's) took type= and detail= with it."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    hub = await start_hub(nursery)
+    channel = b"user_noti:" + b"U" * 5000
+    hub.route_batch([(channel, b'{"type":"x","payload":NaN}'), (channel, b'{"type":"x"}')])
+    rejected, unknown = [r.getMessage() for r in caplog.records]
+    assert rejected.startswith("message rejected reason=invalid_json user=UUU")
+    assert " type=- detail=not JSON" in rejected and len(rejected) < 600
+    # Routed, not "delivered": this user has no connection, and the message is dropped.
+    assert unknown.startswith("unknown message type routed unchanged user=UUU")
+    assert unknown.endswith(" type=x") and len(unknown) < 300
+    assert hub.counters.dropped == {"no_connection": 1}
 
 
 class SocketStream:
