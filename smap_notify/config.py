@@ -29,11 +29,12 @@ RESTART_FIELDS: Final = frozenset(
     {"ws_host", "ws_port", "redis_host", "redis_password", "redis_db", "redis_use_tls"}
 )
 
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", re.ASCII)
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", re.ASCII)
 _DURATION_UNITS: Final = {
     "ns": 1e-9,
     "us": 1e-6,
-    "µs": 1e-6,
+    "µs": 1e-6,  # MICRO SIGN, and below GREEK SMALL LETTER MU: Go takes both
+    "μs": 1e-6,
     "ms": 1e-3,
     "s": 1.0,
     "m": 60.0,
@@ -58,32 +59,47 @@ class Duration(float):
     """Seconds, parsed from a Go duration string (``30s``, ``1m30s``, ``500ms``)."""
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """``repr`` of a value in an error message, cut: a value can be kilobytes long."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_duration(text: str) -> Duration:
-    """Parse a Go duration string; a bare number means seconds."""
+    """Parse a Go duration string (an optional ``+``, then number-unit pairs); a bare
+    number means seconds."""
     s = text.strip()
     if not s:
         raise ValueError("empty duration")
-    if not s.replace("µ", "u").isascii() or "_" in s:  # float() reads '1_0' and '٣'
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+    bad = f"not a duration: {shown(text)} (use e.g. 30s, 1m30s, 500ms)"
+    if not s.replace("µ", "u").replace("μ", "u").isascii() or "_" in s:
+        raise ValueError(bad)  # float() reads '1_0' and '٣'
     try:
         seconds = float(s)
     except ValueError:
         pass
     else:
         if not math.isfinite(seconds):
-            raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+            raise ValueError(bad)
         if seconds > MAX_DURATION:
-            raise ValueError(f"not a duration: {text[:40]!r} (over {MAX_DURATION:.0f}s)")
+            raise ValueError(f"not a duration: {shown(text)} (over {MAX_DURATION:.0f}s)")
         return Duration(seconds)
     pos, total = 0, 0.0
+    if s[0] == "-":  # Go reads it; no setting here takes one
+        raise ValueError(f"not a duration: {shown(text)} (a duration here is positive)")
+    if s[0] == "+":
+        pos = 1
+        if len(s) == 1:
+            raise ValueError(bad)
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
         if m is None:
-            raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 1m30s, 500ms)")
+            raise ValueError(bad)
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if total > MAX_DURATION:  # 400 nines and a unit: infinite
-        raise ValueError(f"not a duration: {text[:40]!r} (over {MAX_DURATION:.0f}s)")
+        raise ValueError(f"not a duration: {shown(text)} (over {MAX_DURATION:.0f}s)")
     return Duration(total)
 
 
@@ -93,7 +109,7 @@ def parse_bool(text: str) -> bool:
         return True
     if s in ("0", "false", "no", "off", "f", "n", ""):
         return False
-    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+    raise ValueError(f"not a boolean: {shown(text)} (use true or false)")
 
 
 def _parse_list(text: str) -> tuple[str, ...]:
@@ -125,7 +141,7 @@ def _parse_int(value: object) -> int:
     text = str(value).strip()
     # Not int() alone: it also reads '10_000' and digits of other scripts ('٨٠٨١').
     if not _WHOLE_NUMBER.fullmatch(text):
-        raise ValueError(f"not a whole number: {text!r}")
+        raise ValueError(f"not a whole number: {shown(text)}")
     return int(text)
 
 
@@ -155,7 +171,7 @@ def _listen_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> No
     if not _HOST_NAME.fullmatch(value):
         raise ValueError(
             "WS_HOST must be an address or host name of this machine (0.0.0.0 for every IPv4"
-            f" address, :: for every address; the port goes in WS_PORT), got {value!r}"
+            f" address, :: for every address; the port goes in WS_PORT), got {shown(value)}"
         )
 
 
@@ -178,7 +194,7 @@ def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> Non
         or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
         or not _redis_host_part(host)
     ):
-        raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {value!r}")
+        raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {shown(value)}")
 
 
 def _redis_host_part(host: str) -> bool:
@@ -196,7 +212,7 @@ def _subnets(_inst: Any, _attribute: attrs.Attribute[Any], value: tuple[str, ...
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise ValueError(f"DEV_ORIGIN_SUBNETS: not a network: {item!r}") from None
+            raise ValueError(f"DEV_ORIGIN_SUBNETS: not a network: {shown(item)}") from None
 
 
 def _secret(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
@@ -338,9 +354,15 @@ def _as_origin(text: str) -> str | None:
 
 
 def format_duration(seconds: float) -> str:
+    """A duration as parse_duration reads it back: whole seconds, else milliseconds,
+    microseconds or nanoseconds, whichever is exact (``500us``, not ``0ms``)."""
+    ns = round(seconds * 1e9)
     if seconds >= 1 and float(seconds).is_integer():
         return f"{int(seconds)}s"
-    return f"{int(round(seconds * 1000))}ms"
+    for unit, size in (("ms", 1_000_000), ("us", 1_000)):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"
 
 
 attrs.resolve_types(Config)

@@ -132,6 +132,10 @@ def test_false_booleans(text: str) -> None:
         ("250µs", 0.00025),
         ("1000000ns", 0.001),
         (" 45s ", 45.0),
+        # Go's time.ParseDuration reads these too (an outside audit found them refused):
+        ("+30s", 30.0),
+        ("+1m30s", 90.0),
+        ("250\u03bcs", 0.00025),  # GREEK SMALL LETTER MU, beside MICRO SIGN above
     ],
 )
 def test_go_duration_is_parsed_to_seconds(text: str, seconds: float) -> None:
@@ -139,7 +143,8 @@ def test_go_duration_is_parsed_to_seconds(text: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "   ", "abc", "30x", "s", "-5s", "1m 30s", "30S", "5s5", "1_0", "\u0663"]
+    "text",
+    ["", "   ", "abc", "30x", "s", "-5s", "1m 30s", "30S", "5s5", "1_0", "\u0663", "+", "++5s"],
 )
 def test_bad_duration_raises_value_error(text: str) -> None:
     with pytest.raises(ValueError):
@@ -407,6 +412,24 @@ def test_a_setting_present_but_empty_takes_its_default_as_in_the_original() -> N
     # Empty means something for these two: no origins (warned about), no subnets.
     assert (loaded.allowed_origins, loaded.dev_origin_subnets) == ((), ())
     assert problems_of({**VALID, "JWT_SECRET_KEY": ""}) != []  # required stays required
+
+
+@pytest.mark.parametrize("text", ["500us", "900us", "1500us", "3ns", "1500ms", "30s", "2h"])
+def test_durations_are_shown_as_they_read_back(text: str) -> None:
+    """--check-config showed 500us as 0ms, which is itself refused (outside audit)."""
+    shown = load_config({**VALID, "WS_WRITE_WAIT": text}).masked()["WS_WRITE_WAIT"]
+    assert shown == text.replace("2h", "7200s")
+    assert parse_duration(shown) == parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "name", ["RESYNC_ON_DROP", "WS_PORT", "WS_PING_INTERVAL", "WS_HOST", "REDIS_HOST"]
+)
+def test_a_long_bad_value_is_not_repeated_whole(name: str) -> None:
+    """A 10 KB value made a 10 KB problem line (outside audit)."""
+    (problem,) = [p for p in problems_of({**VALID, name: "9" * 10_000 + " x"}) if name in p]
+    assert len(problem) < 300, problem
+    assert "(10002 characters)" in problem
 
 
 def test_check_config_style_values_are_written_as_the_config_writes_them() -> None:
