@@ -110,12 +110,13 @@ def is_localhost_origin(origin: str) -> bool:
 
 
 def is_private_subnet_origin(origin: str, subnets: Iterable[str]) -> bool:
-    """http(s) origin whose host is an IPv4 literal inside one of ``subnets``."""
+    """http(s) origin whose host is an IP literal inside one of ``subnets`` (IPv6 in
+    brackets, as browsers send it: ``http://[fd00::5]:3000``)."""
     host = _origin_host(origin)
     if host is None:
         return False
     try:
-        address = ipaddress.IPv4Address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
     return any(address in ipaddress.ip_network(net, strict=False) for net in subnets)

@@ -160,6 +160,23 @@ def test_private_subnet_origin_false(origin: str) -> None:
     assert is_private_subnet_origin(origin, DEV_SUBNETS) is False
 
 
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://[fd00::5]:3000", True),
+        ("https://[fd12:3456::1]", True),
+        ("http://[fe80::1]:3000", False),
+        ("http://[::ffff:172.16.21.5]:3000", False),  # IPv4-mapped: not the IPv4 subnet
+        ("http://172.16.21.50:3000", True),
+        ("http://fd00::5:3000", False),  # not an origin a browser sends
+    ],
+)
+def test_ipv6_subnets_are_matched_too(origin: str, allowed: bool) -> None:
+    """An IPv6 entry was accepted in DEV_ORIGIN_SUBNETS and never matched (outside
+    audit)."""
+    assert is_private_subnet_origin(origin, ("fd00::/8", "172.16.21.0/24")) is allowed
+
+
 @pytest.mark.parametrize("origin", LOCALHOST_TRUE)
 def test_localhost_origin_true(origin: str) -> None:
     assert is_localhost_origin(origin) is True
