@@ -95,6 +95,10 @@ class SubscriptionDead(Exception):
     pass
 
 
+# The error when Redis ends the subscription's connection (end of stream).
+CLOSED_BY_REDIS: Final = "redis closed the connection"
+
+
 # What talking to Redis may raise when Redis, or whatever answers on REDIS_HOST, fails:
 # ValueError is redis-py's parser on a reply that is not Redis's (":abc").
 REDIS_FAILURES: Final = (redis.RedisError, OSError, ValueError)
@@ -329,6 +333,9 @@ class _Worker:
         self.behind_since: float | None = None
         self.subscribed_at: float | None = None  # time.monotonic() of the last subscription
         self.flaps = 0  # subscriptions in a row lost within FLAP_WITHIN
+        # The last look at the socket found it empty: delivery had caught up. A cut that
+        # comes then is not Redis's output limit at work, however recent a backlog was.
+        self.kept_up = True
 
     def run(self) -> None:
         state = self.state
@@ -346,7 +353,9 @@ class _Worker:
                     )
                     self.flaps = self.flaps + 1 if flapped else 0
                 behind = self._behind_hint(exc)
-                error = f"{type(exc).__name__}: {exc}" + (behind or self._connect_hint(exc))
+                error = f"{type(exc).__name__}: {exc}" + (
+                    behind or self._closed_hint(exc) or self._connect_hint(exc)
+                )
                 state.last_error = error
                 kind = _error_kind(exc)
                 if state.active or state.state == "starting":
@@ -408,12 +417,22 @@ class _Worker:
         if (
             isinstance(exc, redis.ConnectionError | ConnectionError)
             and self.state.active
+            and not self.kept_up
             and behind_at is not None
             and time.monotonic() - behind_at < BEHIND_WITHIN
         ):
             return (
                 " (delivery was behind the publishers: Redis may have closed the"
                 " subscriber at its client-output-buffer-limit for pubsub)"
+            )
+        return ""
+
+    def _closed_hint(self, exc: Exception) -> str:
+        """Why Redis may have closed a subscription that kept up."""
+        if self.state.active and str(exc) == CLOSED_BY_REDIS:
+            return (
+                " (by Redis: a restart, CLIENT KILL, or a single message larger than its"
+                " client-output-buffer-limit for pubsub)"
             )
         return ""
 
@@ -451,7 +470,8 @@ class _Worker:
             turn = time.monotonic()
             stalled = turn - state.heartbeat > STALLED_AFTER
             state.heartbeat = turn
-            if not replies.wait(POLL_SECONDS):
+            self.kept_up = not replies.wait(0)
+            if self.kept_up and not replies.wait(POLL_SECONDS):
                 now = time.monotonic()
                 stalled = stalled or now - turn > POLL_SECONDS + STALLED_AFTER
                 if stalled:
@@ -652,7 +672,7 @@ class Replies:
         except (BlockingIOError, ssl.SSLWantReadError):
             return False
         if n == 0:
-            raise redis.ConnectionError("redis closed the connection")
+            raise redis.ConnectionError(CLOSED_BY_REDIS)
         self._reader.feed(self._buf, 0, n)  # type: ignore[arg-type]  # any buffer works
         # A short read took all there was; what comes later, the next wait sees. Over TLS a
         # read returns one record (16 KB at most): the next call looks for more, cheaply.
