@@ -603,6 +603,29 @@ async def test_a_cut_after_the_subscriber_caught_up_with_a_burst_is_not_blamed_o
     assert "redis closed the connection (by Redis: a restart, CLIENT KILL" in lost[0], lost[0]
 
 
+async def test_each_outage_counts_its_own_attempts(
+    start_daemon: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """attempts= in the "restored" line, the backoff and the every-30th-attempt warning
+    count from the start of each outage: a count kept from an earlier outage would start
+    the next one at the backoff's cap."""
+    caplog.set_level(logging.WARNING, logger="smap_notify")
+    daemon: Daemon = await start_daemon()
+    await trio.to_thread.run_sync(redis_server.kill)
+    await wait_until(lambda: daemon.app.subscriber.attempts >= 3)
+    await trio.to_thread.run_sync(redis_server.start)
+    await daemon.wait_subscribed()
+    assert redis_server.client().client_kill_filter(_type="pubsub") == 1
+    await wait_until(lambda: len(restored_lines(caplog)) == 2)
+    first, second = restored_lines(caplog)
+    assert int(first.rsplit("attempts=", 1)[1]) >= 3
+    assert int(second.rsplit("attempts=", 1)[1]) <= 1, second
+
+
+def restored_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "subscription restored" in r.getMessage()]
+
+
 async def test_client_connected_before_the_first_subscription_gets_a_resync(
     start_daemon: Any, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
@@ -1196,6 +1219,8 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
             await wait_until(lambda gone=gone: gone() is None)
     finally:
         gc.enable()
+    # A close frame and a vanishing client are told apart (1006: connection_lost).
+    assert daemon.app.counters.connections_closed == {"client_closed": 1, "connection_lost": 1}
 
 
 # -- SIGTERM mid fan-out -------------------------------------------------------------------------
@@ -1359,9 +1384,15 @@ async def test_hostile_clients_do_not_delay_delivery_to_others(
             seq = json.loads(await reader.get_message())["payload"]["seq"]
             latencies[seq] = trio.current_time() - sent[seq]
 
+    slowloris_connected: list[None] = []
+    all_slowloris_connected = trio.Event()
+
     async def slowloris() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
         t0 = trio.current_time()
+        slowloris_connected.append(None)
+        if len(slowloris_connected) == 20:
+            all_slowloris_connected.set()
         head = upgrade_head(daemon.port, "reader")
         async with trio.open_nursery() as own:
 
@@ -1405,7 +1436,7 @@ async def test_hostile_clients_do_not_delay_delivery_to_others(
         async with trio.open_nursery() as hostile:
             for _ in range(20):
                 hostile.start_soon(slowloris)
-            await trio.sleep(0.1)  # the slowloris clients are connected (nothing to await)
+            await all_slowloris_connected.wait()
             for i in range(10):
                 hostile.start_soon(oversized)
                 hostile.start_soon(over_cap)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from smap_notify.connection import WRITE_CHUNK, Connection, ConnStream, text_frame
+from smap_notify.connection import PING_FRAME, WRITE_CHUNK, Connection, ConnStream, text_frame
 
 
 async def slow_connection(
@@ -120,6 +123,7 @@ async def test_frames_of_a_write_that_fails_are_counted_as_dropped(
     dropped: list[tuple[str, int]] = []
     conn.on_abort = lambda c, reason, detail: dropped.append((reason, c.pending_messages))
     frame = text_frame(b"y" * 997)
+    conn.push_control(PING_FRAME)  # a ping is no message: never counted as dropped
     for _ in range(256):
         assert conn.push(frame)
     conn.write_nowait(nursery)
@@ -134,8 +138,9 @@ async def test_frames_of_a_write_that_fails_are_counted_as_dropped(
     with trio.fail_after(5):
         while not conn.closed:
             await trio.sleep(0.01)
+    assert received.startswith(PING_FRAME)
     assert [reason for reason, _ in dropped] == ["write_error"]
-    assert len(received) // len(frame) + dropped[0][1] == 256
+    assert (len(received) - len(PING_FRAME)) // len(frame) + dropped[0][1] == 256
 
 
 async def test_the_queue_bound_covers_the_frames_in_flight(nursery: trio.Nursery) -> None:
@@ -152,3 +157,36 @@ async def test_the_queue_bound_covers_the_frames_in_flight(nursery: trio.Nursery
     unwritten = conn.pending_messages
     assert unwritten == 256  # max_messages
     assert len(conn.pending) < unwritten  # some of them are in flight
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_headers_follow_rfc_6455(size: int) -> None:
+    """Payload lengths 0-125 in the second byte, then 126 and two bytes, then 127 and
+    eight (RFC 6455 5.2): the boundaries were covered only by chance."""
+    payload = b"p" * size
+    frame = text_frame(payload)
+    assert frame[0] == 0x81  # FIN, text; the server never masks
+    if size < 126:
+        assert (frame[1], frame[2:]) == (size, payload)
+    elif size < 65536:
+        assert (frame[1], int.from_bytes(frame[2:4], "big"), frame[4:]) == (126, size, payload)
+    else:
+        assert (frame[1], int.from_bytes(frame[2:10], "big"), frame[10:]) == (127, size, payload)
+
+
+async def test_the_queue_is_bounded_by_bytes_too() -> None:
+    """WS_SEND_BUFFER_BYTES: a frame that would take the queue past it is refused, unless
+    the queue is empty (a message larger than the bound still goes out alone)."""
+    stream: Any = SimpleNamespace()
+    conn = Connection(
+        "u", stream, trio.Lock(), expires_at=0, max_messages=100, max_bytes=1000, write_wait=1
+    )
+    frame = text_frame(b"x" * 596)  # 600 bytes
+    assert conn.push(frame)
+    assert not conn.push(frame)  # 1,200 > 1,000
+    assert conn.push(text_frame(b"x" * 396))  # exactly 1,000
+    assert not conn.push(text_frame(b""))
+    alone: Any = Connection(
+        "u", stream, trio.Lock(), expires_at=0, max_messages=100, max_bytes=1000, write_wait=1
+    )
+    assert alone.push(text_frame(b"x" * 5000))

@@ -213,7 +213,8 @@ async def test_metrics_are_prometheus_text_with_types_and_accounting(
 ) -> None:
     daemon: Daemon = await start_daemon()
     ws = await daemon.connect("user123", nursery=nursery)
-    await daemon.wait_connections(1)
+    await daemon.connect("user123", nursery=nursery)  # a second tab: one user, two connections
+    await daemon.wait_connections(2)
     for message in (
         {
             "type": "project_progress",
@@ -246,10 +247,13 @@ async def test_metrics_are_prometheus_text_with_types_and_accounting(
     assert samples[("websocket_messages_by_type_total", (("type", "unknown"),))] == 1
     assert samples[("smap_notify_messages_rejected_total", (("reason", "invalid_json"),))] == 1
     assert samples[("smap_notify_messages_dropped_total", (("reason", "no_connection"),))] == 1
-    assert samples[("websocket_active_connections", ())] == 1
+    assert samples[("websocket_active_connections", ())] == 2
+    assert samples[("websocket_active_users", ())] == 1
     received = samples[("smap_notify_messages_received_total", ())]
     delivered = samples[("smap_notify_messages_delivered_total", ())]
     assert received == 4 and delivered == 2
+    stats = json.loads((await http_request(daemon.port, "/stats"))[2])
+    assert stats["connections"] == {"active": 2, "total_unique_users": 1}
 
 
 async def test_stats_keeps_the_original_json_shape(start_daemon: Any) -> None:
@@ -365,10 +369,10 @@ async def test_a_browser_sized_cookie_jar_fits_the_default_head_limit(
 
 
 async def test_a_client_that_resets_during_the_upgrade_is_no_error(
-    start_daemon: Any, caplog: pytest.LogCaptureFixture
+    start_daemon: Any, caplog: pytest.LogCaptureFixture, nursery: trio.Nursery
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="smap_notify")
-    daemon: Daemon = await start_daemon()
+    daemon: Daemon = await start_daemon(WS_MAX_CONNECTIONS_PER_USER="1")
     lines = [
         "GET /ws HTTP/1.1",
         "Host: x",
@@ -393,6 +397,9 @@ async def test_a_client_that_resets_during_the_upgrade_is_no_error(
     await wait_until(lambda: daemon.app.hub.connection_count == 0)
     status, _, _ = await http_request(daemon.port, "/health")
     assert status == 200
+    # The failed upgrade gave its place back: the user's one connection is still to be had.
+    await daemon.connect(nursery=nursery)
+    await daemon.wait_connections(1)
 
 
 def test_sigterm_closes_clients_uncleanly_and_exits_zero(daemon_process: Any) -> None:

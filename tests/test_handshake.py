@@ -22,11 +22,13 @@ from smap_notify.handshake import (
     Accept,
     HandshakeRequest,
     Reject,
+    TokenError,
     decide,
     find_token,
     is_localhost_origin,
     is_private_subnet_origin,
     origin_allowed,
+    verify_token,
 )
 from smap_notify.server import HeadError, http_response, parse_head, read_head
 
@@ -802,3 +804,12 @@ def test_http_response_for_head_has_length_but_no_body() -> None:
     response, received = parse_response(raw, method=b"HEAD")
     assert received == b""
     assert headers_of(response)[b"content-length"] == b"20"
+
+
+def test_a_token_is_expired_at_its_exp_second() -> None:
+    """exp is the first moment the token is no longer valid (RFC 7519 4.1.4): equal to
+    now is expired."""
+    token = jwt.encode({"sub": "u", "exp": 1_700_000_000}, SECRET, algorithm="HS256")
+    assert verify_token(token, [SECRET], 1_699_999_999.5).user_id == "u"
+    with pytest.raises(TokenError, match="expired"):
+        verify_token(token, [SECRET], 1_700_000_000)

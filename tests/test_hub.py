@@ -38,13 +38,19 @@ async def start_hub(nursery: trio.Nursery, config: Config | None = None) -> Hub:
     return hub
 
 
+def register(hub: Hub, *conns: Connection) -> None:
+    """Register ``conns`` as the server does: a reservation, then the connection."""
+    for conn in conns:
+        assert hub.try_reserve(conn.user_id) is None
+        hub.register(conn)
+
+
 async def test_message_for_a_user_whose_only_connection_is_closing_is_counted_so(
     nursery: trio.Nursery,
 ) -> None:
     hub = await start_hub(nursery)
     conn = connection("u")
-    assert hub.try_reserve("u") is None
-    hub.register(conn)
+    register(hub, conn)
     conn.close_sent = True
     hub.route_batch([(b"user_noti:u", b'{"type":"alert"}')])
     assert hub.counters.dropped == {"connection_closed": 1}
@@ -187,20 +193,25 @@ class SocketStream:
         self.raw.socket.close()
 
 
+def socket_connection(user: str, sock: socket.socket, max_messages: int = 4) -> Connection:
+    """A connection of ``user`` that writes to ``sock``."""
+    return Connection(
+        user,
+        SocketStream(sock),  # type: ignore[arg-type]
+        trio.Lock(),
+        expires_at=time.time() + 3600,
+        max_messages=max_messages,
+        max_bytes=1 << 20,
+        write_wait=1.0,
+    )
+
+
 async def registered_to_a_closed_peer(nursery: trio.Nursery) -> tuple[Hub, Connection]:
     """A hub with one connection of user "u" whose client end is already closed."""
     hub = await start_hub(nursery)
     ours, theirs = socket.socketpair()
     theirs.close()
-    conn = Connection(
-        "u",
-        SocketStream(ours),  # type: ignore[arg-type]
-        trio.Lock(),
-        expires_at=time.time() + 3600,
-        max_messages=4,
-        max_bytes=1 << 20,
-        write_wait=1.0,
-    )
+    conn = socket_connection("u", ours)
     assert hub.try_reserve("u") is None
     hub.register(conn)
     return hub, conn
@@ -282,3 +293,88 @@ async def test_clients_are_not_dropped_for_the_silence_of_a_stalled_daemon(
                 answered.add(id(conn))
     assert len(answered) == 9, "each was pinged after the stall"
     assert [conn.close_reason for conn in conns] == ["pong_timeout"] + [""] * 9
+
+
+def frames_of(data: bytes) -> list[bytes]:
+    """The payloads of unmasked frames under 64 KB written back to back."""
+    out = []
+    while data:
+        size, start = data[1], 2
+        if size == 126:
+            size, start = int.from_bytes(data[2:4], "big"), 4
+        out.append(data[start : start + size])
+        data = data[start + size :]
+    return out
+
+
+@pytest.mark.parametrize("resync_on_drop", [True, False])
+async def test_a_client_that_missed_frames_is_told_how_many_since_the_first(
+    nursery: trio.Nursery, resync_on_drop: bool
+) -> None:
+    """Once caught up, one resync: how many frames it missed, since the first one; none
+    with RESYNC_ON_DROP=false."""
+    config = Config(jwt_secret_key="x" * 32, resync_on_drop=resync_on_drop)
+    hub = await start_hub(nursery, config)
+    ours, theirs = socket.socketpair()
+    conn = socket_connection("u", ours, max_messages=1)
+    assert hub.try_reserve("u") is None
+    hub.register(conn)
+    conn.flushing = True  # a write of ours waits for the client: the queue stays full
+    alert = (b"user_noti:u", b'{"type":"alert","payload":1}')
+    hub.route_batch([alert])  # queued
+    hub.route_batch([alert])  # dropped: the first
+    first = conn.missed_since
+    hub.route_batch([alert, alert])  # dropped too, later
+    assert (conn.missed, conn.missed_since) == (3, first)
+    conn.flushing = False
+    conn.write_nowait(nursery)  # the flush catches up ...
+    hub._on_drained(conn)  # ... and says so
+    sent = [json.loads(frame) for frame in frames_of(theirs.recv(65536))]
+    assert sent[0]["payload"] == 1
+    if resync_on_drop:
+        assert sent[1]["payload"] == {"reason": "frames_dropped", "since": first, "dropped": 3}
+        assert hub.counters.resyncs_sent == 1
+    else:
+        assert len(sent) == 1 and hub.counters.resyncs_sent == 0
+    assert conn.missed == 0
+    assert hub.counters.dropped == {"queue_full": 3}  # every connection of the user full
+    assert hub.counters.frames_dropped == {"queue_full": 3}
+
+
+async def test_no_resync_after_an_outage_with_resync_on_reconnect_false(
+    nursery: trio.Nursery,
+) -> None:
+    hub = await start_hub(nursery, Config(jwt_secret_key="x" * 32, resync_on_reconnect=False))
+    conn = connection("u")
+    register(hub, conn)
+    hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
+    hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
+    assert conn.pending == [] and hub.counters.resyncs_sent == 0
+
+
+async def test_frames_left_in_a_closed_connections_queue_are_counted_as_dropped(
+    nursery: trio.Nursery,
+) -> None:
+    hub = await start_hub(nursery)
+    conn = connection("u")
+    register(hub, conn)
+    assert hub.counters.handshakes_accepted == 1
+    assert conn.push(b"one") and conn.push(b"two")
+    hub.unregister(conn, "client_closed")
+    assert hub.counters.frames_dropped == {"connection_closed": 2}
+    assert hub.counters.connections_closed == {"client_closed": 1}
+
+
+async def test_a_drain_closes_every_connection_as_shutdown(nursery: trio.Nursery) -> None:
+    hub = await start_hub(nursery)
+    pairs = [socket.socketpair() for _ in range(3)]
+    for n, (ours, _theirs) in enumerate(pairs):
+        conn = socket_connection(f"u{n}", ours)
+        assert hub.try_reserve(conn.user_id) is None
+        hub.register(conn)
+    await hub.drain(0.0)
+    for conn in list(hub.connections()):
+        assert conn.closed
+        hub.unregister(conn, "connection_lost")  # what the reader then sees
+    assert hub.counters.connections_closed == {"shutdown": 3}
+    assert all(theirs.recv(16) == b"" for _ours, theirs in pairs)

@@ -186,13 +186,19 @@ async def test_reload_logs_that_a_changed_port_needs_a_restart(
     daemon = await start("")
     first = await open_ws(nursery, daemon.port, "alice")
     other_port = free_port()
-    await reload(daemon, f"WS_PORT={other_port}\nLOGGER_LEVEL=warn\n")
+    changed = f"WS_PORT={other_port}\nREDIS_DB=3\nLOGGER_LEVEL=warn\n"
+    await reload(daemon, changed)
     warning = [line for line in daemon.log().splitlines() if "need a restart" in line]
-    assert len(warning) == 1 and "WS_PORT" in warning[0] and "WARNING" in warning[0]
+    assert len(warning) == 1 and "WARNING" in warning[0]
+    assert "WS_PORT" in warning[0] and "REDIS_DB" in warning[0]
     assert "LOGGER_LEVEL" not in warning[0], "the level did change live"
     assert can_connect(daemon.port)
     assert not can_connect(other_port)
     await still_receives(redis_server, first, "alice", "same port")
+    # The running daemon keeps its old values: the same file asks for the restart again.
+    await reload(daemon, changed)
+    again = [line for line in daemon.log().splitlines() if "need a restart" in line]
+    assert len(again) == 2 and "WS_PORT" in again[1] and "REDIS_DB" in again[1]
 
 
 async def test_start_and_reload_warn_about_an_origin_no_browser_sends(

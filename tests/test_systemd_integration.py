@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 
 from smap_notify import subscriber
@@ -770,7 +771,8 @@ async def test_restart_on_a_held_socket_refuses_no_connection(
             upgraded.append(ws)
 
         nursery.start_soon(handshake)
-        await trio.sleep(0.2)  # the request is sent, and nobody answers it yet
+        # The request is sent and the client waits for an answer that does not come yet.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         assert not upgraded
 
         second = spawn(env, listen_sock=listener)
