@@ -42,15 +42,15 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
-def _unsent_frames(frames: Sequence[bytes], sent: int) -> int:
-    """Of ``frames`` written back to back, how many are not wholly among the first
-    ``sent`` bytes."""
+def _wholly_sent(frames: Sequence[bytes], sent: int) -> tuple[int, int]:
+    """Of ``frames`` written back to back, how many lie wholly among the first ``sent``
+    bytes, and their size."""
     end = 0
     for i, frame in enumerate(frames):
+        if end + len(frame) > sent:
+            return i, end
         end += len(frame)
-        if end > sent:
-            return len(frames) - i
-    return 0
+    return len(frames), end
 
 
 class ConnStream(trio.abc.Stream):
@@ -367,8 +367,7 @@ class Connection:
     def _written_in_part(self, frames: Sequence[bytes], sent: int) -> None:
         """A write of ``frames`` ended after ``sent`` bytes: the frames wholly sent leave
         the counts."""
-        whole = len(frames) - _unsent_frames(frames, sent)
-        self._written(frames, whole, sum(len(frame) for frame in frames[:whole]))
+        self._written(frames, *_wholly_sent(frames, sent))
 
     def send_failure_close(self, code: int) -> None:
         """After a client's protocol error (1002, 1007), write a close frame with ``code``

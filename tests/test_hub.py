@@ -94,8 +94,7 @@ async def start_pinging_hub(
             raw=SimpleNamespace(socket=SimpleNamespace(fileno=lambda: -1)),
             abort=lambda: None,
         )
-        assert hub.try_reserve("u") is None
-        hub.register(conn)
+        register(hub, conn)
         conns.append(conn)
     return conns
 
@@ -212,8 +211,7 @@ async def registered_to_a_closed_peer(nursery: trio.Nursery) -> tuple[Hub, Conne
     ours, theirs = socket.socketpair()
     theirs.close()
     conn = socket_connection("u", ours)
-    assert hub.try_reserve("u") is None
-    hub.register(conn)
+    register(hub, conn)
     return hub, conn
 
 
@@ -255,9 +253,7 @@ async def test_a_connection_whose_queue_is_full_misses_the_resync_and_is_told_la
     later got its queued frames and nothing saying that it missed an outage."""
     hub = await start_hub(nursery)
     full, free = connection("slow", max_messages=1), connection("fast")
-    for conn in (full, free):
-        assert hub.try_reserve(conn.user_id) is None
-        hub.register(conn)
+    register(hub, full, free)
     assert full.push(b"queued")
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets: keep queues as they are
     hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
@@ -317,8 +313,7 @@ async def test_a_client_that_missed_frames_is_told_how_many_since_the_first(
     hub = await start_hub(nursery, config)
     ours, theirs = socket.socketpair()
     conn = socket_connection("u", ours, max_messages=1)
-    assert hub.try_reserve("u") is None
-    hub.register(conn)
+    register(hub, conn)
     conn.flushing = True  # a write of ours waits for the client: the queue stays full
     alert = (b"user_noti:u", b'{"type":"alert","payload":1}')
     hub.route_batch([alert])  # queued
@@ -369,9 +364,7 @@ async def test_a_drain_closes_every_connection_as_shutdown(nursery: trio.Nursery
     hub = await start_hub(nursery)
     pairs = [socket.socketpair() for _ in range(3)]
     for n, (ours, _theirs) in enumerate(pairs):
-        conn = socket_connection(f"u{n}", ours)
-        assert hub.try_reserve(conn.user_id) is None
-        hub.register(conn)
+        register(hub, socket_connection(f"u{n}", ours))
     await hub.drain(0.0)
     for conn in list(hub.connections()):
         assert conn.closed
