@@ -13,7 +13,7 @@ import trio
 from .breaker import CircuitBreaker
 from .config import Config
 from .messages import CHANNEL_PATTERN
-from .subscriber import REDIS_FAILURES, SubscriberState, make_client
+from .subscriber import REDIS_FAILURES, SubscriberState, make_client, not_redis
 
 PING_TIMEOUT: Final = 1.0
 
@@ -81,6 +81,8 @@ class RedisProbe:
             # Redis answers, still loading its dataset; the subscription is unaffected.
             loading = True
         except REDIS_FAILURES as exc:
+            if isinstance(exc, ValueError | redis.InvalidResponse):
+                exc = not_redis(exc)  # redis-py's words for it differ between releases
             return RedisHealth(False, error=f"{type(exc).__name__}: {exc}")
         ms = round((time.perf_counter() - start) * 1000, 3)
         return RedisHealth(True, ping_ms=ms, loading=loading)

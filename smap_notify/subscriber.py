@@ -304,6 +304,13 @@ def _error_kind(exc: Exception) -> str:
     return f"{type(exc).__name__}:{' '.join(words[:2] if words[0] == 'Error' else words[:1])}"
 
 
+def not_redis(exc: Exception) -> redis.InvalidResponse:
+    """Something else answers on REDIS_HOST (an HTTP or SSH port, a TLS-only Redis)."""
+    return redis.InvalidResponse(
+        f"not a Redis reply ({exc}): is REDIS_HOST a Redis server and REDIS_USE_TLS right?"
+    )
+
+
 def error_reply(reply: Exception) -> redis.RedisError:
     """An error reply read off the subscribed connection, as redis-py would raise it."""
     text = str(reply)
@@ -403,6 +410,8 @@ class _Worker:
                 " (the server wrote before it was asked: not a Redis server, or a Redis"
                 " refusing new clients, e.g. at its maxclients)"
             )
+        if isinstance(exc, redis.AuthenticationError):
+            return " (Redis refused the password or asks for one: REDIS_PASSWORD?)"
         if isinstance(exc, ConnectionResetError) and not self.config.redis_use_tls:
             return " (a Redis that accepts only TLS resets plain connections: REDIS_USE_TLS?)"
         return ""
@@ -450,7 +459,12 @@ class _Worker:
         client = make_client(self.config)
         pubsub = client.pubsub(ignore_subscribe_messages=False)
         try:
-            pubsub.psubscribe(CHANNEL_PATTERN)
+            try:
+                pubsub.psubscribe(CHANNEL_PATTERN)
+            except (ValueError, redis.InvalidResponse) as exc:
+                # redis-py parsed an answer to AUTH or SELECT that Redis never gives; which
+                # exception it raises for that differs between its releases.
+                raise not_redis(exc) from None
             self._listen(pubsub)
         finally:
             try:
@@ -655,10 +669,7 @@ class Replies:
                     return
                 unread = self._fill()
         except hiredis.ProtocolError as exc:
-            # Something else answers on REDIS_HOST (an HTTP or SSH port, a TLS-only Redis).
-            raise redis.InvalidResponse(
-                f"not a Redis reply ({exc}): is REDIS_HOST a Redis server and REDIS_USE_TLS right?"
-            ) from None
+            raise not_redis(exc) from None
 
     def _fill(self) -> bool:
         """One read from the socket; True when more may be waiting (the buffer filled up)."""

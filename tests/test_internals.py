@@ -1,7 +1,8 @@
-"""The private parts of trio-websocket and wsproto that the hot path relies on.
+"""The private parts of trio-websocket, wsproto and redis-py that the hot path relies on.
 
-pyproject.toml pins both libraries; if an upgrade changes any of this, these tests say so
-before the daemon misbehaves.
+requirements/ locks the versions these were checked against; if an upgrade changes any of
+this, these tests say so before the daemon misbehaves (README.rst, "Upgrading
+dependencies").
 """
 
 from __future__ import annotations
