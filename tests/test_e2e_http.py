@@ -434,7 +434,7 @@ def test_sigterm_closes_clients_uncleanly_and_exits_zero(daemon_process: Any) ->
 # reaches smap-notify-demo and the daemon at once, and the demo then sends SIGTERM.
 SIGNAL_AS_THE_DRAIN_ENDS = """
 import signal, sys
-from smap_notify import app, cli
+from smap_notify import app, entry
 
 drain = app.App.shutdown
 
@@ -443,7 +443,7 @@ async def shutdown(self, **kwargs):
     signal.raise_signal(signal.SIGTERM)
 
 app.App.shutdown = shutdown
-sys.exit(cli.main())
+sys.exit(entry.main())  # as the installed command: a stop signal during start-up is kept
 """
 
 
@@ -534,8 +534,8 @@ async def test_connection_outlives_the_handshake_timeout(
 FEW_DESCRIPTORS = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-from smap_notify import cli
-sys.exit(cli.main())
+from smap_notify import entry
+sys.exit(entry.main())
 """
 
 

@@ -594,13 +594,13 @@ async def test_watchdog_keeps_pinging_through_a_redis_outage(
 # The daemon with a subscriber thread that dies of an unexpected error.
 CRASHING_SUBSCRIBER = """
 import sys
-from smap_notify import cli, subscriber
+from smap_notify import entry, subscriber
 
 def crash(self, pubsub):
     raise RuntimeError("simulated subscriber bug")
 
 subscriber._Worker._listen = crash
-sys.exit(cli.main())
+sys.exit(entry.main())
 """
 
 
