@@ -158,6 +158,8 @@ class App:
         )
         await self.hub.drain(window)
         self.server.stop_accepting()
+        with trio.move_on_after(min(ANSWER_GRACE, self.config.shutdown_timeout * 0.2)):
+            await self.server.wait_answered()
 
     def reload(self) -> None:
         """Re-read the configuration (SIGHUP); apply what can change live."""
@@ -376,6 +378,8 @@ async def run(
     logger.info("stopped")
 
 
+# How long a stop waits, after the drain, for requests already accepted to be answered.
+ANSWER_GRACE: Final = 1.0
 STATUS_TICK: Final = 1.0  # how often the STATUS= line is brought up to date
 
 

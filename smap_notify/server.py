@@ -283,6 +283,9 @@ class Server:
         self._descriptors_short_at: float | None = None
         # Request heads being read, oldest first: (since, the scope that closes it).
         self._heads: dict[ConnStream, tuple[float, trio.CancelScope]] = {}
+        # Accepted connections whose request is not answered (nor upgraded) yet.
+        self._answering = 0
+        self._answered = trio.Event()  # set, and replaced, as each one is
 
     async def serve(
         self,
@@ -305,6 +308,12 @@ class Server:
 
     def stop_accepting(self) -> None:
         self._accept_scope.cancel()
+
+    async def wait_answered(self) -> None:
+        """Until every request accepted so far is answered or upgraded: a stop must not
+        cut off a client whose connection was taken from the backlog a moment before."""
+        while self._answering:
+            await self._answered.wait()
 
     @property
     def out_of_descriptors(self) -> bool:
@@ -383,8 +392,14 @@ class Server:
         stream = ConnStream(raw)
         try:
             deadline = trio.current_time() + self.config.ws_handshake_timeout
-            with trio.move_on_at(deadline) as scope:
-                accepted = await self._answer_request(stream)
+            self._answering += 1
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    accepted = await self._answer_request(stream)
+            finally:
+                self._answering -= 1
+                self._answered.set()
+                self._answered = trio.Event()
             if scope.cancelled_caught:
                 self._handshake_timed_out("request head")
             elif accepted is not None:

@@ -459,6 +459,25 @@ def test_a_signal_as_the_drain_ends_is_logged_not_fatal(daemon_process: Any) -> 
     assert log.rstrip().endswith("stopped")
 
 
+def test_a_request_accepted_before_a_stop_is_answered_not_cut_off(daemon_process: Any) -> None:
+    """A connection taken from the backlog just before SIGTERM (a load balancer's health
+    check, a restart behind the socket unit) got no answer: the process ended as soon as
+    the drain did, its request half read."""
+    daemon = daemon_process()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as client:
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "shutting down connections=0" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.01)
+        client.sendall(b"\r\n")
+        response = client.recv(65536)
+    assert response.startswith(b"HTTP/1.1 503 "), response
+    assert b'"status":"draining"' in response
+    assert daemon.proc.wait(15) == 0
+
+
 def test_a_short_secret_is_one_warning_at_start_not_a_raw_python_warning(
     daemon_process: Any,
 ) -> None:
