@@ -1,4 +1,4 @@
-"""Command line: ``smap-notify [--config FILE] [--check-config]``."""
+"""Command line: ``smap-notify [--config FILE] [--check-config [--quiet]]``."""
 
 from __future__ import annotations
 
@@ -59,7 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the effective configuration (secrets masked) and exit: 0 valid, 78 invalid",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="with --check-config: print only the problems of an invalid configuration "
+        "(for ExecReload=, before the daemon is signalled)",
+    )
+    args = parser.parse_args(argv)
+    if args.quiet and not args.check_config:
+        parser.error("--quiet goes with --check-config")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EX_CONFIG
+    if args.check_config and args.quiet:
+        return EX_OK
     if args.check_config:
         for key, value in config.masked().items():
             print(f"{key}={value}")

@@ -748,6 +748,35 @@ def test_check_config_exits_78_listing_every_problem(check_config: CheckConfig) 
         assert any(name in line for line in problem_lines)
 
 
+def test_quiet_check_config_prints_nothing_for_a_valid_configuration(
+    check_config: CheckConfig,
+) -> None:
+    # ExecReload= runs it before each SIGHUP: the daemon logs the reload itself.
+    assert check_config("--quiet", JWT_SECRET_KEY=SECRET, ALLOWED_ORIGINS="https://a.example/") == (
+        0,
+        "",
+        "",
+    )
+
+
+def test_quiet_check_config_still_lists_every_problem_and_exits_78(
+    check_config: CheckConfig,
+) -> None:
+    status, out, err = check_config("--quiet", WS_PORT="eighty")
+    assert status == 78
+    assert out == ""
+    assert "  - WS_PORT" in err
+
+
+def test_quiet_without_check_config_is_a_wrong_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--quiet"])
+    assert exit_.value.code == 64
+    assert "--quiet goes with --check-config" in capsys.readouterr().err
+
+
 def test_check_config_reads_the_config_file(check_config: CheckConfig, tmp_path: Path) -> None:
     path = tmp_path / "smap-notify.env"
     path.write_text(f"JWT_SECRET_KEY=file-{SECRET}\nWS_PORT=9003\nWS_PING_INTERVL=5s\n")

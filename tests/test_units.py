@@ -79,13 +79,13 @@ def seconds(duration: str) -> float:
 
 @pytest.fixture
 def units_for_verify(tmp_path: Path) -> Path:
-    """Copies of both units whose ExecStart names an existing program (verify checks it)."""
+    """Copies of both units whose commands name an existing program (verify checks it)."""
     stub = tmp_path / "smap-notify"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     for unit in (SERVICE, SOCKET):
         text = unit.read_text()
-        text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={stub}", text)
+        text = text.replace("/opt/smap-notify/venv/bin/smap-notify", str(stub))
         (tmp_path / unit.name).write_text(text)
     return tmp_path
 
@@ -143,7 +143,15 @@ def test_service_is_notify_type_with_watchdog_and_socket() -> None:
     assert one(unit, "Service.NotifyAccess") == "main"
     assert seconds(one(unit, "Service.WatchdogSec")) > 0
     assert one(unit, "Service.Restart") == "on-failure"
-    assert one(unit, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    check, signal = unit["Service.ExecReload"]
+    assert check.split()[1:] == [
+        "--config",
+        one(unit, "Service.EnvironmentFile"),
+        "--check-config",
+        "--quiet",
+    ]
+    assert check.split()[0] == one(unit, "Service.ExecStart").split()[0]
+    assert signal == "/bin/kill -HUP $MAINPID"
     assert one(unit, "Service.DynamicUser") == "yes"
     assert one(unit, "Service.CapabilityBoundingSet") == ""
     assert "smap-notify.socket" in one(unit, "Unit.Requires").split()
