@@ -10,7 +10,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -124,14 +124,16 @@ class App:
     async def serve(
         self,
         listeners: list[trio.SocketListener],
+        admin: Sequence[trio.SocketListener] = (),
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until cancelled; ``started`` once the listener accepts."""
+        """Run until cancelled; ``started`` once the listeners accept. ``admin`` listeners
+        serve the HTTP endpoints only."""
         inbox = Inbox[Batch](INBOX_SIZE)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.serve, inbox)
-            bound = await nursery.start(self.server.serve, listeners)
+            bound = await nursery.start(self.server.serve, listeners, admin)
             await nursery.start(
                 run_redis_subscriber, self.config, inbox, self.subscriber, self.counters
             )
@@ -279,11 +281,56 @@ async def open_listeners(
         return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited], True
     host, port = config.ws_host, config.ws_port
     try:
+        if config.ws_reuse_port:
+            return await listen_shared(host, port), False
         if host == "::":
             return [await listen_dual_stack(host, port)], False
         return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG), False
     except OSError as exc:
         raise listen_error(host, port, exc) from None
+
+
+async def open_admin_listeners(config: Config) -> list[trio.SocketListener]:
+    """The listeners of ADMIN_HOST:ADMIN_PORT (/health and /metrics only); [] when
+    ADMIN_PORT is 0."""
+    if not config.admin_port:
+        return []
+    host, port = config.admin_host, config.admin_port
+    try:
+        if host == "::":
+            return [await listen_dual_stack(host, port)]
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    except OSError as exc:
+        raise listen_error(host, port, exc, setting="ADMIN_HOST") from None
+
+
+async def listen_shared(host: str, port: int) -> list[trio.SocketListener]:
+    """Listeners on every address of ``host`` with SO_REUSEPORT, as trio's own listeners
+    but shareable: each daemon that binds the same address and port gets a queue of its
+    own, and the kernel spreads new connections over them. ``::`` takes IPv4 too."""
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, host != "::")
+                await sock.bind(address)
+                sock.listen(BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def listen_host_problem(host: str) -> str | None:
@@ -300,14 +347,16 @@ def listen_host_problem(host: str) -> str | None:
     return None
 
 
-def listen_error(host: str, port: int | None, exc: OSError) -> ListenError:
+def listen_error(
+    host: str, port: int | None, exc: OSError, *, setting: str = "WS_HOST"
+) -> ListenError:
     """Why WS_HOST:WS_PORT (or WS_HOST on any port: ``port`` None) could not be listened
     on, and whether a restart may help: an address in use may be freed by a process still
     exiting; a host name that does not resolve, an address this machine does not have, or
     a port it may not use stays so."""
     where = host if port is None else host_port(host, port)
     if isinstance(exc, socket.gaierror):
-        return ListenError(f"cannot listen on {where}: WS_HOST does not resolve", lasting=True)
+        return ListenError(f"cannot listen on {where}: {setting} does not resolve", lasting=True)
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     lasting = exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT)
     return ListenError(f"cannot listen on {where}: {reason}", lasting=lasting)
@@ -343,6 +392,7 @@ async def run(
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
     check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
+    admin = await open_admin_listeners(config)
     app.socket_activated = inherited
     with trio.open_signal_receiver(
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *entry.UNUSED_SIGNALS
@@ -350,8 +400,12 @@ async def run(
         for signum in entry.take_early_signals():  # sent while the daemon was importing
             signal.raise_signal(signum)
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(app.serve, listeners)
+            bound = await nursery.start(app.serve, listeners, admin)
             addresses = ", ".join(_address(listener) for listener in bound)
+            if admin:
+                addresses += "; /health and /metrics alone on " + ", ".join(
+                    _address(listener) for listener in admin
+                )
             logger.info("listening on %s", addresses)
             app.announce_ready()
             task_status.started(app)

@@ -26,7 +26,17 @@ MIN_SECRET_BYTES: Final = 32  # RFC 7518 section 3.2: at least the hash size, 25
 SECRET_FIELDS: Final = frozenset({"jwt_secret_key", "jwt_previous_secret_key", "redis_password"})
 # Settings that a SIGHUP reload cannot change on a running daemon.
 RESTART_FIELDS: Final = frozenset(
-    {"ws_host", "ws_port", "redis_host", "redis_password", "redis_db", "redis_use_tls"}
+    {
+        "ws_host",
+        "ws_port",
+        "ws_reuse_port",
+        "admin_host",
+        "admin_port",
+        "redis_host",
+        "redis_password",
+        "redis_db",
+        "redis_use_tls",
+    }
 )
 
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", re.ASCII)
@@ -162,16 +172,18 @@ _HOST_NAME: Final = re.compile(
 )
 
 
-def _listen_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+def _listen_host(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         ipaddress.ip_address(value)
         return
     except ValueError:
         pass
     if not _HOST_NAME.fullmatch(value):
+        name = attribute.name.upper()
         raise ValueError(
-            "WS_HOST must be an address or host name of this machine (0.0.0.0 for every IPv4"
-            f" address, :: for every address; the port goes in WS_PORT), got {shown(value)}"
+            f"{name} must be an address or host name of this machine (0.0.0.0 for every IPv4"
+            f" address, :: for every address; the port goes in {name[:-4]}PORT),"
+            f" got {shown(value)}"
         )
 
 
@@ -227,6 +239,12 @@ class Config:
     jwt_secret_key: str = attrs.field(repr=False, validator=_secret)
     ws_host: str = attrs.field(default="0.0.0.0", validator=_listen_host)
     ws_port: int = attrs.field(default=8081, validator=_port)
+    # SO_REUSEPORT: several daemons on one host share WS_HOST:WS_PORT, the kernel spreads
+    # new connections over them.
+    ws_reuse_port: bool = False
+    # /health and /metrics of this process alone, on an address of its own; 0: none.
+    admin_host: str = attrs.field(default="127.0.0.1", validator=_listen_host)
+    admin_port: int = attrs.field(default=0, validator=_port)
     env: str = "production"
     redis_host: str = attrs.field(default="localhost:6379", validator=_redis_host)
     redis_password: str = attrs.field(default="", repr=False)

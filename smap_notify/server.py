@@ -290,10 +290,12 @@ class Server:
     async def serve(
         self,
         listeners: list[trio.SocketListener],
+        admin: Sequence[trio.SocketListener] = (),
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept until ``stop_accepting``; connections live on until the caller cancels."""
+        """Accept until ``stop_accepting``; connections live on until the caller cancels.
+        ``admin`` listeners answer the HTTP endpoints and nothing else (no upgrade)."""
         self._take_spare()
         try:
             async with trio.open_nursery() as connections:
@@ -301,7 +303,9 @@ class Server:
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
-                            accepting.start_soon(self._accept, listener, connections)
+                            accepting.start_soon(self._accept, listener, connections, False)
+                        for listener in admin:
+                            accepting.start_soon(self._accept, listener, connections, True)
                         task_status.started(listeners)
         finally:
             self._release_spare()
@@ -332,7 +336,9 @@ class Server:
             os.close(self._spare_fd)
             self._spare_fd = None
 
-    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+    async def _accept(
+        self, listener: trio.SocketListener, connections: trio.Nursery, admin: bool
+    ) -> None:
         """trio.serve_listeners' loop, but running out of descriptors is a rate-limited
         warning (no traceback: trio's own logs one per 0.1 s) and a 503 for whoever waits
         in the backlog, instead of silence until they give up."""
@@ -349,7 +355,7 @@ class Server:
                     continue
                 if self._spare_fd is None:  # lost to another thread in a shortage
                     self._take_spare()
-                connections.start_soon(self._handle, stream)
+                connections.start_soon(self._handle, stream, admin)
 
     def _descriptors_short(self, exc: OSError) -> None:
         self._descriptors_short_at = trio.current_time()
@@ -388,14 +394,14 @@ class Server:
         finally:
             self._take_spare()
 
-    async def _handle(self, raw: trio.SocketStream) -> None:
+    async def _handle(self, raw: trio.SocketStream, admin: bool = False) -> None:
         stream = ConnStream(raw)
         try:
             deadline = trio.current_time() + self.config.ws_handshake_timeout
             self._answering += 1
             try:
                 with trio.move_on_at(deadline) as scope:
-                    accepted = await self._answer_request(stream)
+                    accepted = await self._answer_request(stream, admin)
             finally:
                 self._answering -= 1
                 self._answered.set()
@@ -488,8 +494,9 @@ class Server:
         self.counters.handshake_rejections["handshake_timeout"] += 1
         self._log.log(logging.INFO, "timeout", "handshake timed out phase=%s", phase)
 
-    async def _answer_request(self, stream: ConnStream) -> Accept | None:
-        """Read the request head and answer it; an Accept means: upgrade this one."""
+    async def _answer_request(self, stream: ConnStream, admin: bool) -> Accept | None:
+        """Read the request head and answer it; an Accept means: upgrade this one (never
+        on an ``admin`` listener, where /ws is not found)."""
         config = self.config
         try:
             head = await self._read_head(stream)
@@ -511,7 +518,7 @@ class Server:
                 body = json_error(exc.reason.replace("_", " "))
                 await stream.raw.send_all(http_response(exc.status, body, "application/json"))
             return None
-        if request.path != WS_PATH:
+        if admin or request.path != WS_PATH:
             await self._serve_http(stream, request)
             return None
         decision = self._decide(request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -200,3 +201,136 @@ def test_the_watchdog_restarts_a_stopped_daemon(system: Container) -> None:
         system.run("rm", "-f", dropin)
         system.systemctl("daemon-reload")
         system.systemctl("restart", SERVICE)
+
+
+# -- several instances on one port: the template units -------------------------------------
+
+
+def admin_health(system: Container, instance: int) -> tuple[int, dict[str, object]]:
+    result = system.run(
+        sys.executable, NETPROBE, "health", str(9100 + instance), enter="net", check=False
+    )
+    if result.returncode != 0:
+        return 0, {}
+    status, _, body = result.stdout.partition(" ")
+    return int(status), json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def instances(system: Container) -> Container:
+    """smap-notify@1 and @2 on port 8081 in place of the single service."""
+    system.systemctl("disable", "--now", "smap-notify.socket", SERVICE)
+    units = [str(REPO / "systemd" / n) for n in ("smap-notify@.service", "smap-notify@.socket")]
+    system.run("install", "-m", "0644", *units, "/etc/systemd/system/")
+    system.systemctl("daemon-reload")
+    system.systemctl(
+        "enable", "--now", "smap-notify@1.socket", "smap-notify@2.socket",
+        "smap-notify@1.service", "smap-notify@2.service",
+    )  # fmt: skip
+    for n in (1, 2):
+        wait_until(lambda n=n: admin_health(system, n)[0] == 200, f"instance {n} healthy")
+    return system
+
+
+def connections_of(system: Container, instance: int) -> int:
+    websocket = admin_health(system, instance)[1]["websocket"]
+    assert isinstance(websocket, dict)
+    return int(websocket["active_connections"])
+
+
+def test_two_template_instances_share_the_port_and_each_serves(instances: Container) -> None:
+    token = make_token("u-two")
+    readers = [
+        subprocess.Popen(
+            [
+                "nsenter",
+                "-t",
+                str(instances.leader),
+                "-n",
+                sys.executable,
+                NETPROBE,
+                "receive",
+                str(PORT),
+                token,
+                DEV_ORIGIN,
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(16)
+    ]
+    try:
+        for reader in readers:
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "open"
+        counts = [connections_of(instances, 1), connections_of(instances, 2)]
+        assert sum(counts) == 16 and min(counts) > 0, counts
+        message = json.dumps({"type": "notification", "payload": "both"})
+        published = instances.run(
+            "redis-cli", "-p", str(REDIS_PORT), "PUBLISH", "user_noti:u-two", message
+        )
+        assert published.stdout.strip() == "2"  # each instance subscribed once
+        for reader in readers:
+            assert reader.stdout is not None
+            assert json.loads(reader.stdout.readline())["payload"] == "both"
+    finally:
+        for reader in readers:
+            reader.kill()
+            reader.wait()
+    for n in (1, 2):
+        wait_until(
+            lambda n=n: show(instances, "StatusText", f"smap-notify@{n}.service").startswith(
+                "subscribed;"
+            ),
+            f"instance {n} STATUS=",
+        )
+
+
+def test_restarting_one_instance_refuses_nothing(instances: Container) -> None:
+    hammer = hammering(instances, 5)
+    for _ in range(2):
+        pid = main_pid_of(instances, 1)
+        instances.systemctl("restart", "smap-notify@1.service")
+        assert main_pid_of(instances, 1) != pid
+    counts = json.loads(hammer.communicate(timeout=60)[0])
+    assert counts["refused"] == 0 and counts["other"] == 0, json.dumps(counts)
+    assert counts["answered"] > 0
+
+
+def main_pid_of(system: Container, instance: int) -> int:
+    return int(show(system, "MainPID", f"smap-notify@{instance}.service"))
+
+
+def test_reload_and_watchdog_act_on_one_instance(instances: Container) -> None:
+    first, second = main_pid_of(instances, 1), main_pid_of(instances, 2)
+    write_config(instances, GOOD_CONFIG + "WS_PORT=eighty\n")
+    try:
+        assert instances.systemctl("reload", "smap-notify@1.service", check=False).returncode
+    finally:
+        write_config(instances, GOOD_CONFIG + "WS_PING_INTERVAL=25s\n")
+    assert instances.systemctl("reload", "smap-notify@1.service", check=False).returncode == 0
+
+    def reloaded(instance: int) -> bool:
+        journal = instances.journal(f"smap-notify@{instance}.service")
+        return re.search(r"configuration reloaded changed=\S*WS_PING_INTERVAL", journal) is not None
+
+    wait_until(lambda: reloaded(1), "instance 1 reloaded")
+    assert not reloaded(2)
+    assert (main_pid_of(instances, 1), main_pid_of(instances, 2)) == (first, second)
+
+    dropin = "/etc/systemd/system/smap-notify@2.service.d/watchdog.conf"
+    instances.write(dropin, "[Service]\nWatchdogSec=3s\n")
+    instances.systemctl("daemon-reload")
+    instances.systemctl("restart", "smap-notify@2.service")
+    try:
+        wait_until(lambda: admin_health(instances, 2)[0] == 200, "instance 2 healthy")
+        second = main_pid_of(instances, 2)
+        instances.run("kill", "-STOP", str(second))
+        wait_until(lambda: main_pid_of(instances, 2) not in (0, second), "instance 2 restarted")
+        assert main_pid_of(instances, 1) == first
+        wait_until(lambda: admin_health(instances, 2)[0] == 200, "instance 2 healthy again")
+    finally:
+        instances.run("rm", "-f", dropin)
+        instances.systemctl("daemon-reload")

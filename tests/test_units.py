@@ -17,6 +17,8 @@ from smap_notify.config import ENV_NAMES, load_config
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = UNITS / "smap-notify.service"
 SOCKET = UNITS / "smap-notify.socket"
+TEMPLATE_SERVICE = UNITS / "smap-notify@.service"
+TEMPLATE_SOCKET = UNITS / "smap-notify@.socket"
 ENV_EXAMPLE = UNITS / "smap-notify.env.example"
 MAX_EXPOSURE = 2.0
 
@@ -83,7 +85,7 @@ def units_for_verify(tmp_path: Path) -> Path:
     stub = tmp_path / "smap-notify"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    for unit in (SERVICE, SOCKET):
+    for unit in (SERVICE, SOCKET, TEMPLATE_SERVICE, TEMPLATE_SOCKET):
         text = unit.read_text()
         text = text.replace("/opt/smap-notify/venv/bin/smap-notify", str(stub))
         (tmp_path / unit.name).write_text(text)
@@ -116,6 +118,23 @@ def test_both_units_pass_systemd_analyze_verify_silently(units_for_verify: Path)
 
 
 @requires_analyze
+def test_template_units_pass_systemd_analyze_verify_silently(units_for_verify: Path) -> None:
+    # An instance's path next to the template: verify loads the template for it.
+    result = analyze(
+        "verify",
+        str(units_for_verify / "smap-notify@1.service"),
+        str(units_for_verify / "smap-notify@1.socket"),
+        cwd=units_for_verify,
+    )
+    assert result.stdout + result.stderr == ""
+    assert result.returncode == 0
+    broken = units_for_verify / TEMPLATE_SERVICE.name
+    broken.write_text(broken.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    result = analyze("verify", str(units_for_verify / "smap-notify@1.service"))
+    assert "sometimes" in result.stdout + result.stderr
+
+
+@requires_analyze
 def test_verify_would_catch_a_broken_unit(units_for_verify: Path) -> None:
     service = units_for_verify / SERVICE.name
     service.write_text(service.read_text().replace("Restart=on-failure", "Restart=sometimes"))
@@ -124,14 +143,17 @@ def test_verify_would_catch_a_broken_unit(units_for_verify: Path) -> None:
 
 
 @requires_analyze
-def test_service_exposure_is_at_most_two(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("unit", "name"), [(SERVICE, SERVICE.name), (TEMPLATE_SERVICE, "smap-notify@1.service")]
+)
+def test_service_exposure_is_at_most_two(tmp_path: Path, unit: Path, name: str) -> None:
     # The offline check reads the unit file only; ExecStart need not exist.
-    service = tmp_path / SERVICE.name
-    shutil.copy(SERVICE, service)
+    shutil.copy(unit, tmp_path / unit.name)
+    service = tmp_path / name
     threshold = str(int(MAX_EXPOSURE * 10))  # --threshold uses the 0-100 scale
     result = analyze("security", "--offline=yes", f"--threshold={threshold}", str(service))
     output = result.stdout + result.stderr
-    match = re.search(r"Overall exposure level for smap-notify\.service: (\d+\.\d)", output)
+    match = re.search(rf"Overall exposure level for {re.escape(name)}: (\d+\.\d)", output)
     assert match, output
     assert float(match.group(1)) <= MAX_EXPOSURE, output
     assert result.returncode == 0, output
@@ -156,6 +178,29 @@ def test_service_is_notify_type_with_watchdog_and_socket() -> None:
     assert one(unit, "Service.CapabilityBoundingSet") == ""
     assert "smap-notify.socket" in one(unit, "Unit.Requires").split()
     assert "smap-notify.socket" in one(unit, "Unit.After").split()
+
+
+def test_the_template_service_is_the_service_but_for_its_instance() -> None:
+    """Every setting of smap-notify.service holds for each instance too, so that the
+    hardening, limits and reload of the two cannot drift apart."""
+    single, template = parse_unit(SERVICE), parse_unit(TEMPLATE_SERVICE)
+    per_instance = {"Unit.Description", "Unit.Requires", "Unit.After", "Install.Also"}
+    assert sorted(template.pop("Service.Environment")) == sorted(
+        [*single.pop("Service.Environment"), "ADMIN_PORT=910%i"]
+    )
+    assert {k: v for k, v in template.items() if k not in per_instance} == {
+        k: v for k, v in single.items() if k not in per_instance
+    }
+    assert template["Unit.Requires"] == ["smap-notify@%i.socket"]
+    assert template["Install.Also"] == ["smap-notify@%i.socket"]
+
+
+def test_template_sockets_share_one_port() -> None:
+    single, template = parse_unit(SOCKET), parse_unit(TEMPLATE_SOCKET)
+    assert one(template, "Socket.ListenStream") == one(single, "Socket.ListenStream")
+    assert one(template, "Socket.ReusePort") == "yes"
+    assert one(template, "Socket.FileDescriptorName") == "ws"
+    assert one(template, "Socket.Service") == "smap-notify@%i.service"
 
 
 def test_service_reads_the_environment_file_it_reloads() -> None:

@@ -1,0 +1,85 @@
+"""Several daemons on one host and one port (WS_REUSE_PORT), each with /health and
+/metrics of its own (ADMIN_PORT), as real processes against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import trio
+
+from .conftest import DaemonProcess, RedisServer, free_port, http_request, wait_for_port
+from .test_systemd_integration import active_connections, open_ws, publish, receive_json
+
+CLIENTS = 40
+
+
+def start_instance(daemon_process: Any, port: int, **env: str) -> tuple[DaemonProcess, int]:
+    admin = free_port()
+    daemon: DaemonProcess = daemon_process(
+        wait_ready=False,
+        WS_PORT=str(port),
+        WS_REUSE_PORT="true",
+        ADMIN_PORT=str(admin),
+        **env,
+    )
+    wait_for_port(admin, daemon.proc)  # the shared port answers once either is up
+    return daemon, admin
+
+
+async def test_two_daemons_share_a_port_and_each_delivers_to_its_own_clients(
+    daemon_process: Any, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    first, first_admin = start_instance(daemon_process, port)
+    second, second_admin = start_instance(daemon_process, port)
+    async with trio.open_nursery() as nursery:
+        sockets = [await open_ws(nursery, port, "u-shared") for _ in range(CLIENTS)]
+        # The kernel spread the connections: each daemon holds some, and only its own.
+        counts = [await active_connections(first_admin), await active_connections(second_admin)]
+        assert sum(counts) == CLIENTS, counts
+        assert min(counts) > 0, counts
+        assert await publish(redis_server, "u-shared", {"type": "notification", "payload": 7}) == 2
+        for ws in sockets:
+            assert (await receive_json(ws))["payload"] == 7
+        for ws in sockets:
+            await ws.aclose()
+    for admin, count in ((first_admin, counts[0]), (second_admin, counts[1])):
+        status, _, body = await http_request(admin, "/metrics")
+        assert status == 200
+        assert f"smap_notify_frames_sent_total {count}.0" in body.decode(), body.decode()
+    assert first.stop() == 0 and second.stop() == 0
+    for daemon, admin in ((first, first_admin), (second, second_admin)):
+        assert f"/health and /metrics alone on 127.0.0.1:{admin}" in daemon.log()
+
+
+async def test_the_admin_port_answers_health_and_metrics_but_upgrades_nothing(
+    daemon_process: Any,
+) -> None:
+    port = free_port()
+    _, admin = start_instance(daemon_process, port)
+    status, _, body = await http_request(admin, "/health")
+    assert status == 200
+    assert json.loads(body)["status"] == "healthy"
+    assert (await http_request(admin, "/metrics"))[0] == 200
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Origin": "http://localhost:3000",
+    }
+    status, _, body = await http_request(admin, "/ws", upgrade)
+    assert status == 404, body
+    assert (await http_request(port, "/health"))[0] == 200
+
+
+def test_an_admin_port_in_use_exits_70_naming_it(daemon_process: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin = taken.getsockname()[1]
+        daemon = daemon_process(wait_ready=False, ADMIN_PORT=str(admin))
+        assert daemon.proc.wait(15) == 70
+    assert f"cannot listen on 127.0.0.1:{admin}: Address already in use" in daemon.log()
