@@ -33,6 +33,7 @@ from redis.retry import Retry
 from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
+from .memory import LARGE
 from .messages import CHANNEL_PATTERN
 from .metrics import Counters
 
@@ -503,6 +504,9 @@ class _Worker:
                 if batch:
                     handed_at = self._hand_over(batch, full=replies.more)
                     coalescer.handed_over(handed_at, len(batch))
+            # The hub has the batch: one large message must not stay alive here until
+            # the next one arrives.
+            del batch
 
     def _hand_over(self, batch: list[RawMessage], *, full: bool) -> float:
         """Queue ``batch`` for the hub; returns when (time.monotonic()). ``full``: the
@@ -640,6 +644,7 @@ class Replies:
         if not batch:
             self._batch_bytes = 0
         unread = True  # the socket may hold more than has been read
+        large = False
         try:
             while True:
                 reply = reader.gets()
@@ -647,6 +652,7 @@ class Replies:
                     added = take(reply, batch)
                     if added:
                         self._batch_bytes += added
+                        large = large or added >= LARGE
                     if len(batch) >= MAX_BATCH or self._batch_bytes >= MAX_BATCH_BYTES:
                         self._more = True
                         return
@@ -659,6 +665,11 @@ class Replies:
             raise redis.InvalidResponse(
                 f"not a Redis reply ({exc}): is REDIS_HOST a Redis server and REDIS_USE_TLS right?"
             ) from None
+        finally:
+            # hiredis keeps its buffer at the largest reply's size until the next read: a
+            # large message would stay in memory as long as Redis stays quiet.
+            if large and not reader.has_data():
+                self._reader = hiredis.Reader()
 
     def _fill(self) -> bool:
         """One read from the socket; True when more may be waiting (the buffer filled up)."""
