@@ -244,7 +244,11 @@ class Connection:
                 self.abort("write_error", exc.strerror or str(exc))
                 return
             if written == len(data) and n == len(pending):
-                self._clear()  # the write of every delivered message
+                # _clear(), inline: this is the write of every delivered message.
+                pending.clear()
+                self.offset = 0
+                self.pending_messages = 0
+                self.pending_bytes = 0
                 return
             self._advance(written)
             if written < len(data):
@@ -281,13 +285,14 @@ class Connection:
         """The next write: how many queued frames, and their unwritten bytes. A frame
         that goes alone is not copied, whatever its size."""
         pending = self.pending
-        n = len(pending) if self.pending_bytes <= WRITE_CHUNK else self._chunk()
-        first: bytes | memoryview = pending[0]
+        whole = self.pending_bytes <= WRITE_CHUNK  # the usual case: all of it
+        n = len(pending) if whole else self._chunk()
         if self.offset:
-            first = memoryview(first)[self.offset :]
+            first = memoryview(pending[0])[self.offset :]
+            return n, first if n == 1 else b"".join([first, *pending[1:n]])
         if n == 1:
-            return 1, first
-        return n, b"".join([first, *pending[1:n]])
+            return 1, pending[0]
+        return n, b"".join(pending if whole else pending[:n])
 
     def _advance(self, written: int) -> None:
         """``written`` more bytes of the queue went out: the frames wholly written leave
