@@ -24,8 +24,8 @@ import trio_websocket
 logger = logging.getLogger(__name__)
 
 PING_FRAME: Final = b"\x89\x00"  # FIN + ping, no payload, unmasked (server side)
-# Frames joined for one write at most (a larger frame goes alone): the copy each
-# connection makes of what it sends, and what one WS_WRITE_WAIT covers.
+# Frames joined for one write at most (a larger frame goes alone, uncopied): the copy
+# each connection makes of what it sends.
 WRITE_CHUNK: Final = 64 * 1024
 _OPCODE_CLOSE: Final = 0x8
 PROTOCOL_FAILURES: Final = frozenset({1002, 1007})  # close codes of a client's protocol error
@@ -34,15 +34,23 @@ _ids = itertools.count(1)
 
 def text_frame(payload: bytes) -> bytes:
     """A complete unmasked server-to-client text frame (RFC 6455 5.2)."""
-    n = len(payload)
+    return text_frame_of([payload])
+
+
+def text_frame_of(parts: list[bytes]) -> bytes:
+    """The text frame of the payload ``parts`` make, joined in one copy: a large message
+    is held as its frame, not also as the payload it was framed from."""
+    n = sum(map(len, parts))
     if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = b"\x81\x7e" + n.to_bytes(2, "big")
+    else:
+        header = b"\x81\x7f" + n.to_bytes(8, "big")
+    return b"".join([header, *parts])
 
 
-def _wholly_sent(frames: Sequence[bytes], sent: int) -> tuple[int, int]:
+def _wholly_sent(frames: Sequence[bytes | memoryview], sent: int) -> tuple[int, int]:
     """Of ``frames`` written back to back, how many lie wholly among the first ``sent``
     bytes, and their size."""
     end = 0
@@ -130,6 +138,7 @@ class Connection:
         "max_bytes",
         "write_wait",
         "pending",
+        "offset",
         "pending_messages",
         "pending_bytes",
         "flushing",
@@ -166,7 +175,11 @@ class Connection:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.write_wait = write_wait
-        self.pending: list[bytes] = []
+        self.pending: list[bytes | memoryview] = []
+        # Bytes of pending[0] already written. A frame cut by a partial write stays the
+        # one object all connections of the user share: the queue never holds a private
+        # copy of its unwritten rest. pending_bytes is the queue's size less this.
+        self.offset = 0
         self.pending_messages = 0
         self.pending_bytes = 0
         self.flushing = False
@@ -193,7 +206,7 @@ class Connection:
     def writable(self) -> bool:
         return not (self.closed or self.close_sent)
 
-    def push(self, frame: bytes) -> bool:
+    def push(self, frame: bytes | memoryview) -> bool:
         """Queue a message frame; False when the queue is full (by messages or bytes)."""
         if self.pending_messages >= self.max_messages or (
             self.pending_messages and self.pending_bytes + len(frame) > self.max_bytes
@@ -230,21 +243,22 @@ class Connection:
             except OSError as exc:
                 self.abort("write_error", exc.strerror or str(exc))
                 return
-            if written < len(data):
-                self._keep_unwritten(n, written)
-                self._start_flush(nursery)
-                return
-            if n == len(pending):
+            if written == len(data) and n == len(pending):
                 # _clear(), inline: this is the write of every delivered message.
                 pending.clear()
+                self.offset = 0
                 self.pending_messages = 0
                 self.pending_bytes = 0
                 return
-            self._taken(n, written)
+            self._advance(written)
+            if written < len(data):
+                self._start_flush(nursery)
+                return
 
     def _clear(self) -> None:
         """Empty the queue: written, or not to be written."""
         self.pending.clear()
+        self.offset = 0
         self.pending_messages = 0
         self.pending_bytes = 0
 
@@ -258,7 +272,7 @@ class Connection:
         """
         pending = self.pending
         count = len(pending)
-        size = len(pending[0])
+        size = len(pending[0]) - self.offset
         n = 1
         while n < count:
             size += len(pending[n])
@@ -267,41 +281,29 @@ class Connection:
             n += 1
         return n
 
-    def _next_write(self) -> tuple[int, bytes]:
-        """The next write: how many queued frames, and their bytes."""
+    def _next_write(self) -> tuple[int, bytes | memoryview]:
+        """The next write: how many queued frames, and their unwritten bytes. A frame
+        that goes alone is not copied, whatever its size."""
         pending = self.pending
-        if self.pending_bytes <= WRITE_CHUNK:  # the usual case: all of it
-            n = len(pending)
-            return n, pending[0] if n == 1 else b"".join(pending)
-        n = self._chunk()
-        return n, pending[0] if n == 1 else b"".join(pending[:n])
+        whole = self.pending_bytes <= WRITE_CHUNK  # the usual case: all of it
+        n = len(pending) if whole else self._chunk()
+        if self.offset:
+            first = memoryview(pending[0])[self.offset :]
+            return n, first if n == 1 else b"".join([first, *pending[1:n]])
+        if n == 1:
+            return 1, pending[0]
+        return n, b"".join(pending if whole else pending[:n])
 
-    def _taken(self, n: int, size: int) -> None:
-        """The first ``n`` queued frames, ``size`` bytes, were written."""
-        self._written(self.pending, n, size)
-        del self.pending[:n]
-
-    def _written(self, frames: Sequence[bytes], n: int, size: int) -> None:
-        """The first ``n`` of ``frames``, ``size`` bytes, were written: off the counts."""
-        messages = sum(frame is not PING_FRAME for frame in frames[:n])
-        # A ping cut in two counts as a message once written: hence the floor.
-        self.pending_messages = max(0, self.pending_messages - messages)
-        self.pending_bytes -= size
-
-    def _keep_unwritten(self, n: int, written: int) -> None:
-        """``written`` bytes of the first ``n`` queued frames went out: drop the frames
-        that did, and keep the unwritten end of the one cut in two (the only copy)."""
+    def _advance(self, written: int) -> None:
+        """``written`` more bytes of the queue went out: the frames wholly written leave
+        it, and ``offset`` says how far into the next one the socket got."""
         pending = self.pending
-        offset = 0
-        for i in range(n):
-            frame = pending[i]
-            end = offset + len(frame)
-            if end > written:
-                if written > offset:
-                    pending[i] = frame[written - offset :]
-                self._taken(i, written)
-                return
-            offset = end
+        count, size = _wholly_sent(pending, self.offset + written)
+        messages = sum(frame is not PING_FRAME for frame in pending[:count])
+        del pending[:count]
+        self.offset += written - size
+        self.pending_messages -= messages
+        self.pending_bytes -= written
 
     def _start_flush(self, nursery: trio.Nursery) -> None:
         self.flushing = True
@@ -321,53 +323,42 @@ class Connection:
             self.on_drained(self)
 
     async def flush_pending_locked(self) -> None:
-        """Send everything pending, a chunk at a time, each within WS_WRITE_WAIT: a
-        client that reads slowly but steadily is not taken for a stalled one, as it was
-        when a backlog of megabytes had to go out within one deadline. The caller holds
-        ``lock``."""
-        pending = self.pending
-        while pending and not self.closed:
-            n, data = self._next_write()
-            frames = pending[:n]
-            # Off the queue, since the next write starts after them, but in its counts
-            # until written: the bound covers the frames in flight too, and those of a
-            # write that fails are counted as dropped with the rest of the queue.
-            del pending[:n]
-            await self.send_bounded(data, frames)
-            self._written(frames, len(frames), len(data))
+        """Send everything pending as the socket takes it; the caller holds ``lock``.
 
-    async def send_bounded(
-        self, data: bytes | bytearray | memoryview, frames: Sequence[bytes] = ()
-    ) -> None:
-        """Send ``data`` within WS_WRITE_WAIT, or drop the connection; the caller holds
-        ``lock``. ``frames``: the queued frames ``data`` joins, off the queue but still in
-        its counts; when the write fails or the wait runs out, those wholly sent leave the
-        counts and the rest are counted as dropped with the queue.
+        Frames stay queued (and counted) until wholly written, so a write that fails
+        leaves the unwritten ones to be counted as dropped, and the queue's bound covers
+        the frames in flight."""
+        while self.pending and not self.closed:
+            _, data = self._next_write()
+            self._advance(await self._send_some(data))
 
-        trio's ``send_all`` forgets how much it sent when cancelled, so the socket's
-        ``send`` is called here: a cancellation reaches it only while it waits, before it
-        sends anything."""
-        sock = self.stream.raw.socket
+    async def send_bounded(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``, a frame that is not queued (a pong, a close frame), as the
+        socket takes it; the caller holds ``lock``."""
         sent = 0
+        with memoryview(data) as view:
+            while sent < len(view):
+                with view[sent:] as rest:
+                    sent += await self._send_some(rest)
+
+    async def _send_some(self, data: bytes | memoryview) -> int:
+        """Send what the socket takes of ``data``; drop the connection when it takes
+        nothing for WS_WRITE_WAIT. The caller holds ``lock``.
+
+        The wait is for progress, not for the whole of ``data``: a client that keeps
+        reading keeps its connection whatever the frame's size. trio's ``send_all``
+        forgets how much it sent when cancelled, so the socket's ``send`` is called
+        here: a cancellation reaches it only while it waits, before it sends anything."""
+        sock = self.stream.raw.socket
         try:
-            with trio.move_on_after(self.write_wait) as scope, memoryview(data) as view:
-                while sent < len(view):
-                    with view[sent:] as rest:
-                        sent += await sock.send(rest)
+            with trio.move_on_after(self.write_wait):
+                return await sock.send(data)
         except OSError as exc:
             if sock.fileno() == -1:
                 raise trio.ClosedResourceError("socket was already closed") from exc
-            self._written_in_part(frames, sent)
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if scope.cancelled_caught:
-            self._written_in_part(frames, sent)
-            self.abort("write_timeout")
-            raise trio.BrokenResourceError("write timed out")
-
-    def _written_in_part(self, frames: Sequence[bytes], sent: int) -> None:
-        """A write of ``frames`` ended after ``sent`` bytes: the frames wholly sent leave
-        the counts."""
-        self._written(frames, *_wholly_sent(frames, sent))
+        self.abort("write_timeout")
+        raise trio.BrokenResourceError("write timed out")
 
     def send_failure_close(self, code: int) -> None:
         """After a client's protocol error (1002, 1007), write a close frame with ``code``

@@ -41,14 +41,18 @@ class HandshakeRequest:
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        upgrade = self.headers.get("upgrade", "").lower()
-        connection = self.headers.get("connection", "").lower()
         return (
             self.method == "GET"
-            and "websocket" in upgrade
-            and "upgrade" in [part.strip() for part in connection.split(",")]
+            and _has_token(self.headers.get("upgrade", ""), "websocket")
+            and _has_token(self.headers.get("connection", ""), "upgrade")
             and bool(self.headers.get("sec-websocket-key"))
         )
+
+
+def _has_token(value: str, token: str) -> bool:
+    """Whether the comma-separated header ``value`` lists ``token`` (case-insensitive),
+    as RFC 6455 4.2.1 asks of Upgrade and Connection."""
+    return token in [part.strip().lower() for part in value.split(",")]
 
 
 def upgrade_problem(request: HandshakeRequest) -> str | None:

@@ -62,7 +62,12 @@ class RedisProbe:
             return RedisHealth(False, error=f"circuit open after: {self._last.error}")
         done = self._in_flight = trio.Event()
         try:
-            self._last = await trio.to_thread.run_sync(self._ping, limiter=self._limiter)
+            # Abandoned when cancelled: a stop never waits for a PING stuck on a stopped
+            # Redis (up to PING_TIMEOUT, longer than a short SHUTDOWN_TIMEOUT). The
+            # thread ends by its own timeout; the limiter stays taken until then.
+            self._last = await trio.to_thread.run_sync(
+                self._ping, limiter=self._limiter, abandon_on_cancel=True
+            )
             if self._last.connected:
                 self.breaker.record_success()
             else:

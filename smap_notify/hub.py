@@ -11,15 +11,16 @@ import attrs
 import trio
 
 from .config import Config
-from .connection import PING_FRAME, Connection, text_frame
+from .connection import PING_FRAME, Connection, text_frame, text_frame_of
 from .inbox import Inbox
 from .logs import LimitedLogger
+from .memory import LARGE, Trimmer
 from .messages import (
     DryRunPayload,
     MessageType,
     Rejected,
     Routed,
-    envelope,
+    envelope_parts,
     format_timestamp,
     parse_message,
     resync_envelope,
@@ -85,6 +86,7 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self._log = LimitedLogger(logger)
         self._dryrun_log = LimitedLogger(logger, burst=DRYRUN_LOG_BURST)
+        self._trimmer = Trimmer()
 
     # -- registry ---------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class Hub:
         nursery = self._nursery_or_fail()
         for channel, data in batch:
             c.received += 1
+            if len(data) >= LARGE:
+                self._trimmer.want()  # its parse buffers are freed by the next tick
             try:
                 result = parse_message(channel, data, deliver_invalid=deliver_invalid)
             except Exception as exc:  # one bad message must never stop delivery
@@ -199,7 +203,8 @@ class Hub:
             if not conns:
                 c.dropped["no_connection"] += 1
                 continue
-            frame = text_frame(envelope(result.type_json, result.payload_json, timestamp))
+            framed = text_frame_of(envelope_parts(result.type_json, result.payload_json, timestamp))
+            frame = self._trimmer.track(framed) if len(framed) >= LARGE else framed
             queued = closing = 0
             for conn in conns:
                 if not conn.writable:
@@ -373,6 +378,9 @@ class Hub:
                         except trio.WouldBlock:
                             break
                         self._handle(item)
+                    # Let go of the batches handled before waiting: one may hold a large
+                    # message, kept alive otherwise until the next batch arrives.
+                    del item
             nursery.cancel_scope.cancel()
 
     def _handle(self, item: Batch) -> None:
@@ -426,6 +434,7 @@ class Hub:
                     if not conn.dirty:
                         self._queue_write(conn)
             self.flush()
+            self._trimmer.trim_if_wanted()
 
     def _nursery_or_fail(self) -> trio.Nursery:
         assert self._nursery is not None, "Hub.serve is not running"

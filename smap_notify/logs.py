@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 import weakref
 from collections.abc import Hashable, Mapping
 from typing import IO, Final
@@ -58,7 +59,7 @@ def syslog_priority(levelno: int) -> int:
 MAX_MESSAGE: Final = 4096  # characters of one log message (tracebacks not counted)
 # C0 and C1 controls and the Unicode line and paragraph separators: each can end a line
 # for some reader of the log (a terminal, a shipper that splits like str.splitlines).
-_ESCAPES: Final = {
+_CONTROLS: Final = {
     i: f"\\x{i:02x}" if i < 256 else f"\\u{i:04x}"
     for i in (*range(32), *range(127, 160), 0x2028, 0x2029)
 } | {
@@ -66,6 +67,22 @@ _ESCAPES: Final = {
     ord("\r"): "\\r",
     ord("\t"): "\\t",
 }
+
+
+class _Escapes(dict[int, str]):
+    """``str.translate``'s table: the controls above, and every format character
+    (Unicode category Cf: U+202E and U+2066 reorder the text a terminal or a log viewer
+    shows, U+200B hides in it) and lone surrogate (Cs: not UTF-8, so not writable).
+    Looked up only for text that is not printable, so the category costs nothing on
+    the usual line; nothing else is cached, so the table stays as small as it starts."""
+
+    def __missing__(self, code: int) -> str:
+        if unicodedata.category(chr(code)) not in ("Cf", "Cs"):
+            raise LookupError(code)  # translate keeps the character
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+_ESCAPES: Final = _Escapes(_CONTROLS)
 
 
 def one_line(text: str) -> str:

@@ -324,15 +324,20 @@ def format_timestamp(moment: datetime | None = None) -> str:
 
 def envelope(type_json: bytes, payload_json: bytes, timestamp: str) -> bytes:
     """The outbound frame text (UTF-8): type, payload, timestamp, in that key order."""
-    return (
-        b'{"type":'
-        + type_json
-        + b',"payload":'
-        + payload_json
-        + b',"timestamp":"'
-        + timestamp.encode("ascii")
-        + b'"}'
-    )
+    return b"".join(envelope_parts(type_json, payload_json, timestamp))
+
+
+def envelope_parts(type_json: bytes, payload_json: bytes, timestamp: str) -> list[bytes]:
+    """``envelope``'s text in parts, to be joined once with whatever goes before it."""
+    return [
+        b'{"type":',
+        type_json,
+        b',"payload":',
+        payload_json,
+        b',"timestamp":"',
+        timestamp.encode("ascii"),
+        b'"}',
+    ]
 
 
 def resync_envelope(

@@ -92,6 +92,17 @@ async def read_head(stream: ConnStream, limit: int) -> bytes:
 _QUOTED_REQUEST_TEXT: Final = re.compile(r":? (?:bytearray\()?b['\"]")
 
 
+def origin_form(target: str) -> str:
+    """``target`` in origin form: an absolute-form target (``http://host/health?x``) as
+    its path and query (RFC 9112 3.2.2 has servers accept both)."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    path_start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[path_start:]
+    return path if path.startswith("/") else "/" + path
+
+
 def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
     conn.receive_data(data)
@@ -103,18 +114,18 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
         raise HeadError(exc.error_status_hint, "bad_request", detail) from None
     if not isinstance(event, h11.Request):
         raise HeadError(400, "bad_request", "no complete request")
-    headers: dict[str, str] = {}
+    fields: dict[str, list[str]] = {}
     for name, value in event.headers:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        if key in headers:
-            # RFC 9110 5.3 joins repeated fields with a comma; Cookie fields are joined
-            # with "; " (RFC 6265 5.4), so that every cookie stays findable.
-            text = f"{headers[key]}{'; ' if key == 'cookie' else ', '}{text}"
-        headers[key] = text
+        fields.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    # RFC 9110 5.3 joins repeated fields with a comma; Cookie fields are joined with "; "
+    # (RFC 6265 5.4), so that every cookie stays findable. One join per name keeps the
+    # work linear in the number of lines.
+    headers = {
+        key: ("; " if key == "cookie" else ", ").join(values) for key, values in fields.items()
+    }
     return HandshakeRequest(
         event.method.decode("ascii", "replace"),
-        event.target.decode("latin-1"),
+        origin_form(event.target.decode("latin-1")),
         headers,
         event.http_version.decode("ascii", "replace"),
     )

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
+from .memory import LARGE
 from .messages import CHANNEL_PATTERN
 from .metrics import Counters
 
@@ -517,6 +518,9 @@ class _Worker:
                 if batch:
                     handed_at = self._hand_over(batch, full=replies.more)
                     coalescer.handed_over(handed_at, len(batch))
+            # The hub has the batch: one large message must not stay alive here until
+            # the next one arrives.
+            del batch
 
     def _hand_over(self, batch: list[RawMessage], *, full: bool) -> float:
         """Queue ``batch`` for the hub; returns when (time.monotonic()). ``full``: the
@@ -654,6 +658,7 @@ class Replies:
         if not batch:
             self._batch_bytes = 0
         unread = True  # the socket may hold more than has been read
+        large = False
         try:
             while True:
                 reply = reader.gets()
@@ -661,6 +666,7 @@ class Replies:
                     added = take(reply, batch)
                     if added:
                         self._batch_bytes += added
+                        large = large or added >= LARGE
                     if len(batch) >= MAX_BATCH or self._batch_bytes >= MAX_BATCH_BYTES:
                         self._more = True
                         return
@@ -670,6 +676,11 @@ class Replies:
                 unread = self._fill()
         except hiredis.ProtocolError as exc:
             raise not_redis(exc) from None
+        finally:
+            # hiredis keeps its buffer at the largest reply's size until the next read: a
+            # large message would stay in memory as long as Redis stays quiet.
+            if large and not reader.has_data():
+                self._reader = hiredis.Reader()
 
     def _fill(self) -> bool:
         """One read from the socket; True when more may be waiting (the buffer filled up)."""

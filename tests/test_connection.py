@@ -52,9 +52,12 @@ async def test_slow_connections_of_one_user_share_its_frames_instead_of_copying_
     shared = sum(len(frame) for frame in frames)
     assert all(conn.pending for conn, _ in conns)  # the clients did not read it all
     assert sum(held.values()) <= shared + len(conns) * (WRITE_CHUNK + len(frames[0]))
+    # A frame cut by a partial write stays the shared one, with an offset into it.
+    assert all(any(conn.pending[0] is frame for frame in frames) for conn, _ in conns)
+    assert any(conn.offset for conn, _ in conns)
     # The queue's accounting still covers what is left, frame by frame.
     for conn, _ in conns:
-        assert conn.pending_bytes == sum(len(piece) for piece in conn.pending)
+        assert conn.pending_bytes == sum(len(piece) for piece in conn.pending) - conn.offset
         assert conn.pending_messages == len(conn.pending)
 
 
@@ -75,6 +78,27 @@ async def test_a_slow_but_steady_reader_is_not_taken_for_a_stalled_one(
         received += len(await client.recv(30_000))
         assert not conn.closed, f"dropped after {received} bytes ({conn.close_reason})"
     assert received == 24 * len(frame)
+
+
+async def test_a_steady_reader_keeps_a_frame_it_needs_many_write_waits_to_read(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One 1.5 MB frame to a client with a 16 KB buffer reading 12 KB every 50 ms
+    (240 KB/s): about 6 s, three times WS_WRITE_WAIT (2 s). The socket takes something
+    every 50 ms, so the connection stays and the client gets the whole frame; one deadline
+    for the whole frame closed it."""
+    conn, client = await slow_connection(write_wait=2.0, buffer=16 * 1024)
+    frame = text_frame(b"z" * 1_500_000)
+    assert conn.push(frame)
+    conn.write_nowait(nursery)
+    received = bytearray()
+    while len(received) < len(frame):
+        await trio.sleep(0.05)
+        received += await client.recv(12 * 1024)
+        assert not conn.closed, f"dropped after {len(received)} bytes ({conn.close_reason})"
+    assert received == frame
+    assert trio.current_time() > 3 * 2.0  # it did need several write-waits
+    assert (conn.pending, conn.pending_bytes, conn.pending_messages) == ([], 0, 0)
 
 
 async def test_a_client_that_stops_reading_is_still_dropped_after_write_wait(
@@ -156,7 +180,8 @@ async def test_the_queue_bound_covers_the_frames_in_flight(nursery: trio.Nursery
             await trio.testing.wait_all_tasks_blocked()
     unwritten = conn.pending_messages
     assert unwritten == 256  # max_messages
-    assert len(conn.pending) < unwritten  # some of them are in flight
+    assert conn.flushing  # a write waits for the client
+    assert len(conn.pending) == unwritten  # frames in flight stay queued until written
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 127, 65535, 65536, 70000])

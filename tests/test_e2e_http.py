@@ -168,6 +168,41 @@ async def test_health_is_healthy_with_null_last_message_before_the_first(start_d
     assert json.loads(body)["subscriber"]["last_message_at"] is not None
 
 
+async def test_an_absolute_form_target_is_served_like_origin_form(start_daemon: Any) -> None:
+    """``GET http://host/health HTTP/1.1`` (RFC 9112 3.2.2; the original's Go server
+    accepts it) got 404."""
+    daemon: Daemon = await start_daemon()
+    status, _, body = await http_request(daemon.port, f"http://127.0.0.1:{daemon.port}/health")
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+
+
+async def test_an_upgrade_header_without_the_websocket_token_is_400(start_daemon: Any) -> None:
+    """``Upgrade: notwebsocketatall`` got 101."""
+    daemon: Daemon = await start_daemon()
+    headers = ws_headers(make_token(), Upgrade="notwebsocketatall")
+    status, _, _ = await http_request(daemon.port, "/ws", headers)
+    assert status == 400
+    assert dict(daemon.app.counters.handshake_rejections) == {"not_websocket": 1}
+    assert daemon.app.hub.connection_count == 0
+
+
+async def test_a_connection_closed_before_its_head_is_no_rejection(start_daemon: Any) -> None:
+    """Nothing was refused: load balancers' TCP checks and browsers' preconnects open
+    and close connections without a request all the time, so they are not counted as
+    handshake rejections (README lists no such reason)."""
+    daemon: Daemon = await start_daemon()
+    for sent in (b"", b"GET /ws HTTP/1.1\r\nHost: x\r\n"):
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        if sent:
+            await stream.send_all(sent)
+        await wait_until(lambda: len(daemon.app.server._heads) == 1)
+        await stream.aclose()
+        await wait_until(lambda: not daemon.app.server._heads)
+    assert sum(daemon.app.counters.handshake_rejections.values()) == 0
+    metrics = (await http_request(daemon.port, "/metrics"))[2].decode()
+    assert "closed_before_head" not in metrics
+
+
 async def test_health_is_degraded_when_redis_is_down_and_recovers(start_daemon: Any) -> None:
     daemon: Daemon = await start_daemon()
     daemon.redis.kill()

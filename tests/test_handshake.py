@@ -625,6 +625,61 @@ def test_parse_head_joins_repeated_headers() -> None:
     assert parse_head(head, 8192).headers["cookie"] == "a=1; b=2"
 
 
+def test_many_cookie_lines_are_joined_in_order() -> None:
+    """2,500 Cookie lines (the 32 KB head limit's worth): every cookie stays findable,
+    in order. Each line was appended to the joined text so far, a copy of the whole,
+    which cost the square of their number; now each name is joined once."""
+    lines = b"".join(b"Cookie: c%d=v%d\r\n" % (i, i) for i in range(2500))
+    head = b"GET /ws HTTP/1.1\r\nHost: x\r\n" + lines + b"Cookie: smap_auth_token=t\r\n\r\n"
+    request = parse_head(head, 1 << 20)
+    cookies = request.headers["cookie"].split("; ")
+    assert cookies[:3] == ["c0=v0", "c1=v1", "c2=v2"] and len(cookies) == 2501
+    assert find_token(request, "smap_auth_token") == ("t", False)
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("http://notify.example/health", "/health", ""),
+        ("HTTPS://notify.example:8080/ws?token=abc", "/ws", "token=abc"),
+        ("http://notify.example", "/", ""),
+        ("http://notify.example?x=1", "/", "x=1"),
+        ("/health", "/health", ""),
+    ],
+)
+def test_absolute_form_targets_are_read_like_origin_form(
+    target: str, path: str, query: str
+) -> None:
+    """RFC 9112 3.2.2: a server accepts ``GET http://host/health HTTP/1.1`` (as the
+    original's Go server does); it got 404."""
+    request = parse_head(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 8192)
+    assert (request.path, request.query) == (path, query)
+
+
+@pytest.mark.parametrize(
+    ("upgrade", "ok"),
+    [
+        ("websocket", True),
+        ("WebSocket", True),
+        ("h2c, websocket", True),
+        ("notwebsocketatall", False),
+        ("websocket2", False),
+        ("x-websocket", False),
+        ("", False),
+    ],
+)
+def test_upgrade_must_list_the_websocket_token(upgrade: str, ok: bool) -> None:
+    """``Upgrade: notwebsocketatall`` got 101: the header was searched for the text
+    "websocket" anywhere, where RFC 6455 4.2.1 asks for the token."""
+    request = ws_request(make_token())
+    request = HandshakeRequest("GET", request.target, {**request.headers, "upgrade": upgrade})
+    if ok:
+        accepted(request)
+    else:
+        decision = refused(request)
+        assert (decision.status, decision.reason) == (400, "not_websocket")
+
+
 def test_parse_head_ignores_bytes_after_the_head() -> None:
     request = parse_head(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n\x81\x85junk", 8192)
     assert request.path == "/health"

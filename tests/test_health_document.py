@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
-from smap_notify.health import RedisHealth, health_document
+from smap_notify.config import load_config
+from smap_notify.health import RedisHealth, RedisProbe, health_document
 from smap_notify.subscriber import SubscriberState
+
+from .conftest import SECRET, RedisServer
 
 # Copied from the contract (shared/spec/samples) so the tests run from any checkout.
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -153,3 +159,36 @@ def test_last_message_at_keeps_a_local_offset() -> None:
 def test_no_message_yet_does_not_make_the_service_degraded() -> None:
     status, _ = document(sub=subscriber(last=None))
     assert status == 200
+
+
+async def test_a_stop_does_not_wait_for_a_ping_stuck_on_a_stopped_redis(
+    redis_server: RedisServer,
+) -> None:
+    """With SHUTDOWN_TIMEOUT under 1 s, a /health PING stuck on a SIGSTOPped Redis held
+    the process for its whole PING_TIMEOUT (1 s): cancelling the check waited for the
+    thread. The check now lets go at once; the thread ends on its own timeout."""
+    finished = threading.Event()
+
+    class Probe(RedisProbe):
+        def _ping(self) -> RedisHealth:
+            try:
+                return super()._ping()
+            finally:
+                finished.set()
+
+    config = load_config({"JWT_SECRET_KEY": SECRET, "REDIS_HOST": f"127.0.0.1:{redis_server.port}"})
+    probe = Probe(config)
+    assert (await probe.check()).connected
+    finished.clear()
+    redis_server.pause()
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(probe.check)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+        assert not finished.is_set(), "the stop waited for the PING"
+    finally:
+        redis_server.resume()
+    await trio.to_thread.run_sync(finished.wait, 10)
+    probe.close()

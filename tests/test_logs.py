@@ -267,6 +267,22 @@ def test_a_published_newline_cannot_start_a_forged_log_line(
     )
 
 
+@pytest.mark.parametrize(
+    "formatter",
+    [JournalFormatter(), PlainFormatter(), TerminalFormatter(colour=False)],
+    ids=["journal", "plain", "terminal"],
+)
+def test_bidi_and_other_format_characters_are_escaped(formatter: logging.Formatter) -> None:
+    """A user id with U+202E (right-to-left override) made a terminal or log viewer show
+    the rest of the line reversed; U+2066, U+200B, U+FEFF and the tag characters are
+    format characters (Cf) too, and a lone surrogate cannot be written as UTF-8."""
+    user = "admin\u202egnp.exe\u2066x\u200b\ufeff\U000e0041\ud800é中"
+    record = logging.LogRecord("smap_notify.hub", logging.INFO, "", 0, "user=%s", (user,), None)
+    text = formatter.format(record)
+    assert text.endswith("user=admin\\u202egnp.exe\\u2066x\\u200b\\ufeff\\U000e0041\\ud800é中")
+    text.encode("utf-8")  # writable
+
+
 def test_a_huge_value_makes_a_bounded_line_and_tracebacks_keep_their_lines() -> None:
     try:
         raise ValueError("boom")
