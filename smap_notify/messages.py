@@ -37,6 +37,7 @@ class MessageType(enum.StrEnum):
 
 
 KNOWN_TYPES: Final = frozenset(t.value for t in MessageType if t is not MessageType.RESYNC)
+PHASE_STATUSES: Final = ("INITIALIZING", "PROCESSING", "DONE", "COMPLETED", "FAILED", "PAUSED")
 
 
 class _FieldError(ValueError):
@@ -121,6 +122,44 @@ class DryRunPayload:
     errors: list[Any] | None = attrs.field(default=None, validator=v.optional(_strict(list)))
 
 
+def _status_of(statuses: tuple[str, ...]) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in statuses:
+            raise _FieldError(
+                attribute.name, f"must be one of {', '.join(statuses)}, got {value!r:.40}"
+            )
+
+    return check
+
+
+_PERCENT: Final = [_strict((int, float)), _percent]
+
+
+@attrs.frozen
+class PhaseProgress:
+    """One phase (``crawl``, ``analyze``) of the topic era's project progress."""
+
+    total: int = attrs.field(validator=_COUNT)
+    done: int = attrs.field(validator=_COUNT)
+    errors: int = attrs.field(validator=_COUNT)
+    progress_percent: float = attrs.field(validator=_PERCENT)
+
+
+@attrs.frozen
+class PhaseProgressPayload:
+    """Payload of ``project_progress`` / ``project_completed`` with phases (topic era)."""
+
+    project_id: str = attrs.field(validator=[_strict(str), _non_empty])
+    status: str = attrs.field(validator=[_strict(str), _status_of(PHASE_STATUSES)])
+    crawl: PhaseProgress
+    analyze: PhaseProgress
+    overall_progress_percent: float = attrs.field(validator=_PERCENT)
+
+
+# A progress payload with any of these keys is the phase-based one.
+PHASE_KEYS: Final = frozenset({"crawl", "analyze", "overall_progress_percent"})
+
+
 PAYLOAD_CLASSES: Final[dict[str, type]] = {
     MessageType.PROJECT_PROGRESS: ProgressPayload,
     MessageType.PROJECT_COMPLETED: ProgressPayload,
@@ -132,6 +171,22 @@ converter: Final = cattrs.Converter()
 for _kind in (int, float, str):
     converter.register_structure_hook(_kind, lambda value, _t: value)
 converter.register_structure_hook_func(lambda t: t == (list[Any] | None), lambda value, _t: value)
+
+
+def _object_first(cls: type) -> None:
+    """Check that a nested object is one before its fields are."""
+    hook = converter.get_structure_hook(cls)
+
+    def structure(value: Any, t: type) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"must be an object, got {_json_kind(value)}")
+        return hook(value, t)
+
+    converter.register_structure_hook(cls, structure)
+
+
+for _nested in (PhaseProgress,):
+    _object_first(_nested)
 
 
 class PayloadError(ValueError):
@@ -153,24 +208,35 @@ def structure_payload(message_type: str, payload: Any) -> Any:
         return None
     if not isinstance(payload, dict):
         raise PayloadError("payload", f"must be an object, got {_json_kind(payload)}")
+    if cls is ProgressPayload and not PHASE_KEYS.isdisjoint(payload):
+        cls = PhaseProgressPayload
     try:
         return converter.structure(payload, cls)
     except cattrs.ClassValidationError as exc:
-        return _raise_first(exc, cls)
+        field, reason = _first_error(exc)
     except _FieldError as exc:
-        raise PayloadError(exc.field_name, str(exc)) from None
+        field, reason = exc.field_name, str(exc)
+    raise PayloadError(field, reason)
 
 
-def _raise_first(exc: cattrs.ClassValidationError, cls: type) -> Any:
+def _first_error(exc: cattrs.ClassValidationError) -> tuple[str, str]:
+    """The first bad field (a dotted path into nested objects) and why."""
     for sub in exc.exceptions:
         notes = getattr(sub, "__notes__", [])
-        name = getattr(sub, "field_name", None) or next(
-            (n.name for n in notes if hasattr(n, "name")), "payload"
-        )
+        name = next((n.name for n in notes if hasattr(n, "name")), None)
+        if isinstance(sub, cattrs.ClassValidationError):
+            inner, reason = _first_error(sub)
+            return (f"{name}.{inner}" if name else inner), reason
+        name = getattr(sub, "field_name", None) or name or "payload"
         if isinstance(sub, KeyError):
-            raise PayloadError(name, "is required") from None
-        raise PayloadError(name, str(sub)) from None
-    raise PayloadError("payload", str(exc)) from None
+            return name, "is required"
+        if isinstance(sub, _FieldError) and notes:
+            # Raised by a nested object's own validator: its field, under this one.
+            outer = next((n.name for n in notes if hasattr(n, "name")), None)
+            if outer and outer != name:
+                return f"{outer}.{name}", str(sub)
+        return name, str(sub)
+    return "payload", str(exc)
 
 
 @attrs.define
