@@ -144,6 +144,7 @@ class Connection:
         "missed",
         "missed_since",
         "ws",
+        "filters",
     )
 
     def __init__(
@@ -156,6 +157,7 @@ class Connection:
         max_messages: int,
         max_bytes: int,
         write_wait: float,
+        filters: dict[str, str] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.user_id = user_id
@@ -184,6 +186,8 @@ class Connection:
         self.missed_since = ""
         self.on_drained: Callable[[Connection], None] | None = None
         self.ws: trio_websocket.WebSocketConnection | None = None
+        # Topic field -> value asked for with ?{field}Id= (None: no filter at all).
+        self.filters = filters
         stream.conn = self
 
     def __repr__(self) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Final, Protocol
 
 import attrs
 import trio
 
+from .channels import Match, wants
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame
 from .inbox import Inbox
@@ -166,6 +167,7 @@ class Hub:
         """Parse and queue a batch of Redis messages, then write each connection once."""
         c = self.counters
         deliver_invalid = self.config.deliver_invalid_payloads
+        channels = self.config.channels
         overflow_disconnect = self.config.ws_overflow_policy == "disconnect"
         timestamp = format_timestamp()
         users = self.users
@@ -173,7 +175,9 @@ class Hub:
         for channel, data in batch:
             c.received += 1
             try:
-                result = parse_message(channel, data, deliver_invalid=deliver_invalid)
+                result = parse_message(
+                    channel, data, deliver_invalid=deliver_invalid, channels=channels
+                )
             except Exception as exc:  # one bad message must never stop delivery
                 self._log.log(
                     logging.ERROR,
@@ -186,8 +190,12 @@ class Hub:
             if type(result) is Rejected:
                 self._log_rejected(result)
                 c.rejected[result.reason] += 1
+                if result.template:
+                    c.by_channel[result.template] += 1
                 continue
-            assert isinstance(result, Routed)
+            assert isinstance(result, Routed) and result.match is not None
+            match = result.match
+            c.by_channel[match.template.text] += 1
             c.by_type[result.type_label] += 1
             if (
                 not result.known
@@ -195,11 +203,19 @@ class Hub:
                 or result.type == MessageType.DRYRUN_RESULT
             ):
                 self._log_routed(result)
-            conns = users.get(result.user_id)
+            if match.topic is None and result.user_id is not None:
+                conns: Collection[Connection] | None = users.get(result.user_id)
+            else:
+                conns = self._audience(match)
             if not conns:
                 c.dropped["no_connection"] += 1
                 continue
-            frame = text_frame(envelope(result.type_json, result.payload_json, timestamp))
+            raw = result.raw
+            frame = text_frame(
+                raw
+                if raw is not None
+                else envelope(result.type_json, result.payload_json, timestamp)
+            )
             queued = closing = 0
             for conn in conns:
                 if not conn.writable:
@@ -222,6 +238,14 @@ class Hub:
             else:
                 c.dropped["queue_full"] += 1
         self.flush()
+
+    def _audience(self, match: Match) -> list[Connection]:
+        """The connections a topic's message or a broadcast goes to (see ``wants``)."""
+        if match.user is None:
+            candidates: Iterable[Connection] = self.connections()
+        else:
+            candidates = self.users.get(match.user, ())
+        return [conn for conn in candidates if wants(conn.filters, match)]
 
     def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
         self.counters.frames_dropped["queue_full"] += 1
@@ -323,7 +347,7 @@ class Hub:
                 logging.WARNING,
                 "invalid:" + result.type,
                 "invalid payload routed anyway user=%.200s type=%s detail=%s",
-                result.user_id,
+                result.user_id or "*",
                 result.type,
                 result.invalid,
             )
@@ -332,7 +356,7 @@ class Hub:
                 logging.WARNING,
                 "unknown_type",
                 "unknown message type routed unchanged user=%.200s type=%.64s",
-                result.user_id,
+                result.user_id or "*",
                 result.type,
             )
         elif isinstance(result.payload, DryRunPayload):
@@ -342,7 +366,7 @@ class Hub:
                 logging.INFO,
                 "dryrun_result",
                 "dryrun result user=%.200s job_id=%.200s platform=%.64s status=%.64s",
-                result.user_id,
+                result.user_id or "*",
                 result.payload.job_id,
                 result.payload.platform,
                 result.payload.status,
