@@ -10,7 +10,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from .channels import Match, wants
+from .channels import wants
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame
 from .inbox import Inbox
@@ -193,9 +193,8 @@ class Hub:
                 if result.template:
                     c.by_channel[result.template] += 1
                 continue
-            assert isinstance(result, Routed) and result.match is not None
-            match = result.match
-            c.by_channel[match.template.text] += 1
+            assert isinstance(result, Routed)
+            c.by_channel[result.template.text] += 1
             c.by_type[result.type_label] += 1
             if (
                 not result.known
@@ -203,10 +202,11 @@ class Hub:
                 or result.type == MessageType.DRYRUN_RESULT
             ):
                 self._log_routed(result)
-            if match.topic is None and result.user_id is not None:
+            topic = result.topic
+            if topic is None and result.user_id is not None:
                 conns: Collection[Connection] | None = users.get(result.user_id)
             else:
-                conns = self._audience(match)
+                conns = self._audience(result.user_id, topic, result.value)
             if not conns:
                 c.dropped["no_connection"] += 1
                 continue
@@ -239,13 +239,13 @@ class Hub:
                 c.dropped["queue_full"] += 1
         self.flush()
 
-    def _audience(self, match: Match) -> list[Connection]:
-        """The connections a topic's message or a broadcast goes to (see ``wants``)."""
-        if match.user is None:
+    def _audience(self, user: str | None, topic: str | None, value: str) -> list[Connection]:
+        """The connections a topic's message or a broadcast (``user`` None) goes to."""
+        if user is None:
             candidates: Iterable[Connection] = self.connections()
         else:
-            candidates = self.users.get(match.user, ())
-        return [conn for conn in candidates if wants(conn.filters, match)]
+            candidates = self.users.get(user, ())
+        return [conn for conn in candidates if wants(conn.filters, topic, value)]
 
     def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
         self.counters.frames_dropped["queue_full"] += 1

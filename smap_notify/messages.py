@@ -13,7 +13,7 @@ import cattrs
 import orjson
 from attrs import validators as v
 
-from .channels import DEFAULT, Channels, Match
+from .channels import DEFAULT, Channels, Match, Template
 
 UNKNOWN_TYPE_LABEL: Final = "unknown"
 _BOM: Final = b"\xef\xbb\xbf"
@@ -294,13 +294,15 @@ class Routed:
     """
 
     user_id: str | None
+    template: Template  # the one the channel matched
     type: str
     type_json: bytes
     payload_json: bytes
     known: bool
     payload: Any = None
     invalid: PayloadError | None = None
-    match: Match | None = None  # the template, and the topic's field and value if any
+    topic: str | None = None  # the template's topic field, if it has one
+    value: str = ""  # the topic's value in the channel
     raw: bytes | None = None  # the frame's text as published (a |raw template)
 
     @property
@@ -379,15 +381,13 @@ def parse_message(
             # Decoded with replacement characters, different channels would name one user.
             return Rejected("bad_channel", f"channel {channel[:100]!r} is not valid UTF-8")
     match = channels.match(channel)
-    if type(match) is str:
+    if isinstance(match, str):
         if match == "empty_user_id":
             return Rejected(match, f"channel {channel[:100]!r} has no user id")
         return Rejected(
             match, f"channel {channel[:100]!r} matches none of {','.join(channels.patterns)}"
         )
-    assert isinstance(match, Match)
-    user_id = match.user
-    template = match.template
+    template, user_id, topic, value = match
     try:
         message, fast = _loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -435,17 +435,26 @@ def parse_message(
     except PayloadError as exc:
         if not deliver_invalid:
             return Rejected("invalid_payload", str(exc), user_id, message_type, template.text)
-        return Routed(user_id, message_type, type_json, payload_json, True, None, exc, match)
-    return Routed(user_id, message_type, type_json, payload_json, known, typed, None, match)
+        return Routed(
+            user_id, template, message_type, type_json, payload_json, True, None, exc, topic, value
+        )
+    return Routed(
+        user_id, template, message_type, type_json, payload_json, known, typed, None, topic, value
+    )
 
 
 def _parse_raw(
-    match: Match, data: bytes | str, message: dict[str, Any], fast: bool, deliver_invalid: bool
+    match: Match,
+    data: bytes | str,
+    message: dict[str, Any],
+    fast: bool,
+    deliver_invalid: bool,
 ) -> Routed | Rejected:
     """A message on a |raw template: the published object is the frame, unchanged. With a
     ``type`` it is validated like an enveloped message's payload; without one the topic
     era's flat shapes are recognised by their keys."""
-    user_id, label = match.user, match.template.text
+    template, user_id, topic, value = match
+    label = template.text
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     if data.startswith(_BOM):  # not part of the JSON text (RFC 8259 8.1)
@@ -474,8 +483,10 @@ def _parse_raw(
     except PayloadError as exc:
         if not deliver_invalid:
             return Rejected("invalid_payload", str(exc), user_id, message_type, label)
-        return Routed(user_id, message_type, b"", b"", True, None, exc, match, data)
-    return Routed(user_id, message_type, b"", b"", known, typed, None, match, data)
+        return Routed(
+            user_id, template, message_type, b"", b"", True, None, exc, topic, value, data
+        )
+    return Routed(user_id, template, message_type, b"", b"", known, typed, None, topic, value, data)
 
 
 _RAW_SHAPES: Final = frozenset(RawShape)

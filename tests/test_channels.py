@@ -16,7 +16,6 @@ from smap_notify import cli
 from smap_notify.channels import (
     DEFAULT,
     ChannelsError,
-    Match,
     Subscription,
     connection_subscriptions,
     parse_channels,
@@ -144,9 +143,7 @@ def test_check_config_shows_the_channels_as_written(
 
 
 def test_the_default_takes_any_user_id_even_with_colons() -> None:
-    match = DEFAULT.match("user_noti:a:b:c d")
-    assert isinstance(match, Match)
-    assert (match.user, match.topic) == ("a:b:c d", None)
+    assert DEFAULT.match("user_noti:a:b:c d") == (DEFAULT.templates[0], "a:b:c d", None, "")
     assert DEFAULT.match("user_noti:") == "empty_user_id"
     assert DEFAULT.match("user_noti") == "bad_channel"
 
@@ -200,19 +197,19 @@ def test_a_channel_built_from_a_template_routes_back_to_its_user_and_topic(
     topic = template.topic
     assert topic is not None
     channel = template.build({"user": user, topic: value})
-    match = channels.match(channel)
-    assert isinstance(match, Match)
-    assert match.template == template
-    assert match.user == (user if template.has_user else None)
-    assert (match.topic, match.value) == (topic, value)
+    assert channels.match(channel) == (
+        template,
+        user if template.has_user else None,
+        topic,
+        value,
+    )
 
 
 @given(user=st.text(min_size=1).filter(lambda u: "\x00" not in u))
 def test_any_user_id_routes_back_through_a_template_without_topic(user: str) -> None:
     channels = parse_channels("x:{user}:y,project:{project}:{user}")
     match = channels.match(channels.templates[0].build({"user": user}))
-    assert isinstance(match, Match)
-    assert (match.user, match.topic) == (user, None)
+    assert match == (channels.templates[0], user, None, "")
 
 
 @given(user=IDS, value=st.text(min_size=1).filter(lambda v: not v.isascii() or ":" in v))
@@ -238,20 +235,11 @@ def test_filters_are_taken_for_known_fields_only_and_empty_is_none() -> None:
 
 
 def test_a_connection_gets_a_topic_unless_it_filters_that_field_on_another_value() -> None:
-    channels = parse_channels(TOPIC_ERA)
-    project = channels.match("project:p1:u1")
-    job = channels.match("job:j1:u1")
-    plain = channels.match("user_noti:u1")
-    assert isinstance(project, Match) and isinstance(job, Match) and isinstance(plain, Match)
     dashboard, on_p1, on_p2, on_j1 = None, {"project": "p1"}, {"project": "p2"}, {"job": "j1"}
-    assert [wants(f, project) for f in (dashboard, on_p1, on_p2, on_j1)] == [
-        True,
-        True,
-        False,
-        True,
-    ]
-    assert [wants(f, job) for f in (dashboard, on_p1, on_p2, on_j1)] == [True] * 4
-    assert [wants(f, plain) for f in (dashboard, on_p1, on_p2, on_j1)] == [True] * 4
+    connections = (dashboard, on_p1, on_p2, on_j1)
+    assert [wants(f, "project", "p1") for f in connections] == [True, True, False, True]
+    assert [wants(f, "job", "j2") for f in connections] == [True, True, True, False]
+    assert [wants(f, None, "") for f in connections] == [True] * 4
 
 
 def request_to(target: str, token: str | None) -> HandshakeRequest:
