@@ -26,7 +26,7 @@ from .inbox import Inbox
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .server import FD_HEADROOM, Server
-from .subscriber import SubscriberState, run_redis_subscriber
+from .subscriber import Patterns, SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class App:
     counters: Counters
     hub: Hub
     subscriber: SubscriberState
+    patterns: Patterns
     probe: RedisProbe
     server: Server
     notifier: systemd.Notifier
@@ -73,6 +74,7 @@ class App:
             counters=counters,
             hub=hub,
             subscriber=SubscriberState(),
+            patterns=Patterns(config.channels.patterns),
             probe=RedisProbe(config),
             server=Server(config, hub, {}),
             notifier=systemd.Notifier.from_environ(environ or {}),
@@ -106,6 +108,7 @@ class App:
             draining=self.draining,
             timestamp=format_timestamp(),
             uptime=time.monotonic() - self.started,
+            pattern=",".join(self.config.channels.patterns),
         )
         return status, "application/json", _json(doc)
 
@@ -135,7 +138,12 @@ class App:
             await nursery.start(self.hub.serve, inbox)
             bound = await nursery.start(self.server.serve, listeners, admin)
             await nursery.start(
-                run_redis_subscriber, self.config, inbox, self.subscriber, self.counters
+                run_redis_subscriber,
+                self.config,
+                inbox,
+                self.subscriber,
+                self.counters,
+                self.patterns,
             )
             nursery.start_soon(self._report_status)
             nursery.start_soon(self._report_suppressed)
@@ -187,6 +195,9 @@ class App:
             live[name.lower()] = getattr(old, name.lower())
         applied = Config(**live)
         self.config = self.hub.config = self.server.config = applied
+        # The subscriber thread sees the new patterns at its next turn and re-subscribes;
+        # connections stay open.
+        self.patterns.wanted = applied.channels.patterns
         logs.set_level(applied.logger_level)
         logger.info(
             "configuration reloaded changed=%s",

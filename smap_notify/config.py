@@ -13,6 +13,9 @@ from urllib.parse import urlsplit
 import attrs
 import cattrs
 
+from .channels import DEFAULT as DEFAULT_CHANNELS
+from .channels import Channels, parse_channels
+
 PRODUCTION_ORIGINS: Final = (
     "https://smap.tantai.dev",
     "https://smap-api.tantai.dev",
@@ -272,6 +275,7 @@ class Config:
     resync_on_reconnect: bool = True
     resync_on_drop: bool = True
     deliver_invalid_payloads: bool = False
+    channels: Channels = DEFAULT_CHANNELS
 
     @property
     def production(self) -> bool:
@@ -307,6 +311,8 @@ class Config:
                 value = "***" if value else ""
             elif isinstance(value, tuple):
                 value = ",".join(value)
+            elif isinstance(value, Channels):
+                value = str(value)
             elif isinstance(value, Duration):
                 value = format_duration(value)
             elif isinstance(value, bool):
@@ -391,6 +397,7 @@ _converter.register_structure_hook(Duration, lambda value, _t: parse_duration(va
 _converter.register_structure_hook(bool, lambda value, _t: parse_bool(value))
 _converter.register_structure_hook(int, lambda value, _t: _parse_int(value))
 _converter.register_structure_hook(str, lambda value, _t: str(value))
+_converter.register_structure_hook(Channels, lambda value, _t: parse_channels(value))
 _converter.register_structure_hook_func(
     lambda t: t == tuple[str, ...], lambda value, _t: _parse_list(value)
 )
@@ -409,6 +416,7 @@ _OWN_PREFIXES: Final = (
     "SHUTDOWN_",
     "RESYNC_",
     "DELIVER_",
+    "CHANNEL",
 )
 # Read by the original and never used there (CONTRACT section 7): accepted without a word,
 # as are its COOKIE_* settings.
@@ -516,7 +524,8 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
             try:
                 value = _converter.structure(values[name], field.type or str)
             except (ValueError, TypeError) as exc:
-                problems.append(f"{name}: {exc}")
+                # Some settings find several problems at once (CHANNELS): each is listed.
+                problems += [f"{name}: {p}" for p in getattr(exc, "problems", [exc])]
                 continue
         elif field.default is attrs.NOTHING:
             value = ""

@@ -153,6 +153,7 @@ class Connection:
         "missed",
         "missed_since",
         "ws",
+        "filters",
     )
 
     def __init__(
@@ -165,6 +166,7 @@ class Connection:
         max_messages: int,
         max_bytes: int,
         write_wait: float,
+        filters: dict[str, str] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.user_id = user_id
@@ -197,6 +199,8 @@ class Connection:
         self.missed_since = ""
         self.on_drained: Callable[[Connection], None] | None = None
         self.ws: trio_websocket.WebSocketConnection | None = None
+        # Topic field -> value asked for with ?{field}Id= (None: no filter at all).
+        self.filters = filters
         stream.conn = self
 
     def __repr__(self) -> str:

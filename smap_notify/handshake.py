@@ -15,6 +15,7 @@ import attrs
 import jwt
 from jwt.types import Options
 
+from .channels import parse_filters
 from .config import Config
 
 JWT_ALGORITHMS: Final = ["HS256", "HS384", "HS512"]
@@ -76,6 +77,8 @@ class Accept:
     expires_at: float  # the token's exp, Unix seconds
     token_in_query: bool
     used_previous_secret: bool = False
+    # Topic field -> value (?projectId=...); None: the connection filters nothing.
+    filters: dict[str, str] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -245,6 +248,16 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
         claims = verify_token(token, (config.jwt_secret_key, config.jwt_previous_secret_key), now)
     except TokenError as exc:
         return Reject(401, "invalid_token", INVALID_TOKEN, str(exc))
+    params = parse_qs(request.query)
+    filters, bad = parse_filters(params, config.channels.filter_fields)
+    if bad is not None:
+        value = params[bad][0]
+        return Reject(
+            400,
+            "invalid_filter",
+            json_error(f"invalid {bad}: only alphanumeric, underscore, and hyphen allowed"),
+            f"{bad}={value[:60]!r} user={claims.user_id}",
+        )
     if not request.is_websocket_upgrade:
         return Reject(
             400,
@@ -263,4 +276,4 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
             f"version={version[:20]!r}",
             extra_headers=(("Sec-WebSocket-Version", "13"),),
         )
-    return Accept(claims.user_id, claims.expires_at, in_query, claims.used_previous_secret)
+    return Accept(claims.user_id, claims.expires_at, in_query, claims.used_previous_secret, filters)

@@ -11,8 +11,8 @@ import redis
 import trio
 
 from .breaker import CircuitBreaker
+from .channels import DEFAULT
 from .config import Config
-from .messages import CHANNEL_PATTERN
 from .subscriber import REDIS_FAILURES, SubscriberState, make_client, not_redis
 
 PING_TIMEOUT: Final = 1.0
@@ -106,6 +106,7 @@ def health_document(
     draining: bool,
     timestamp: str,
     uptime: float,
+    pattern: str = DEFAULT.patterns[0],
 ) -> tuple[int, dict[str, Any]]:
     """Status code and body: 200 only when Redis answers and the subscription is live."""
     if draining:
@@ -123,7 +124,7 @@ def health_document(
         "subscriber": {
             "active": subscriber.active,
             "last_message_at": last.isoformat(timespec="microseconds") if last else None,
-            "pattern": CHANNEL_PATTERN,
+            "pattern": pattern,  # comma-joined, one per CHANNELS template
             "state": subscriber.state,
             "last_error": subscriber.last_error or None,
         },

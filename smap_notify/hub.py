@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Final, Protocol
 
 import attrs
 import trio
 
+from .channels import wants
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame, text_frame_of
 from .inbox import Inbox
@@ -168,6 +169,7 @@ class Hub:
         """Parse and queue a batch of Redis messages, then write each connection once."""
         c = self.counters
         deliver_invalid = self.config.deliver_invalid_payloads
+        channels = self.config.channels
         overflow_disconnect = self.config.ws_overflow_policy == "disconnect"
         timestamp = format_timestamp()
         users = self.users
@@ -177,7 +179,9 @@ class Hub:
             if len(data) >= LARGE:
                 self._trimmer.want()  # its parse buffers are freed by the next tick
             try:
-                result = parse_message(channel, data, deliver_invalid=deliver_invalid)
+                result = parse_message(
+                    channel, data, deliver_invalid=deliver_invalid, channels=channels
+                )
             except Exception as exc:  # one bad message must never stop delivery
                 self._log.log(
                     logging.ERROR,
@@ -190,8 +194,11 @@ class Hub:
             if type(result) is Rejected:
                 self._log_rejected(result)
                 c.rejected[result.reason] += 1
+                if result.template:
+                    c.by_channel[result.template] += 1
                 continue
             assert isinstance(result, Routed)
+            c.by_channel[result.template.text] += 1
             c.by_type[result.type_label] += 1
             if (
                 not result.known
@@ -199,11 +206,20 @@ class Hub:
                 or result.type == MessageType.DRYRUN_RESULT
             ):
                 self._log_routed(result)
-            conns = users.get(result.user_id)
+            topic = result.topic
+            if topic is None and result.user_id is not None:
+                conns: Collection[Connection] | None = users.get(result.user_id)
+            else:
+                conns = self._audience(result.user_id, topic, result.value)
             if not conns:
                 c.dropped["no_connection"] += 1
                 continue
-            framed = text_frame_of(envelope_parts(result.type_json, result.payload_json, timestamp))
+            raw = result.raw
+            framed = (
+                text_frame(raw)
+                if raw is not None
+                else text_frame_of(envelope_parts(result.type_json, result.payload_json, timestamp))
+            )
             frame = self._trimmer.track(framed) if len(framed) >= LARGE else framed
             queued = closing = 0
             for conn in conns:
@@ -227,6 +243,14 @@ class Hub:
             else:
                 c.dropped["queue_full"] += 1
         self.flush()
+
+    def _audience(self, user: str | None, topic: str | None, value: str) -> list[Connection]:
+        """The connections a topic's message or a broadcast (``user`` None) goes to."""
+        if user is None:
+            candidates: Iterable[Connection] = self.connections()
+        else:
+            candidates = self.users.get(user, ())
+        return [conn for conn in candidates if wants(conn.filters, topic, value)]
 
     def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
         self.counters.frames_dropped["queue_full"] += 1
@@ -328,7 +352,7 @@ class Hub:
                 logging.WARNING,
                 "invalid:" + result.type,
                 "invalid payload routed anyway user=%.200s type=%s detail=%s",
-                result.user_id,
+                result.user_id or "*",
                 result.type,
                 result.invalid,
             )
@@ -337,7 +361,7 @@ class Hub:
                 logging.WARNING,
                 "unknown_type",
                 "unknown message type routed unchanged user=%.200s type=%.64s",
-                result.user_id,
+                result.user_id or "*",
                 result.type,
             )
         elif isinstance(result.payload, DryRunPayload):
@@ -347,7 +371,7 @@ class Hub:
                 logging.INFO,
                 "dryrun_result",
                 "dryrun result user=%.200s job_id=%.200s platform=%.64s status=%.64s",
-                result.user_id,
+                result.user_id or "*",
                 result.payload.job_id,
                 result.payload.platform,
                 result.payload.status,

@@ -29,6 +29,7 @@ class Counters:
     dropped: Tally[str] = attrs.Factory(Tally)  # messages, by reason
     rejected: Tally[str] = attrs.Factory(Tally)  # messages, by reason
     by_type: Tally[str] = attrs.Factory(Tally)  # routed messages, by type label
+    by_channel: Tally[str] = attrs.Factory(Tally)  # received messages, by matching template
     frames_sent: int = 0  # frames queued for a connection (one per connection per message)
     frames_dropped: Tally[str] = attrs.Factory(Tally)  # frames lost, by reason
     resyncs_sent: int = 0
@@ -80,6 +81,12 @@ class DaemonCollector(Collector):
             "Routed messages by type; unknown types share the label 'unknown'.",
             c.by_type,
             label="type",
+        )
+        yield _labelled(
+            "smap_notify_messages_by_channel",
+            "Received messages by the channel template they matched (CHANNELS).",
+            c.by_channel,
+            label="channel",
         )
         yield _counter(
             "smap_notify_frames_sent",

@@ -19,6 +19,7 @@ import trio
 import trio_websocket
 import wsproto.utilities
 
+from .channels import FILTER_SUFFIX
 from .config import Config
 from .connection import PROTOCOL_FAILURES, Connection, ConnStream
 from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
@@ -645,10 +646,16 @@ class Server:
                 max_messages=config.ws_send_buffer,
                 max_bytes=config.ws_send_buffer_bytes,
                 write_wait=config.ws_write_wait,
+                filters=accept.filters,
             )
             self.hub.register(conn)
             registered = True
-            logger.debug("connection opened conn=%d user=%s", conn.id, conn.user_id)
+            logger.debug(
+                "connection opened conn=%d user=%s filters=%s",
+                conn.id,
+                conn.user_id,
+                format_filters(accept.filters),
+            )
             conn.ws = ws
             reason = "closed"
             try:
@@ -694,6 +701,13 @@ class Server:
         finally:
             if not registered:
                 self.hub.release(accept.user_id)
+
+
+def format_filters(filters: dict[str, str] | None) -> str:
+    """``projectId:p1,jobId:j1`` as asked in the query, ``-`` for none."""
+    if not filters:
+        return "-"
+    return ",".join(f"{field}{FILTER_SUFFIX}:{value}" for field, value in filters.items())
 
 
 def utf8_size(text: str) -> int:

@@ -1,4 +1,4 @@
-"""The Redis subscriber: PSUBSCRIBE user_noti:* in a worker thread, batches to the hub.
+"""The Redis subscriber: PSUBSCRIBE CHANNELS' patterns in a worker thread, batches to the hub.
 
 redis-py's synchronous client runs in one worker thread for the daemon's lifetime. The
 thread detects a dead or wedged subscription itself (a PING on the subscribed
@@ -34,7 +34,6 @@ from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
 from .memory import LARGE
-from .messages import CHANNEL_PATTERN
 from .metrics import Counters
 
 logger = logging.getLogger(__name__)
@@ -90,6 +89,16 @@ class SubscriberState:
     heartbeat: float = attrs.Factory(time.monotonic)
     attempts: int = 0
     subscriptions: int = 0  # successful PSUBSCRIBEs so far
+
+
+@attrs.define
+class Patterns:
+    """The patterns the subscription is to hold (CHANNELS). The event loop replaces the
+    tuple whole on a reload; the subscriber thread, the only one that talks to its Redis
+    connection (redis-py's PubSub is not thread-safe), reads it each turn and
+    re-subscribes."""
+
+    wanted: tuple[str, ...]
 
 
 class SubscriptionDead(Exception):
@@ -288,11 +297,12 @@ async def run_redis_subscriber(
     inbox: Inbox[Batch],
     state: SubscriberState,
     counters: Counters,
+    patterns: Patterns | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the subscriber thread until cancelled; started at once, subscribed or not."""
-    worker = _Worker(config, inbox, state, counters)
+    worker = _Worker(config, inbox, state, counters, patterns)
     with inbox.send:
         task_status.started()
         await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
@@ -327,11 +337,15 @@ class _Worker:
         inbox: Inbox[Batch],
         state: SubscriberState,
         counters: Counters,
+        patterns: Patterns | None = None,
     ) -> None:
         self.config = config
         self.inbox = inbox
         self.state = state
         self.counters = counters
+        self.patterns = patterns or Patterns(config.channels.patterns)
+        self.subscribed_patterns: tuple[str, ...] = ()  # asked for on this connection
+        self.unconfirmed = 0  # PSUBSCRIBE confirmations before the subscription is made
         self.lost_at: datetime | None = None
         self.alive_at: float | None = None  # wall clock of the last reply from Redis
         self.ever_subscribed = False
@@ -460,8 +474,11 @@ class _Worker:
         client = make_client(self.config)
         pubsub = client.pubsub(ignore_subscribe_messages=False)
         try:
+            wanted = self.patterns.wanted
+            self.subscribed_patterns = wanted
+            self.unconfirmed = len(wanted)
             try:
-                pubsub.psubscribe(CHANNEL_PATTERN)
+                pubsub.psubscribe(*wanted)
             except (ValueError, redis.InvalidResponse) as exc:
                 # redis-py parsed an answer to AUTH or SELECT that Redis never gives; which
                 # exception it raises for that differs between its releases.
@@ -482,6 +499,8 @@ class _Worker:
         coalescer = Coalescer()
         while True:
             trio.from_thread.check_cancelled()
+            if self.patterns.wanted != self.subscribed_patterns:
+                self._resubscribe(pubsub)
             turn = time.monotonic()
             stalled = turn - state.heartbeat > STALLED_AFTER
             state.heartbeat = turn
@@ -522,6 +541,26 @@ class _Worker:
             # the next one arrives.
             del batch
 
+    def _resubscribe(self, pubsub: Any) -> None:
+        """Subscribe to the patterns a reload added, then leave those it removed, on the
+        same connection: nothing published on a kept pattern is missed."""
+        wanted, old = self.patterns.wanted, self.subscribed_patterns
+        added = [p for p in wanted if p not in old]
+        removed = [p for p in old if p not in wanted]
+        if added:
+            pubsub.psubscribe(*added)
+            if not self.state.active:
+                self.unconfirmed += len(added)
+        if removed:
+            pubsub.punsubscribe(*removed)
+        self.subscribed_patterns = wanted
+        logger.info(
+            "redis subscription changed pattern=%s added=%s removed=%s",
+            ",".join(wanted),
+            ",".join(added) or "-",
+            ",".join(removed) or "-",
+        )
+
     def _hand_over(self, batch: list[RawMessage], *, full: bool) -> float:
         """Queue ``batch`` for the hub; returns when (time.monotonic()). ``full``: the
         batch filled up, more was waiting. Either that or a hub still busy with the batches
@@ -554,7 +593,12 @@ class _Worker:
             batch.append((reply[2], data))
             return len(data)
         elif kind == b"psubscribe":
-            self._subscribed()
+            # One confirmation per pattern; the subscription is made once all are in.
+            # Those of patterns a reload added to a live subscription change nothing.
+            if not self.state.active:
+                self.unconfirmed -= 1
+                if self.unconfirmed <= 0:
+                    self._subscribed()
         elif isinstance(reply, Exception):
             if not self.state.active:
                 # Redis refused PSUBSCRIBE: no password given where one is required
@@ -574,7 +618,9 @@ class _Worker:
         self.subscribed_at = time.monotonic()
         if lost_at is None:
             logger.info(
-                "redis subscribed pattern=%s redis=%s", CHANNEL_PATTERN, self.config.redis_host
+                "redis subscribed pattern=%s redis=%s",
+                ",".join(self.subscribed_patterns),
+                self.config.redis_host,
             )
         else:
             outage = (datetime.now(UTC) - lost_at).total_seconds()
@@ -583,7 +629,7 @@ class _Worker:
             logger.warning(
                 "redis subscription %s pattern=%s outage=%.1fs attempts=%d",
                 "restored" if self.ever_subscribed else "established",
-                CHANNEL_PATTERN,
+                ",".join(self.subscribed_patterns),
                 outage,
                 state.attempts,
             )

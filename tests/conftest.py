@@ -130,9 +130,12 @@ class RedisServer:
         )
 
     def publish(self, user: str, message: Any) -> int:
+        return self.publish_to(f"user_noti:{user}", message)
+
+    def publish_to(self, channel: str, message: Any) -> int:
         data = message if isinstance(message, bytes | str) else json.dumps(message)
         with self.client() as client:
-            return int(client.publish(f"user_noti:{user}", data))
+            return int(client.publish(channel, data))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -182,16 +185,18 @@ class Daemon:
         nursery: trio.Nursery,
         query_token: bool = False,
         other_cookies: str = "",
+        query: str = "",
         **kwargs: Any,
     ) -> trio_websocket.WebSocketConnection:
-        """Open a WebSocket as ``user``; ``other_cookies`` go before the token's cookie."""
+        """Open a WebSocket as ``user``; ``other_cookies`` go before the token's cookie,
+        ``query`` (``projectId=p1``) after ``/ws?``."""
         token = make_token(user) if token is None else token
         headers = []
         if origin is not None:
             headers.append(("Origin", origin))
-        resource = "/ws"
+        resource = "/ws?" + query if query else "/ws"
         if query_token:
-            resource += f"?token={token}"
+            resource += f"{'&' if query else '?'}token={token}"
         else:
             headers.append(("Cookie", f"{other_cookies}smap_auth_token={token}"))
         return await trio_websocket.connect_websocket(
@@ -206,6 +211,9 @@ class Daemon:
 
     async def publish(self, user: str, message: Any) -> int:
         return await trio.to_thread.run_sync(self.redis.publish, user, message)
+
+    async def publish_to(self, channel: str, message: Any) -> int:
+        return await trio.to_thread.run_sync(self.redis.publish_to, channel, message)
 
     async def wait_subscribed(self) -> None:
         await wait_until(lambda: self.app.subscriber.active)

@@ -19,7 +19,9 @@ from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 
 
-def connection(user: str, max_messages: int = 4) -> Connection:
+def connection(
+    user: str, max_messages: int = 4, filters: dict[str, str] | None = None
+) -> Connection:
     stream: Any = SimpleNamespace()
     return Connection(
         user,
@@ -29,6 +31,7 @@ def connection(user: str, max_messages: int = 4) -> Connection:
         max_messages=max_messages,
         max_bytes=1 << 20,
         write_wait=1.0,
+        filters=filters,
     )
 
 

@@ -7,6 +7,7 @@ connection opened before the reload is still open and still receives.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +17,19 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import SECRET, DaemonProcess, RedisServer, free_port, make_token, wait_until
+from .conftest import (
+    SECRET,
+    DaemonProcess,
+    RedisServer,
+    free_port,
+    http_request,
+    make_token,
+    wait_until,
+)
+from .test_channels import TOPIC_ERA
 from .test_systemd_integration import (
     NotifyReceiver,
+    active_connections,
     can_connect,
     is_,
     open_notify_receiver,
@@ -27,6 +38,7 @@ from .test_systemd_integration import (
     receive_json,
     upgrade_status,
     wait_connections,
+    ws_headers,
 )
 
 NEW_SECRET = "rotated-secret-with-enough-bytes-for-hs256-111"
@@ -264,3 +276,66 @@ async def test_a_file_that_is_not_utf8_on_reload_keeps_the_daemon_running(
     assert [line for line in rejected if ":1: not UTF-8 text (byte 0xe9)" in line], rejected
     assert await upgrade_status(daemon.port, token=make_token("bob", secret=SECRET)) == 101
     await still_receives(redis_server, first, "alice", "still running")
+
+
+async def subscribed_patterns(redis: RedisServer) -> int:
+    def numpat() -> int:
+        with redis.client() as client:
+            return int(client.execute_command("PUBSUB", "NUMPAT"))
+
+    return await trio.to_thread.run_sync(numpat)
+
+
+async def wait_patterns(redis: RedisServer, count: int) -> None:
+    with trio.fail_after(10):
+        while await subscribed_patterns(redis) != count:
+            await trio.sleep(0.02)
+
+
+async def test_reload_changes_channels_and_resubscribes_without_dropping_connections(
+    start: Any, reload: Any, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    daemon = await start("")
+    first = await open_ws(nursery, daemon.port, "alice")
+    await wait_patterns(redis_server, 1)
+    update = '{"status":"PROCESSING"}'
+    assert await trio.to_thread.run_sync(redis_server.publish_to, "project:p1:alice", update) == 0
+
+    await reload(daemon, f"CHANNELS={TOPIC_ERA}\n")
+    await wait_patterns(redis_server, 3)
+    _, _, body = await http_request(daemon.port, "/health")
+    assert json.loads(body)["subscriber"]["pattern"] == "user_noti:*,project:*,job:*"
+    filtered = await trio_websocket.connect_websocket(
+        nursery,
+        "127.0.0.1",
+        daemon.port,
+        "/ws?projectId=p2",
+        use_ssl=False,
+        extra_headers=ws_headers(make_token("alice")),
+    )
+    await wait_connections(daemon.port, 2)
+    for project in ("p1", "p2"):
+        await trio.to_thread.run_sync(
+            redis_server.publish_to, f"project:{project}:alice", f'{{"status":"{project}"}}'
+        )
+    with trio.fail_after(10):
+        assert await first.get_message() == '{"status":"p1"}'
+        assert await first.get_message() == '{"status":"p2"}'
+        assert await filtered.get_message() == '{"status":"p2"}'
+    await still_receives(redis_server, first, "alice", "user_noti kept")
+
+    await reload(daemon, "CHANNELS=job:{job}:{user}|raw\n")
+    await wait_patterns(redis_server, 1)
+    assert await publish(redis_server, "alice", {"type": "alert"}) == 0
+    await trio.to_thread.run_sync(
+        redis_server.publish_to, "job:j1:alice", '{"platform":"X","status":"DONE"}'
+    )
+    assert await receive_json(first) == {"platform": "X", "status": "DONE"}
+    assert await active_connections(daemon.port) == 2
+    log = daemon.log()
+    assert "configuration reloaded changed=CHANNELS" in log
+    changes = [line for line in log.splitlines() if "redis subscription changed" in line]
+    assert changes[0].endswith(
+        "pattern=user_noti:*,project:*,job:* added=project:*,job:* removed=-"
+    )
+    assert changes[1].endswith("pattern=job:* added=- removed=user_noti:*,project:*")
