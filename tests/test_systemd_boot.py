@@ -24,6 +24,7 @@ from .conftest import DEV_ORIGIN, SECRET, make_token
 from .support.nspawn import Container, Unavailable, booted, why_unavailable
 
 REPO: Final = Path(__file__).resolve().parent.parent
+SOURCE: Final = "/usr/local/src/smap-notify"  # the repository, copied into the container
 NETPROBE: Final = str(Path(__file__).resolve().parent / "support" / "netprobe.py")
 PORT: Final = 8081
 REDIS_PORT: Final = 6390
@@ -53,10 +54,13 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
             )
         except Unavailable as exc:
             pytest.skip(str(exc))
-        # The README's steps. pip runs in the container's files with the host's network.
+        # The README's steps, from a copy of this repository: a clone under the host's
+        # /tmp is not visible there. pip runs in the container's files with the host's
+        # network.
+        container.copy_in(REPO, SOURCE)
         container.run(
             "bash",
-            str(REPO / "requirements" / "install"),
+            f"{SOURCE}/requirements/install",
             VENV,
             env={"PYTHON": "/usr/bin/python3", "HOME": "/root"},
             enter="mount",
@@ -66,7 +70,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         container.run("install", "-d", "-m", "0755", "/etc/smap-notify")
         write_config(container, GOOD_CONFIG)
         container.run(f"{VENV}/bin/smap-notify", "--config", ENV_FILE, "--check-config")
-        units = [str(REPO / "systemd" / n) for n in (SERVICE, "smap-notify.socket")]
+        units = [f"{SOURCE}/systemd/{n}" for n in (SERVICE, "smap-notify.socket")]
         container.run("install", "-m", "0644", *units, "/etc/systemd/system/")
         container.run(
             "systemd-run", "--unit=test-redis", "redis-server", "--port", str(REDIS_PORT),
@@ -220,7 +224,7 @@ def admin_health(system: Container, instance: int) -> tuple[int, dict[str, objec
 def instances(system: Container) -> Container:
     """smap-notify@1 and @2 on port 8081 in place of the single service."""
     system.systemctl("disable", "--now", "smap-notify.socket", SERVICE)
-    units = [str(REPO / "systemd" / n) for n in ("smap-notify@.service", "smap-notify@.socket")]
+    units = [f"{SOURCE}/systemd/{n}" for n in ("smap-notify@.service", "smap-notify@.socket")]
     system.run("install", "-m", "0644", *units, "/etc/systemd/system/")
     system.systemctl("daemon-reload")
     system.systemctl(

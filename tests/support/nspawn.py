@@ -47,10 +47,22 @@ def why_unavailable() -> str | None:
 class Container:
     """A booted container: run commands in it, stop it."""
 
-    def __init__(self, name: str, nspawn: subprocess.Popen[bytes], leader: int) -> None:
+    def __init__(self, name: str, nspawn: subprocess.Popen[bytes], leader: int, root: Path) -> None:
         self.name = name
         self.nspawn = nspawn
         self.leader = leader  # the container's PID 1, as seen from the host
+        self.root = root  # the container's / as mounted on the host
+
+    def copy_in(self, source: Path, dest: str) -> None:
+        """Copy the folder ``source`` of the host to ``dest`` in the container. The host's
+        files under /tmp are not there (the container has a /tmp of its own)."""
+        shutil.copytree(
+            source,
+            self.root / dest.lstrip("/"),
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv*", "__pycache__", "*.egg-info", "build", ".*_cache"
+            ),
+        )
 
     def run(
         self,
@@ -193,7 +205,7 @@ def booted(tmp: Path, name: str) -> Iterator[Container]:
             stdout=open(tmp / "console.log", "wb"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
         )
-        container = Container(name, nspawn, _leader(nspawn.pid, 10))
+        container = Container(name, nspawn, _leader(nspawn.pid, 10), root)
         # systemctl answers once PID 1 has made its private socket, early in the boot.
         deadline = time.monotonic() + BOOT_TIMEOUT
         state = ""
