@@ -367,6 +367,9 @@ class Server:
                     continue
                 if self._spare_fd is None:  # lost to another thread in a shortage
                     self._take_spare()
+                # Counted from here, not from when its task first runs: a stop that
+                # comes in between must wait for this one too.
+                self._answering += 1
                 connections.start_soon(self._handle, stream, admin)
 
     def _descriptors_short(self, exc: OSError) -> None:
@@ -407,11 +410,11 @@ class Server:
             self._take_spare()
 
     async def _handle(self, raw: trio.SocketStream, admin: bool = False) -> None:
-        stream = ConnStream(raw)
+        """One accepted connection, which ``_accept`` counted in ``_answering``."""
         try:
-            deadline = trio.current_time() + self.config.ws_handshake_timeout
-            self._answering += 1
             try:
+                stream = ConnStream(raw)
+                deadline = trio.current_time() + self.config.ws_handshake_timeout
                 with trio.move_on_at(deadline) as scope:
                     accepted = await self._answer_request(stream, admin)
             finally:
