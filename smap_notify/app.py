@@ -25,8 +25,9 @@ from .hub import Batch, Hub, Notifier
 from .inbox import Inbox
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
+from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
-from .subscriber import SubscriberState, run_redis_subscriber
+from .subscriber import SOCKET_TIMEOUT, SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class App:
     hub: Hub
     subscriber: SubscriberState
     probe: RedisProbe
+    locator: MasterLocator | None
     server: Server
     notifier: systemd.Notifier
     started: float = attrs.Factory(time.monotonic)
@@ -66,6 +68,9 @@ class App:
     ) -> App:
         counters = Counters()
         hub = Hub(config, counters, notifier)
+        locator = (
+            MasterLocator(config, socket_timeout=SOCKET_TIMEOUT) if config.redis_sentinels else None
+        )
         app = cls(
             config=config,
             config_file=config_file,
@@ -73,7 +78,8 @@ class App:
             counters=counters,
             hub=hub,
             subscriber=SubscriberState(),
-            probe=RedisProbe(config),
+            probe=RedisProbe(config, locator=locator),
+            locator=locator,
             server=Server(config, hub, {}),
             notifier=systemd.Notifier.from_environ(environ or {}),
         )
@@ -100,6 +106,7 @@ class App:
         status, doc = health_document(
             redis_health=await self.probe.check(self.subscriber.subscriptions),
             subscriber=self.subscriber,
+            sentinel_master=self.config.redis_sentinel_master if self.locator else "",
             connections=self.hub.connection_count,
             users=len(self.hub.users),
             circuit_state=self.probe.breaker.state,
@@ -135,7 +142,12 @@ class App:
             await nursery.start(self.hub.serve, inbox)
             bound = await nursery.start(self.server.serve, listeners, admin)
             await nursery.start(
-                run_redis_subscriber, self.config, inbox, self.subscriber, self.counters
+                run_redis_subscriber,
+                self.config,
+                inbox,
+                self.subscriber,
+                self.counters,
+                self.locator,
             )
             nursery.start_soon(self._report_status)
             nursery.start_soon(self._report_suppressed)
@@ -427,6 +439,8 @@ async def run(
                 logger.info("received %s, shutting down", name)
                 nursery.start_soon(_shutdown, app, nursery.cancel_scope, inherited)
         app.probe.close()
+        if app.locator is not None:
+            app.locator.close()
         await _take_late_signals(signals)
     logs.report_suppressed()
     logger.info("stopped")
