@@ -25,8 +25,9 @@ from .hub import Batch, Hub, Notifier
 from .inbox import Inbox
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
+from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
-from .subscriber import Patterns, SubscriberState, run_redis_subscriber
+from .subscriber import SOCKET_TIMEOUT, Patterns, SubscriberState, run_redis_subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class App:
     subscriber: SubscriberState
     patterns: Patterns
     probe: RedisProbe
+    locator: MasterLocator | None
     server: Server
     notifier: systemd.Notifier
     started: float = attrs.Factory(time.monotonic)
@@ -67,6 +69,9 @@ class App:
     ) -> App:
         counters = Counters()
         hub = Hub(config, counters, notifier)
+        locator = (
+            MasterLocator(config, socket_timeout=SOCKET_TIMEOUT) if config.redis_sentinels else None
+        )
         app = cls(
             config=config,
             config_file=config_file,
@@ -75,7 +80,8 @@ class App:
             hub=hub,
             subscriber=SubscriberState(),
             patterns=Patterns(config.channels.patterns),
-            probe=RedisProbe(config),
+            probe=RedisProbe(config, locator=locator),
+            locator=locator,
             server=Server(config, hub, {}),
             notifier=systemd.Notifier.from_environ(environ or {}),
         )
@@ -102,6 +108,7 @@ class App:
         status, doc = health_document(
             redis_health=await self.probe.check(self.subscriber.subscriptions),
             subscriber=self.subscriber,
+            sentinel_master=self.config.redis_sentinel_master if self.locator else "",
             connections=self.hub.connection_count,
             users=len(self.hub.users),
             circuit_state=self.probe.breaker.state,
@@ -144,6 +151,7 @@ class App:
                 self.subscriber,
                 self.counters,
                 self.patterns,
+                self.locator,
             )
             nursery.start_soon(self._report_status)
             nursery.start_soon(self._report_suppressed)
@@ -438,6 +446,8 @@ async def run(
                 logger.info("received %s, shutting down", name)
                 nursery.start_soon(_shutdown, app, nursery.cancel_scope, inherited)
         app.probe.close()
+        if app.locator is not None:
+            app.locator.close()
         await _take_late_signals(signals)
     logs.report_suppressed()
     logger.info("stopped")

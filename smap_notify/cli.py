@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "starting smap-notify version=%s env=%s redis=%s listen=%s",
         _version(),
         config.env or "production",
-        config.redis_host,
+        f"sentinel sentinel_master={config.redis_sentinel_master}"
+        f" sentinels={','.join(config.redis_sentinels)}"
+        if config.redis_sentinels
+        else config.redis_host,
         # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.
         "socket-activation"
         if systemd.activated(environ, pid=os.getpid())

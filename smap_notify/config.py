@@ -26,7 +26,9 @@ DEV_SUBNETS: Final = ("172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24")
 LOG_LEVELS: Final = ("debug", "info", "warn", "warning", "error")
 OVERFLOW_POLICIES: Final = ("drop", "disconnect")
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 section 3.2: at least the hash size, 256 bits for HS256
-SECRET_FIELDS: Final = frozenset({"jwt_secret_key", "jwt_previous_secret_key", "redis_password"})
+SECRET_FIELDS: Final = frozenset(
+    {"jwt_secret_key", "jwt_previous_secret_key", "redis_password", "redis_sentinel_password"}
+)
 # Settings that a SIGHUP reload cannot change on a running daemon.
 RESTART_FIELDS: Final = frozenset(
     {
@@ -39,6 +41,9 @@ RESTART_FIELDS: Final = frozenset(
         "redis_password",
         "redis_db",
         "redis_use_tls",
+        "redis_sentinels",
+        "redis_sentinel_master",
+        "redis_sentinel_password",
     }
 )
 
@@ -190,17 +195,19 @@ def _listen_host(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> Non
         )
 
 
-def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+def _host_port_problem(name: str, value: str) -> str | None:
+    """Why ``value`` is not a host:port for setting ``name``; None when it is one."""
     if "@" in value:
         # user:password@host:port or a URL with credentials: the value is not repeated,
         # since this message goes to the log and to --check-config's output.
-        raise ValueError(
-            "REDIS_HOST must be host:port (e.g. localhost:6379), got a value with user"
-            " information (not shown); the password goes in REDIS_PASSWORD"
+        return (
+            f"{name} must be host:port (e.g. localhost:6379), got a value with user"
+            " information (not shown); the password goes in"
+            f" {'REDIS_SENTINEL_PASSWORD' if name == 'REDIS_SENTINELS' else 'REDIS_PASSWORD'}"
         )
     if "://" in value or "?" in value:  # a URL: its query may hold a password
-        raise ValueError(
-            "REDIS_HOST must be host:port (e.g. localhost:6379), got a URL (not shown);"
+        return (
+            f"{name} must be host:port (e.g. localhost:6379), got a URL (not shown);"
             " TLS is REDIS_USE_TLS, the database REDIS_DB, the password REDIS_PASSWORD"
         )
     host, sep, port = value.rpartition(":")
@@ -209,7 +216,38 @@ def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> Non
         or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
         or not _redis_host_part(host)
     ):
-        raise ValueError(f"REDIS_HOST must be host:port (e.g. localhost:6379), got {shown(value)}")
+        return f"{name} must be host:port (e.g. localhost:6379), got {shown(value)}"
+    return None
+
+
+def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    if problem := _host_port_problem("REDIS_HOST", value):
+        raise ValueError(problem)
+
+
+def _redis_sentinels(_inst: Any, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for item in value:
+        if problem := _host_port_problem("REDIS_SENTINELS", item):
+            raise ValueError(problem.replace(" must be ", ": each must be ", 1))
+
+
+# Sentinel's own events (+switch-master <name> <ip> <port> ...) separate words with
+# spaces: a name with a blank or a control character could not be told apart in them.
+_SENTINEL_MASTER_NAME: Final = re.compile(r"[!-~]{1,200}", re.ASCII)
+
+
+def _sentinel_master(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not _SENTINEL_MASTER_NAME.fullmatch(value):
+        raise ValueError(
+            "REDIS_SENTINEL_MASTER must be the name the sentinels monitor (sentinel monitor"
+            f" <name> ...: printable ASCII, no blanks), got {shown(value)}"
+        )
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (a validated one) as host and port; brackets of IPv6 removed."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _redis_host_part(host: str) -> bool:
@@ -253,6 +291,10 @@ class Config:
     redis_password: str = attrs.field(default="", repr=False)
     redis_db: int = attrs.field(default=0, validator=_at_least(0))
     redis_use_tls: bool = False
+    # With sentinels, the master is the one they name; REDIS_HOST is not used.
+    redis_sentinels: tuple[str, ...] = attrs.field(default=(), validator=_redis_sentinels)
+    redis_sentinel_master: str = attrs.field(default="", validator=_sentinel_master)
+    redis_sentinel_password: str = attrs.field(default="", repr=False)
     ws_ping_interval: Duration = attrs.field(default=Duration(30), validator=_positive)
     ws_pong_wait: Duration = attrs.field(default=Duration(60), validator=_positive)
     ws_write_wait: Duration = attrs.field(default=Duration(10), validator=_positive)
@@ -284,8 +326,11 @@ class Config:
 
     @property
     def redis_address(self) -> tuple[str, int]:
-        host, _, port = self.redis_host.rpartition(":")
-        return host.strip("[]"), int(port)
+        return split_host_port(self.redis_host)
+
+    @property
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [split_host_port(item) for item in self.redis_sentinels]
 
     def warnings(self) -> list[str]:
         """Settings that are valid but cannot do what they look meant to do."""
@@ -294,6 +339,13 @@ class Config:
             out.append(
                 f"ENV={self.env!r} is not 'production': browsers' origins are checked as in"
                 " development (localhost and DEV_ORIGIN_SUBNETS are let in)"
+            )
+        if self.redis_sentinel_password and not self.redis_sentinels:
+            out.append("REDIS_SENTINEL_PASSWORD is set but REDIS_SENTINELS is empty: not used")
+        if self.redis_sentinels and self.redis_host != _default("redis_host"):
+            out.append(
+                f"REDIS_HOST={self.redis_host} is not used: the master is the one"
+                " REDIS_SENTINELS name"
             )
         if self.production and not self.allowed_origins:
             out.append(
@@ -319,6 +371,10 @@ class Config:
                 value = "true" if value else "false"  # as written in the config
             out[field.name.upper()] = value
         return out
+
+
+def _default(name: str) -> Any:
+    return attrs.fields_dict(Config)[name].default
 
 
 def secret_warnings(config: Config) -> list[str]:
@@ -544,6 +600,17 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
             f"WS_PONG_WAIT ({format_duration(pong)}) must be longer than WS_PING_INTERVAL"
             f" ({format_duration(ping)}): a connection is dropped when nothing arrived for"
             " WS_PONG_WAIT, and the pong answers a ping"
+        )
+    sentinels, master = kwargs.get("redis_sentinels"), kwargs.get("redis_sentinel_master")
+    if sentinels and master == "":
+        problems.append(
+            "REDIS_SENTINEL_MASTER is required with REDIS_SENTINELS: the name the sentinels"
+            " monitor (sentinel monitor <name> ...)"
+        )
+    if master and sentinels == ():
+        problems.append(
+            "REDIS_SENTINEL_MASTER needs REDIS_SENTINELS (host:port,host:port,...) to ask"
+            " where that master is"
         )
     if problems:
         raise ConfigError(problems)

@@ -13,6 +13,7 @@ import trio
 from .breaker import CircuitBreaker
 from .channels import DEFAULT
 from .config import Config
+from .sentinel import MasterAddress, MasterLocator
 from .subscriber import REDIS_FAILURES, SubscriberState, make_client, not_redis
 
 PING_TIMEOUT: Final = 1.0
@@ -41,8 +42,16 @@ class RedisProbe:
     threads or slow responses.
     """
 
-    def __init__(self, config: Config, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        breaker: CircuitBreaker | None = None,
+        locator: MasterLocator | None = None,
+    ) -> None:
         self.breaker = breaker or CircuitBreaker()
+        self._config = config
+        self._locator = locator
+        self._master: MasterAddress | None = None  # the one self._client talks to
         self._client = make_client(config, socket_timeout=PING_TIMEOUT)
         self._limiter = trio.CapacityLimiter(1)
         self._in_flight: trio.Event | None = None
@@ -81,6 +90,8 @@ class RedisProbe:
         start = time.perf_counter()
         loading = False
         try:
+            if self._locator is not None:
+                self._follow(self._locator.current() or self._locator.find())
             self._client.ping()
         except redis.BusyLoadingError:
             # Redis answers, still loading its dataset; the subscription is unaffected.
@@ -92,6 +103,15 @@ class RedisProbe:
         ms = round((time.perf_counter() - start) * 1000, 3)
         return RedisHealth(True, ping_ms=ms, loading=loading)
 
+    def _follow(self, master: MasterAddress) -> None:
+        """PING ``master`` from now on (the sentinels' choice)."""
+        if master != self._master:
+            self._client.close()
+            self._client = make_client(
+                self._config, socket_timeout=PING_TIMEOUT, address=master.pair
+            )
+            self._master = master
+
     def close(self) -> None:
         self._client.close()
 
@@ -100,6 +120,7 @@ def health_document(
     *,
     redis_health: RedisHealth,
     subscriber: SubscriberState,
+    sentinel_master: str = "",
     connections: int,
     users: int,
     circuit_state: str,
@@ -131,4 +152,7 @@ def health_document(
         "circuit_breaker": {"state": circuit_state},
         "uptime_seconds": int(uptime),
     }
+    if sentinel_master:
+        # The master subscribed to, as the sentinels named it; null while none is.
+        doc["sentinel"] = {"master_name": sentinel_master, "master": subscriber.master}
     return (200 if status == "healthy" else 503), doc

@@ -19,7 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import hiredis
@@ -35,6 +36,9 @@ from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
 from .memory import LARGE
 from .metrics import Counters
+
+if TYPE_CHECKING:
+    from .sentinel import MasterAddress, MasterLocator
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +93,7 @@ class SubscriberState:
     heartbeat: float = attrs.Factory(time.monotonic)
     attempts: int = 0
     subscriptions: int = 0  # successful PSUBSCRIBEs so far
+    master: str | None = None  # with sentinels: the master subscribed to (host:port)
 
 
 @attrs.define
@@ -103,6 +108,10 @@ class Patterns:
 
 class SubscriptionDead(Exception):
     pass
+
+
+class MasterMoved(SubscriptionDead):
+    """The sentinels name another master than the one subscribed to."""
 
 
 # The error when Redis ends the subscription's connection (end of stream).
@@ -260,15 +269,35 @@ class BoundedSSLConnection(redis.SSLConnection):
             raise
 
 
-def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
-    """A client that fails fast: reconnecting is the caller's job."""
-    host, port = config.redis_address
+def make_client(
+    config: Config,
+    *,
+    socket_timeout: float = SOCKET_TIMEOUT,
+    address: tuple[str, int] | None = None,
+) -> redis.Redis:
+    """A client of ``address`` (by default REDIS_HOST's) that fails fast: reconnecting is
+    the caller's job."""
+    host, port = address or config.redis_address
+    return fail_fast_client(
+        host,
+        port,
+        db=config.redis_db,
+        password=config.redis_password,
+        tls=config.redis_use_tls,
+        socket_timeout=socket_timeout,
+    )
+
+
+def fail_fast_client(
+    host: str, port: int, *, password: str, tls: bool, socket_timeout: float, db: int = 0
+) -> redis.Redis:
+    """A client without retries, with bounded connects and name lookups."""
     client = redis.Redis(
         host=host,
         port=port,
-        db=config.redis_db,
-        password=config.redis_password or None,
-        ssl=config.redis_use_tls,
+        db=db,
+        password=password or None,
+        ssl=tls,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         socket_keepalive=True,
@@ -288,7 +317,7 @@ def make_client(config: Config, *, socket_timeout: float = SOCKET_TIMEOUT) -> re
     client.connection_pool.connection_kwargs["parser_class"] = _RESP2Parser
     # Host names are looked up with a deadline (resolve), not inside redis-py's connect.
     pool = client.connection_pool
-    pool.connection_class = BoundedSSLConnection if config.redis_use_tls else BoundedConnection
+    pool.connection_class = BoundedSSLConnection if tls else BoundedConnection
     return client
 
 
@@ -298,14 +327,21 @@ async def run_redis_subscriber(
     state: SubscriberState,
     counters: Counters,
     patterns: Patterns | None = None,
+    locator: MasterLocator | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the subscriber thread until cancelled; started at once, subscribed or not."""
-    worker = _Worker(config, inbox, state, counters, patterns)
+    """Run the subscriber thread until cancelled; started at once, subscribed or not.
+    With a ``locator`` (Sentinel), its watch of the sentinels runs in a second thread."""
+    worker = _Worker(config, inbox, state, counters, patterns, locator)
     with inbox.send:
-        task_status.started()
-        await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
+        async with trio.open_nursery() as nursery:
+            if locator is not None:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, locator.watch, thread_name="redis-sentinel")
+                )
+            task_status.started()
+            await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
 
 
 def _error_kind(exc: Exception) -> str:
@@ -338,8 +374,11 @@ class _Worker:
         state: SubscriberState,
         counters: Counters,
         patterns: Patterns | None = None,
+        locator: MasterLocator | None = None,
     ) -> None:
         self.config = config
+        self.locator = locator
+        self.master: MasterAddress | None = None  # with sentinels: the one connected to
         self.inbox = inbox
         self.state = state
         self.counters = counters
@@ -361,7 +400,6 @@ class _Worker:
 
     def run(self) -> None:
         state = self.state
-        host = self.config.redis_host
         kinds: set[str] = set()  # the kinds of failure logged during this outage
         while True:
             trio.from_thread.check_cancelled()
@@ -370,8 +408,11 @@ class _Worker:
             except (*REDIS_FAILURES, SubscriptionDead) as exc:
                 if state.active:
                     subscribed_at = self.subscribed_at
+                    # Moving to the master the sentinels name is no fault of Redis's.
                     flapped = (
-                        subscribed_at is not None and time.monotonic() - subscribed_at < FLAP_WITHIN
+                        subscribed_at is not None
+                        and time.monotonic() - subscribed_at < FLAP_WITHIN
+                        and not isinstance(exc, MasterMoved)
                     )
                     self.flaps = self.flaps + 1 if flapped else 0
                 behind = self._behind_hint(exc)
@@ -393,7 +434,7 @@ class _Worker:
                     logger.warning(
                         "redis subscription %s, retrying redis=%s error=%s%s",
                         "lost" if state.active else "unavailable",
-                        host,
+                        self._where(),
                         error,
                         f" flaps={self.flaps}" if state.active and self.flaps else "",
                     )
@@ -403,17 +444,24 @@ class _Worker:
                     kinds.add(kind)
                     logger.warning(
                         "redis still unavailable redis=%s attempts=%d error=%s",
-                        host,
+                        self._where(),
                         state.attempts,
                         error,
                     )
                 else:
-                    logger.debug("redis reconnect failed redis=%s error=%s", host, error)
+                    logger.debug("redis reconnect failed redis=%s error=%s", self._where(), error)
                 state.active = False
+                state.master = None
                 state.state = "retrying"
             delay = reconnect_delay(state.attempts, self.flaps)
             state.attempts += 1
             self._sleep(delay)
+
+    def _where(self) -> str:
+        """The Redis of the log lines: REDIS_HOST, or the master and the sentinels' name."""
+        if self.locator is None:
+            return self.config.redis_host
+        return f"{self.master or 'unknown'} sentinel_master={self.locator.name}"
 
     def _connect_hint(self, exc: Exception) -> str:
         """What an attempt's error means when redis-py's words do not say it."""
@@ -471,7 +519,11 @@ class _Worker:
             time.sleep(min(left, 0.1))
 
     def _session(self) -> None:
-        client = make_client(self.config)
+        address = None
+        if self.locator is not None:
+            self.master = self.locator.find(self._waiting)
+            address = self.master.pair
+        client = make_client(self.config, address=address)
         pubsub = client.pubsub(ignore_subscribe_messages=False)
         try:
             wanted = self.patterns.wanted
@@ -497,8 +549,12 @@ class _Worker:
         last_rx = time.monotonic()
         probed_at = 0.0
         coalescer = Coalescer()
+        locator, master = self.locator, self.master
         while True:
             trio.from_thread.check_cancelled()
+            if locator is not None and (named := locator.current()) != master:
+                # A demoted master stays up as a replica, where nothing is published.
+                raise MasterMoved(f"the sentinels moved the master to {named}")
             if self.patterns.wanted != self.subscribed_patterns:
                 self._resubscribe(pubsub)
             turn = time.monotonic()
@@ -620,16 +676,17 @@ class _Worker:
             logger.info(
                 "redis subscribed pattern=%s redis=%s",
                 ",".join(self.subscribed_patterns),
-                self.config.redis_host,
+                self._where(),
             )
         else:
             outage = (datetime.now(UTC) - lost_at).total_seconds()
             if self.ever_subscribed:
                 self.counters.redis_reconnects += 1
             logger.warning(
-                "redis subscription %s pattern=%s outage=%.1fs attempts=%d",
+                "redis subscription %s pattern=%s redis=%s outage=%.1fs attempts=%d",
                 "restored" if self.ever_subscribed else "established",
                 ",".join(self.subscribed_patterns),
+                self._where(),
                 outage,
                 state.attempts,
             )
@@ -642,6 +699,7 @@ class _Worker:
         self.lost_at = None
         self.alive_at = time.time()
         state.subscriptions += 1
+        state.master = None if self.master is None else str(self.master)
         state.active = True
         state.state = "subscribed"
         state.attempts = 0

@@ -57,6 +57,18 @@ class TlsFiles:
     key: Path
 
 
+def wait_for_ping(client: Callable[[], redis.Redis], failure: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with client() as c:
+                if c.ping():
+                    return
+        except redis.ConnectionError:
+            time.sleep(0.01)
+    raise RuntimeError(failure)
+
+
 class RedisServer:
     """A redis-server we start, pause, kill and restart on the same port, by PID; with
     ``tls``, it listens for TLS only."""
@@ -103,14 +115,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        wait_for_ping(self.client, f"redis-server did not start on port {self.port}")
 
     def __enter__(self) -> RedisServer:
         self.start()
@@ -151,6 +156,58 @@ class RedisServer:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+class RedisSentinel:
+    """A ``redis-server --sentinel`` we start and kill by PID, monitoring one master; its
+    configuration file (which it rewrites) is its own."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        name: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        self.port = free_port()
+        self.name = name
+        self.conf = workdir / f"sentinel-{self.port}.conf"
+        self.conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+            f"sentinel failover-timeout {name} {failover_timeout_ms}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, str(self.conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_ping(self.client, f"redis sentinel did not start on port {self.port}")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def master(self) -> tuple[str, int]:
+        """The master's address as this sentinel names it."""
+        with self.client() as client:
+            host, port = client.sentinel_get_master_addr_by_name(self.name)
+        return str(host.decode() if isinstance(host, bytes) else host), int(port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from smap_notify.config import (
     DEV_SUBNETS,
     ENV_NAMES,
     PRODUCTION_ORIGINS,
+    RESTART_FIELDS,
     Config,
     ConfigError,
     config_warnings,
@@ -788,3 +789,87 @@ def test_check_config_reads_the_config_file(check_config: CheckConfig, tmp_path:
         f"smap-notify: warning: {path}: WS_PING_INTERVL is not a setting of smap-notify and"
         " is ignored (a typo?)\n"
     )
+
+
+# -- Redis Sentinel ------------------------------------------------------------------------
+
+SENTINEL = {
+    **VALID,
+    "REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b.internal:26379,[2001:db8::3]:26379",
+    "REDIS_SENTINEL_MASTER": "mymaster",
+}
+
+
+def test_sentinel_settings_are_parsed() -> None:
+    config = load_config({**SENTINEL, "REDIS_SENTINEL_PASSWORD": "s3cret"})
+    assert config.redis_sentinel_addresses == [
+        ("10.0.0.1", 26379),
+        ("sentinel-b.internal", 26379),
+        ("2001:db8::3", 26379),
+    ]
+    assert config.redis_sentinel_master == "mymaster"
+    masked = config.masked()
+    assert (
+        masked["REDIS_SENTINELS"] == "10.0.0.1:26379,sentinel-b.internal:26379,[2001:db8::3]:26379"
+    )
+    assert masked["REDIS_SENTINEL_PASSWORD"] == "***"
+    assert "s3cret" not in repr(masked) + repr(config)
+
+
+def test_without_sentinels_nothing_changes() -> None:
+    config = load_config(VALID)
+    assert (config.redis_sentinels, config.redis_sentinel_master) == ((), "")
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1", "10.0.0.1:26379,cache", "h:0", "a b:1"])
+def test_each_sentinel_must_be_host_and_port(value: str) -> None:
+    problems = problems_of({**SENTINEL, "REDIS_SENTINELS": value})
+    assert any(p.startswith("REDIS_SENTINELS: each must be host:port") for p in problems), problems
+
+
+def test_sentinel_with_credentials_is_refused_without_repeating_them() -> None:
+    problems = problems_of({**SENTINEL, "REDIS_SENTINELS": "user:hunter2@s:26379"})
+    assert len(problems) == 1 and "hunter2" not in problems[0]
+    assert "REDIS_SENTINEL_PASSWORD" in problems[0]
+
+
+def test_sentinels_need_a_master_name_and_the_name_needs_sentinels() -> None:
+    problems = problems_of({**SENTINEL, "REDIS_SENTINEL_MASTER": ""})
+    assert any(p.startswith("REDIS_SENTINEL_MASTER is required") for p in problems), problems
+    problems = problems_of({**VALID, "REDIS_SENTINEL_MASTER": "mymaster"})
+    assert any(p.startswith("REDIS_SENTINEL_MASTER needs REDIS_SENTINELS") for p in problems)
+
+
+@pytest.mark.parametrize("value", ["my master", "m\x1b[2J", "mästare"])
+def test_sentinel_master_name_is_one_printable_word(value: str) -> None:
+    problems = problems_of({**SENTINEL, "REDIS_SENTINEL_MASTER": value})
+    assert any(p.startswith("REDIS_SENTINEL_MASTER must be") for p in problems), problems
+
+
+def test_sentinel_settings_need_a_restart() -> None:
+    assert {"redis_sentinels", "redis_sentinel_master", "redis_sentinel_password"} <= (
+        RESTART_FIELDS
+    )
+
+
+def test_sentinel_settings_that_do_nothing_are_warned_about() -> None:
+    config = load_config({**SENTINEL, "REDIS_HOST": "cache:6379"})
+    assert any("REDIS_HOST=cache:6379 is not used" in w for w in config.warnings())
+    config = load_config({**VALID, "REDIS_SENTINEL_PASSWORD": "x"})
+    assert any("REDIS_SENTINEL_PASSWORD is set" in w for w in config.warnings())
+    assert not load_config(SENTINEL).warnings()
+
+
+def test_check_config_shows_the_sentinel_settings(check_config: CheckConfig) -> None:
+    status, out, err = check_config(
+        JWT_SECRET_KEY=SECRET,
+        REDIS_SENTINELS="127.0.0.1:26379,127.0.0.1:26380",
+        REDIS_SENTINEL_MASTER="mymaster",
+        REDIS_SENTINEL_PASSWORD="sentinel-cli-password",
+    )
+    assert status == 0
+    lines = dict(line.split("=", 1) for line in out.splitlines())
+    assert lines["REDIS_SENTINELS"] == "127.0.0.1:26379,127.0.0.1:26380"
+    assert lines["REDIS_SENTINEL_MASTER"] == "mymaster"
+    assert lines["REDIS_SENTINEL_PASSWORD"] == "***"
+    assert "sentinel-cli-password" not in out + err

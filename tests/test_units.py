@@ -258,7 +258,12 @@ def test_env_example_carries_no_secret() -> None:
         for line in ENV_EXAMPLE.read_text().splitlines()
         if line and not line.startswith("#")
     }
-    for key in ("JWT_SECRET_KEY", "JWT_PREVIOUS_SECRET_KEY", "REDIS_PASSWORD"):
+    for key in (
+        "JWT_SECRET_KEY",
+        "JWT_PREVIOUS_SECRET_KEY",
+        "REDIS_PASSWORD",
+        "REDIS_SENTINEL_PASSWORD",
+    ):
         assert active.get(key, "") == "", key
 
 
