@@ -27,6 +27,7 @@ from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .server import FD_HEADROOM, Server
 from .subscriber import Patterns, SubscriberState, run_redis_subscriber
+from .subscriptions import Requests, UserSubscriptions
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class App:
     probe: RedisProbe
     server: Server
     notifier: systemd.Notifier
+    # REDIS_SUBSCRIBE=user: what the instance subscribes to, as users come and go.
+    user_subscriptions: UserSubscriptions | None = None
     started: float = attrs.Factory(time.monotonic)
     draining: bool = False
     socket_activated: bool = False  # listening on sockets systemd passed: WS_HOST/PORT unused
@@ -66,18 +69,28 @@ class App:
         notifier: Notifier | None = None,
     ) -> App:
         counters = Counters()
-        hub = Hub(config, counters, notifier)
+        state = SubscriberState()
+        subscriptions = None
+        if config.redis_subscribe == "user":
+            subscriptions = UserSubscriptions(
+                config.channels,
+                config.redis_unsubscribe_grace,
+                Requests(),
+                active=lambda: state.active,
+            )
+        hub = Hub(config, counters, notifier or subscriptions)
         app = cls(
             config=config,
             config_file=config_file,
             environ=dict(environ or {}),
             counters=counters,
             hub=hub,
-            subscriber=SubscriberState(),
+            subscriber=state,
             patterns=Patterns(config.channels.patterns),
             probe=RedisProbe(config),
             server=Server(config, hub, {}),
             notifier=systemd.Notifier.from_environ(environ or {}),
+            user_subscriptions=subscriptions,
         )
         gauges = Gauges(
             connections=lambda: hub.connection_count,
@@ -109,6 +122,7 @@ class App:
             timestamp=format_timestamp(),
             uptime=time.monotonic() - self.started,
             pattern=",".join(self.config.channels.patterns),
+            mode=self.config.redis_subscribe,
         )
         return status, "application/json", _json(doc)
 
@@ -134,20 +148,28 @@ class App:
         """Run until cancelled; ``started`` once the listeners accept. ``admin`` listeners
         serve the HTTP endpoints only."""
         inbox = Inbox[Batch](INBOX_SIZE)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.hub.serve, inbox)
-            bound = await nursery.start(self.server.serve, listeners, admin)
-            await nursery.start(
-                run_redis_subscriber,
-                self.config,
-                inbox,
-                self.subscriber,
-                self.counters,
-                self.patterns,
-            )
-            nursery.start_soon(self._report_status)
-            nursery.start_soon(self._report_suppressed)
-            task_status.started(bound)
+        subscriptions = self.user_subscriptions
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.serve, inbox)
+                if subscriptions is not None:
+                    await nursery.start(subscriptions.serve)
+                bound = await nursery.start(self.server.serve, listeners, admin)
+                await nursery.start(
+                    run_redis_subscriber,
+                    self.config,
+                    inbox,
+                    self.subscriber,
+                    self.counters,
+                    self.patterns,
+                    subscriptions.requests if subscriptions is not None else None,
+                )
+                nursery.start_soon(self._report_status)
+                nursery.start_soon(self._report_suppressed)
+                task_status.started(bound)
+        finally:
+            if subscriptions is not None:
+                subscriptions.requests.close()  # the subscriber thread has ended
 
     async def shutdown(self, *, keep_backlog: bool = False) -> None:
         """Refuse new upgrades, close connections spread over the drain window.
@@ -198,6 +220,8 @@ class App:
         # The subscriber thread sees the new patterns at its next turn and re-subscribes;
         # connections stay open.
         self.patterns.wanted = applied.channels.patterns
+        if self.user_subscriptions is not None and applied.channels != old.channels:
+            self.user_subscriptions.set_channels(applied.channels)
         logs.set_level(applied.logger_level)
         logger.info(
             "configuration reloaded changed=%s",
