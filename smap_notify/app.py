@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
 from .subscriber import SOCKET_TIMEOUT, Patterns, SubscriberState, run_redis_subscriber
+from .subscriptions import Requests, UserSubscriptions
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class App:
     locator: MasterLocator | None
     server: Server
     notifier: systemd.Notifier
+    # REDIS_SUBSCRIBE=user: what the instance subscribes to, as users come and go.
+    user_subscriptions: UserSubscriptions | None = None
     started: float = attrs.Factory(time.monotonic)
     draining: bool = False
     socket_activated: bool = False  # listening on sockets systemd passed: WS_HOST/PORT unused
@@ -68,7 +72,16 @@ class App:
         notifier: Notifier | None = None,
     ) -> App:
         counters = Counters()
-        hub = Hub(config, counters, notifier)
+        state = SubscriberState()
+        subscriptions = None
+        if config.redis_subscribe == "user":
+            subscriptions = UserSubscriptions(
+                config.channels,
+                config.redis_unsubscribe_grace,
+                Requests(),
+                active=lambda: state.active,
+            )
+        hub = Hub(config, counters, notifier or subscriptions)
         locator = (
             MasterLocator(config, socket_timeout=SOCKET_TIMEOUT) if config.redis_sentinels else None
         )
@@ -78,12 +91,13 @@ class App:
             environ=dict(environ or {}),
             counters=counters,
             hub=hub,
-            subscriber=SubscriberState(),
+            subscriber=state,
             patterns=Patterns(config.channels.patterns),
             probe=RedisProbe(config, locator=locator),
             locator=locator,
             server=Server(config, hub, {}),
             notifier=systemd.Notifier.from_environ(environ or {}),
+            user_subscriptions=subscriptions,
         )
         gauges = Gauges(
             connections=lambda: hub.connection_count,
@@ -116,6 +130,7 @@ class App:
             timestamp=format_timestamp(),
             uptime=time.monotonic() - self.started,
             pattern=",".join(self.config.channels.patterns),
+            mode=self.config.redis_subscribe,
         )
         return status, "application/json", _json(doc)
 
@@ -141,21 +156,31 @@ class App:
         """Run until cancelled; ``started`` once the listeners accept. ``admin`` listeners
         serve the HTTP endpoints only."""
         inbox = Inbox[Batch](INBOX_SIZE)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.hub.serve, inbox)
-            bound = await nursery.start(self.server.serve, listeners, admin)
-            await nursery.start(
-                run_redis_subscriber,
-                self.config,
-                inbox,
-                self.subscriber,
-                self.counters,
-                self.patterns,
-                self.locator,
-            )
-            nursery.start_soon(self._report_status)
-            nursery.start_soon(self._report_suppressed)
-            task_status.started(bound)
+        subscriptions = self.user_subscriptions
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.serve, inbox)
+                if subscriptions is not None:
+                    await nursery.start(subscriptions.serve)
+                bound = await nursery.start(self.server.serve, listeners, admin)
+                await nursery.start(
+                    partial(
+                        run_redis_subscriber,
+                        self.config,
+                        inbox,
+                        self.subscriber,
+                        self.counters,
+                        self.patterns,
+                        requests=subscriptions.requests if subscriptions is not None else None,
+                        locator=self.locator,
+                    )
+                )
+                nursery.start_soon(self._report_status)
+                nursery.start_soon(self._report_suppressed)
+                task_status.started(bound)
+        finally:
+            if subscriptions is not None:
+                subscriptions.requests.close()  # the subscriber thread has ended
 
     async def shutdown(self, *, keep_backlog: bool = False) -> None:
         """Refuse new upgrades, close connections spread over the drain window.
@@ -206,6 +231,8 @@ class App:
         # The subscriber thread sees the new patterns at its next turn and re-subscribes;
         # connections stay open.
         self.patterns.wanted = applied.channels.patterns
+        if self.user_subscriptions is not None and applied.channels != old.channels:
+            self.user_subscriptions.set_channels(applied.channels)
         logs.set_level(applied.logger_level)
         logger.info(
             "configuration reloaded changed=%s",

@@ -271,6 +271,17 @@ def connection_subscriptions(
 ) -> tuple[Subscription, ...]:
     """What one connection of ``user`` with ``filters`` needs subscribed, per user
     (broadcast templates excluded: see ``shared_subscriptions``)."""
+    return user_subscriptions(channels, user, (filters,))
+
+
+def user_subscriptions(
+    channels: Channels, user: str, filter_sets: Iterable[Mapping[str, str] | None]
+) -> tuple[Subscription, ...]:
+    """What all of ``user``'s connections (one filter set each) need subscribed together,
+    in template order: per topic template the per-user pattern when one of them has no
+    filter on the topic, else the exact channel of each value asked. Never both: Redis
+    would deliver a message on that channel twice."""
+    sets = list(filter_sets)
     out: list[Subscription] = []
     for template in channels.templates:
         if not template.has_user:
@@ -281,12 +292,14 @@ def connection_subscriptions(
             continue
         if not VALID_ID.fullmatch(user):
             continue  # such a user id never routes from a topic template
-        value = (filters or {}).get(topic)
-        if value is not None:
-            out.append(Subscription(template.build({USER_FIELD: user, topic: value}), False))
-        else:
+        values = dict.fromkeys((filters or {}).get(topic) for filters in sets)
+        if None in values:
             escaped = {USER_FIELD: _glob_escape(user), topic: "*"}
             out.append(Subscription(template.build(escaped), True))
+            continue
+        for value in values:
+            assert value is not None
+            out.append(Subscription(template.build({USER_FIELD: user, topic: value}), False))
     return tuple(out)
 
 

@@ -25,6 +25,7 @@ PRODUCTION_ORIGINS: Final = (
 DEV_SUBNETS: Final = ("172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24")
 LOG_LEVELS: Final = ("debug", "info", "warn", "warning", "error")
 OVERFLOW_POLICIES: Final = ("drop", "disconnect")
+SUBSCRIBE_MODES: Final = ("pattern", "user")
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 section 3.2: at least the hash size, 256 bits for HS256
 SECRET_FIELDS: Final = frozenset(
     {"jwt_secret_key", "jwt_previous_secret_key", "redis_password", "redis_sentinel_password"}
@@ -44,6 +45,7 @@ RESTART_FIELDS: Final = frozenset(
         "redis_sentinels",
         "redis_sentinel_master",
         "redis_sentinel_password",
+        "redis_subscribe",
     }
 )
 
@@ -295,6 +297,13 @@ class Config:
     redis_sentinels: tuple[str, ...] = attrs.field(default=(), validator=_redis_sentinels)
     redis_sentinel_master: str = attrs.field(default="", validator=_sentinel_master)
     redis_sentinel_password: str = attrs.field(default="", repr=False)
+    # pattern: one PSUBSCRIBE per CHANNELS template, every message published; user: the
+    # channels this instance's connections need, subscribed as users come.
+    redis_subscribe: str = attrs.field(
+        default="pattern", converter=_lower, validator=_one_of(SUBSCRIBE_MODES)
+    )
+    # user mode: how long a channel stays subscribed after its user's last connection.
+    redis_unsubscribe_grace: Duration = attrs.field(default=Duration(5), validator=_positive)
     ws_ping_interval: Duration = attrs.field(default=Duration(30), validator=_positive)
     ws_pong_wait: Duration = attrs.field(default=Duration(60), validator=_positive)
     ws_write_wait: Duration = attrs.field(default=Duration(10), validator=_positive)

@@ -128,6 +128,7 @@ def health_document(
     timestamp: str,
     uptime: float,
     pattern: str = DEFAULT.patterns[0],
+    mode: str = "pattern",
 ) -> tuple[int, dict[str, Any]]:
     """Status code and body: 200 only when Redis answers and the subscription is live."""
     if draining:
@@ -146,6 +147,9 @@ def health_document(
             "active": subscriber.active,
             "last_message_at": last.isoformat(timespec="microseconds") if last else None,
             "pattern": pattern,  # comma-joined, one per CHANNELS template
+            "mode": mode,  # REDIS_SUBSCRIBE
+            # Channels and patterns held, as Redis counted them at its last confirmation.
+            "channels": subscriber.channels,
             "state": subscriber.state,
             "last_error": subscriber.last_error or None,
         },

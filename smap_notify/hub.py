@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Final, Protocol
 
 import attrs
@@ -53,18 +53,35 @@ Batch = list[RawMessage] | Resync
 
 
 class Notifier(Protocol):
-    """The seed's RedisNotifier: told when users come and go."""
+    """The seed's RedisNotifier: told when a user's connection is being accepted (before
+    the upgrade is answered, which waits for the event returned, if any) and when one
+    ended; with the connection's filters, which decide what it needs subscribed."""
 
-    def on_user_connected(self, user_id: str) -> None: ...
+    def on_user_connected(
+        self, user_id: str, filters: Mapping[str, str] | None = None
+    ) -> trio.Event | None: ...
 
-    def on_user_disconnected(self, user_id: str, has_other_connections: bool) -> None: ...
+    def on_user_disconnected(
+        self,
+        user_id: str,
+        has_other_connections: bool,
+        filters: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 class LoggingNotifier:
-    def on_user_connected(self, user_id: str) -> None:
+    def on_user_connected(
+        self, user_id: str, filters: Mapping[str, str] | None = None
+    ) -> trio.Event | None:
         logger.debug("user connected user=%s", user_id)
+        return None
 
-    def on_user_disconnected(self, user_id: str, has_other_connections: bool) -> None:
+    def on_user_disconnected(
+        self,
+        user_id: str,
+        has_other_connections: bool,
+        filters: Mapping[str, str] | None = None,
+    ) -> None:
         logger.debug(
             "user disconnected user=%s has_other_connections=%s", user_id, has_other_connections
         )
@@ -102,6 +119,19 @@ class Hub:
         self._reserved_total += 1
         return None
 
+    async def admit(self, user_id: str, filters: Mapping[str, str] | None) -> None:
+        """A reserved connection is being accepted: tell the notifier, and wait for what
+        it needs first (in user mode, Redis confirming the user's subscriptions)."""
+        ready = self._notify(self.notifier.on_user_connected, user_id, filters)
+        if ready is not None:
+            await ready.wait()
+
+    def withdraw(self, user_id: str, filters: Mapping[str, str] | None) -> None:
+        """An admitted connection failed before it opened: release its place."""
+        self.release(user_id)
+        has_other = user_id in self.users or user_id in self._reserved
+        self._notify(self.notifier.on_user_disconnected, user_id, has_other, filters)
+
     def release(self, user_id: str) -> None:
         left = self._reserved[user_id] - 1
         if left:
@@ -119,7 +149,6 @@ class Hub:
         conn.on_abort = self._on_abort
         conn.on_drained = self._on_drained
         self.counters.handshakes_accepted += 1
-        self._notify(self.notifier.on_user_connected, conn.user_id)
 
     def unregister(self, conn: Connection, reason: str) -> None:
         conns = self.users.get(conn.user_id)
@@ -132,17 +161,19 @@ class Hub:
         if conn.pending_messages:
             self.counters.frames_dropped["connection_closed"] += conn.pending_messages
         self.counters.connections_closed[conn.close_reason or reason] += 1
-        self._notify(self.notifier.on_user_disconnected, conn.user_id, bool(conns))
+        has_other = bool(conns) or conn.user_id in self._reserved
+        self._notify(self.notifier.on_user_disconnected, conn.user_id, has_other, conn.filters)
 
     def connections(self) -> Iterable[Connection]:
         for conns in self.users.values():
             yield from conns
 
-    def _notify(self, method: object, *args: object) -> None:
+    def _notify(self, method: object, *args: object) -> trio.Event | None:
         try:
-            method(*args)  # type: ignore[operator]
+            return method(*args)  # type: ignore[operator]
         except Exception:
             logger.exception("notifier failed user=%s", args[0])
+            return None
 
     def _on_abort(self, conn: Connection, reason: str, detail: str = "") -> None:
         if conn.pending_messages:

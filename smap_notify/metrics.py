@@ -37,6 +37,8 @@ class Counters:
     handshake_rejections: Tally[str] = attrs.Factory(Tally)
     connections_closed: Tally[str] = attrs.Factory(Tally)
     redis_reconnects: int = 0
+    redis_subscribe_commands: int = 0  # SUBSCRIBE and PSUBSCRIBE commands sent
+    redis_unsubscribe_commands: int = 0  # UNSUBSCRIBE and PUNSUBSCRIBE commands sent
 
     def accounted(self) -> int:
         return self.delivered + sum(self.dropped.values()) + sum(self.rejected.values())
@@ -121,6 +123,16 @@ class DaemonCollector(Collector):
             "smap_notify_redis_reconnects",
             "Re-established Redis subscriptions.",
             c.redis_reconnects,
+        )
+        yield _counter(
+            "smap_notify_redis_subscribe_commands",
+            "SUBSCRIBE and PSUBSCRIBE commands sent to Redis (each names up to 1,000).",
+            c.redis_subscribe_commands,
+        )
+        yield _counter(
+            "smap_notify_redis_unsubscribe_commands",
+            "UNSUBSCRIBE and PUNSUBSCRIBE commands sent to Redis (each names up to 1,000).",
+            c.redis_unsubscribe_commands,
         )
         g = self.gauges
         yield _gauge("websocket_active_connections", "Open WebSocket connections.", g.connections())

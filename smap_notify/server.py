@@ -622,9 +622,13 @@ class Server:
                 config.cookie_name,
                 accept.user_id,
             )
-        registered = False
+        registered = admitted = False
         try:
             with trio.move_on_at(deadline) as scope:
+                admitted = True
+                # In user mode: until Redis has confirmed the user's subscriptions, so a
+                # message published once the client sees the 101 reaches it.
+                await self.hub.admit(accept.user_id, accept.filters)
                 assert self._readers is not None, "Server.serve is not running"
                 request = await trio_websocket.wrap_server_stream(
                     self._readers,  # type: ignore[arg-type]  # only start_soon is used
@@ -703,7 +707,10 @@ class Server:
                 conn.ws = None
         finally:
             if not registered:
-                self.hub.release(accept.user_id)
+                if admitted:
+                    self.hub.withdraw(accept.user_id, accept.filters)
+                else:
+                    self.hub.release(accept.user_id)
 
 
 def format_filters(filters: dict[str, str] | None) -> str:

@@ -9,6 +9,7 @@ back, in order with the messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -36,6 +37,7 @@ from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
 from .memory import LARGE
 from .metrics import Counters
+from .subscriptions import Requests, Subscription, batches
 
 if TYPE_CHECKING:
     from .sentinel import MasterAddress, MasterLocator
@@ -92,7 +94,8 @@ class SubscriberState:
     last_error: str = ""
     heartbeat: float = attrs.Factory(time.monotonic)
     attempts: int = 0
-    subscriptions: int = 0  # successful PSUBSCRIBEs so far
+    subscriptions: int = 0  # successful subscriptions (connections to Redis) so far
+    channels: int = 0  # channels and patterns held, as Redis last counted them
     master: str | None = None  # with sentinels: the master subscribed to (host:port)
 
 
@@ -327,13 +330,15 @@ async def run_redis_subscriber(
     state: SubscriberState,
     counters: Counters,
     patterns: Patterns | None = None,
+    requests: Requests | None = None,
     locator: MasterLocator | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the subscriber thread until cancelled; started at once, subscribed or not.
+    With ``requests`` (REDIS_SUBSCRIBE=user) it holds what they ask, not ``patterns``.
     With a ``locator`` (Sentinel), its watch of the sentinels runs in a second thread."""
-    worker = _Worker(config, inbox, state, counters, patterns, locator)
+    worker = _Worker(config, inbox, state, counters, patterns, requests, locator)
     with inbox.send:
         async with trio.open_nursery() as nursery:
             if locator is not None:
@@ -374,6 +379,7 @@ class _Worker:
         state: SubscriberState,
         counters: Counters,
         patterns: Patterns | None = None,
+        requests: Requests | None = None,
         locator: MasterLocator | None = None,
     ) -> None:
         self.config = config
@@ -383,6 +389,14 @@ class _Worker:
         self.state = state
         self.counters = counters
         self.patterns = patterns or Patterns(config.channels.patterns)
+        self.requests = requests
+        # The channel and data of the reply just read, if it was a ``message``: Redis
+        # writes a PUBLISH's ``message`` and ``pmessage`` to one subscriber back to back,
+        # so a ``pmessage`` right after it with the same channel and data is that
+        # publication again (held by a channel and a per-user pattern at once, while the
+        # plan moves from one to the other).
+        self._exact: tuple[bytes, bytes] | None = None
+        self._confirmed: list[Subscription] = []
         self.subscribed_patterns: tuple[str, ...] = ()  # asked for on this connection
         self.unconfirmed = 0  # PSUBSCRIBE confirmations before the subscription is made
         self.lost_at: datetime | None = None
@@ -453,6 +467,9 @@ class _Worker:
                 state.active = False
                 state.master = None
                 state.state = "retrying"
+                state.channels = 0
+                if self.requests is not None:
+                    self.requests.lost()
             delay = reconnect_delay(state.attempts, self.flaps)
             state.attempts += 1
             self._sleep(delay)
@@ -525,12 +542,21 @@ class _Worker:
             address = self.master.pair
         client = make_client(self.config, address=address)
         pubsub = client.pubsub(ignore_subscribe_messages=False)
+        self._exact = None
         try:
             wanted = self.patterns.wanted
             self.subscribed_patterns = wanted
-            self.unconfirmed = len(wanted)
             try:
-                pubsub.psubscribe(*wanted)
+                if self.requests is None:
+                    self.unconfirmed = len(wanted)
+                    pubsub.psubscribe(*wanted)
+                    self.counters.redis_subscribe_commands += 1
+                else:
+                    # Every channel in batches, then a PING: Redis answers in order, so
+                    # its PONG says all of them are confirmed.
+                    self.unconfirmed = 1
+                    self._send(pubsub, self.requests.snapshot(), True)
+                    pubsub.ping()
             except (ValueError, redis.InvalidResponse) as exc:
                 # redis-py parsed an answer to AUTH or SELECT that Redis never gives; which
                 # exception it raises for that differs between its releases.
@@ -543,8 +569,27 @@ class _Worker:
             except Exception:  # closing a broken connection must not hide why it broke
                 logger.debug("closing redis connection failed", exc_info=True)
 
+    def _send(self, pubsub: Any, subs: list[Subscription], subscribe: bool) -> None:
+        """(P)SUBSCRIBE or (P)UNSUBSCRIBE ``subs``, many per command."""
+        for kind, names in batches(subs):
+            pubsub.execute_command(_COMMANDS[kind, subscribe], *names)
+            if subscribe:
+                self.counters.redis_subscribe_commands += 1
+            else:
+                self.counters.redis_unsubscribe_commands += 1
+
+    def _apply(self, pubsub: Any, requests: Requests) -> None:
+        """Issue what the plan changed since the last turn: subscriptions first, so that a
+        channel that moves to a pattern (or back) is never held by neither."""
+        changes = requests.take_changes()
+        self._send(pubsub, [s for s, on in changes.items() if on], True)
+        self._send(pubsub, [s for s, on in changes.items() if not on], False)
+
     def _listen(self, pubsub: Any) -> None:
         replies = Replies(pubsub.connection)
+        requests = self.requests
+        if requests is not None:
+            replies.wake_on(requests.wake_fd)
         state = self.state
         last_rx = time.monotonic()
         probed_at = 0.0
@@ -555,12 +600,17 @@ class _Worker:
             if locator is not None and (named := locator.current()) != master:
                 # A demoted master stays up as a replica, where nothing is published.
                 raise MasterMoved(f"the sentinels moved the master to {named}")
-            if self.patterns.wanted != self.subscribed_patterns:
+            if requests is not None:
+                if requests.pending:
+                    self._apply(pubsub, requests)
+            elif self.patterns.wanted != self.subscribed_patterns:
                 self._resubscribe(pubsub)
             turn = time.monotonic()
             stalled = turn - state.heartbeat > STALLED_AFTER
             state.heartbeat = turn
             self.kept_up = not replies.wait(0)
+            if self.kept_up and requests is not None and requests.pending:
+                continue  # woken by a change: issue it before waiting
             if self.kept_up and not replies.wait(POLL_SECONDS):
                 now = time.monotonic()
                 stalled = stalled or now - turn > POLL_SECONDS + STALLED_AFTER
@@ -593,6 +643,10 @@ class _Worker:
                 if batch:
                     handed_at = self._hand_over(batch, full=replies.more)
                     coalescer.handed_over(handed_at, len(batch))
+                if self._confirmed:
+                    assert requests is not None
+                    requests.confirmed(self._confirmed)
+                    self._confirmed = []
             # The hub has the batch: one large message must not stay alive here until
             # the next one arrives.
             del batch
@@ -605,10 +659,12 @@ class _Worker:
         removed = [p for p in old if p not in wanted]
         if added:
             pubsub.psubscribe(*added)
+            self.counters.redis_subscribe_commands += 1
             if not self.state.active:
                 self.unconfirmed += len(added)
         if removed:
             pubsub.punsubscribe(*removed)
+            self.counters.redis_unsubscribe_commands += 1
         self.subscribed_patterns = wanted
         logger.info(
             "redis subscription changed pattern=%s added=%s removed=%s",
@@ -646,15 +702,39 @@ class _Worker:
                     " is REDIS_HOST a Redis server?"
                 )
             data = reply[3]
+            exact, self._exact = self._exact, None
+            if exact is not None and exact[0] == reply[2] and exact[1] == data:
+                return 0
             batch.append((reply[2], data))
             return len(data)
-        elif kind == b"psubscribe":
-            # One confirmation per pattern; the subscription is made once all are in.
-            # Those of patterns a reload added to a live subscription change nothing.
-            if not self.state.active:
-                self.unconfirmed -= 1
-                if self.unconfirmed <= 0:
-                    self._subscribed()
+        self._exact = None
+        if kind == b"message":
+            if len(reply) != 3 or not (type(reply[1]) is bytes and type(reply[2]) is bytes):
+                raise redis.InvalidResponse(
+                    f"not a Redis reply (a message of {len(reply)} elements): is REDIS_HOST a"
+                    " Redis server?"
+                )
+            data = reply[2]
+            self._exact = (reply[1], data)
+            batch.append((reply[1], data))
+            return len(data)
+        if kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
+            # [kind, name, how many channels and patterns the connection now holds]
+            if len(reply) == 3 and type(reply[2]) is int:
+                self.state.channels = reply[2]
+            if kind in _SUBSCRIBED:
+                if self.requests is not None:
+                    name = reply[1].decode("utf-8", "surrogateescape")
+                    self._confirmed.append(Subscription(name, kind == b"psubscribe"))
+                elif not self.state.active:
+                    # One confirmation per pattern; the subscription is made once all
+                    # are in. Those of patterns a reload added change nothing.
+                    self.unconfirmed -= 1
+                    if self.unconfirmed <= 0:
+                        self._subscribed()
+        elif kind in _PONG and self.requests is not None and not self.state.active:
+            # The PING sent after the channels: every one of them is confirmed.
+            self._subscribed()
         elif isinstance(reply, Exception):
             if not self.state.active:
                 # Redis refused PSUBSCRIBE: no password given where one is required
@@ -664,7 +744,11 @@ class _Worker:
             # Subscribed, only our PING gets other replies: LOADING (Redis loading its
             # dataset) or BUSY (a long script) still prove Redis is there, and Pub/Sub
             # keeps working through both.
-            logger.debug("redis answered the liveness probe with an error=%s", reply)
+            if self.requests is not None:
+                # A (P)(UN)SUBSCRIBE refused (an ACL that denies the channel): say so.
+                logger.warning("redis refused a subscription command error=%s", reply)
+            else:
+                logger.debug("redis answered the liveness probe with an error=%s", reply)
         # pong (our probe) and anything else only prove the connection is alive
         return 0
 
@@ -706,6 +790,18 @@ class _Worker:
         state.last_error = ""
 
 
+_COMMANDS: Final = {
+    ("subscribe", True): "SUBSCRIBE",
+    ("subscribe", False): "UNSUBSCRIBE",
+    ("psubscribe", True): "PSUBSCRIBE",
+    ("psubscribe", False): "PUNSUBSCRIBE",
+}
+# Tuples, not sets: a reply's first element need not be hashable (a peer that is not Redis).
+_SUBSCRIBED: Final = (b"subscribe", b"psubscribe")
+_UNSUBSCRIBED: Final = (b"unsubscribe", b"punsubscribe")
+_PONG: Final = (b"pong", b"PONG")  # subscribed, or holding nothing yet
+
+
 class Replies:
     """RESP2 replies read straight off the subscribed connection's socket.
 
@@ -729,6 +825,12 @@ class Replies:
         self._poll.register(self._fd, select.POLLIN)
         self._more = False  # complete replies may be buffered (a batch filled up)
         self._batch_bytes = 0  # message data in the batch being read
+        self._wake_fd: int | None = None
+
+    def wake_on(self, fd: int) -> None:
+        """Let ``wait`` also end when ``fd`` becomes readable (the plan changed)."""
+        self._wake_fd = fd
+        self._poll.register(fd, select.POLLIN)
 
     @property
     def more(self) -> bool:
@@ -739,7 +841,18 @@ class Replies:
         """Wait up to ``seconds`` (whole milliseconds: ``poll``'s unit) for a reply."""
         if self._more or (self._tls and self._sock.pending()):
             return True
-        return bool(self._poll.poll(seconds * 1000))
+        ready = self._poll.poll(seconds * 1000)
+        if self._wake_fd is None:
+            return bool(ready)
+        readable = False
+        for fd, _ in ready:
+            if fd == self._fd:
+                readable = True
+            else:  # woken: the caller's next turn issues the changes
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(fd, 4096):
+                        pass
+        return readable
 
     def linger(self, seconds: float) -> bool:
         """Sleep ``seconds`` whatever arrives meanwhile, then say whether a reply is waiting.

@@ -260,10 +260,12 @@ async def test_notifier_hears_connects_and_disconnects(
     calls: list[tuple[Any, ...]] = []
 
     class Recorder:
-        def on_user_connected(self, user_id: str) -> None:
+        def on_user_connected(self, user_id: str, filters: Any = None) -> None:
             calls.append(("connected", user_id))
 
-        def on_user_disconnected(self, user_id: str, has_other_connections: bool) -> None:
+        def on_user_disconnected(
+            self, user_id: str, has_other_connections: bool, filters: Any = None
+        ) -> None:
             calls.append(("disconnected", user_id, has_other_connections))
 
     daemon.app.hub.notifier = Recorder()

@@ -1,0 +1,371 @@
+"""Per-user subscriptions (REDIS_SUBSCRIBE=user): which channels the instance holds.
+
+``SubscriptionPlan`` decides (pure: fed the time); ``Requests`` carries its decisions to
+the subscriber thread, the only one that talks to the subscribed connection; and
+``UserSubscriptions`` is the hub's notifier that joins the two and lets a handshake wait
+until Redis has confirmed what its user needs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
+
+import trio
+
+from .channels import Channels, Subscription, shared_subscriptions, user_subscriptions
+
+logger = logging.getLogger(__name__)
+
+# A connection's filters, as a hashable key: () for none.
+FilterKey = tuple[tuple[str, str], ...]
+
+
+def filter_key(filters: Mapping[str, str] | None) -> FilterKey:
+    return tuple(sorted(filters.items())) if filters else ()
+
+
+def _encodable(sub: Subscription) -> bool:
+    """Redis channel names are bytes: a user id with a lone surrogate has none."""
+    try:
+        sub.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class SubscriptionPlan:
+    """What the instance subscribes to: every connected (or connecting) user's needs, the
+    broadcast templates once, and for ``grace`` seconds what is no longer needed (a
+    reconnecting tab must not cost an UNSUBSCRIBE and a SUBSCRIBE).
+
+    Pure: every change returns the subscriptions to add; ``expire`` those to drop.
+    """
+
+    def __init__(self, channels: Channels, grace: float) -> None:
+        self.channels = channels
+        self.grace = grace
+        self._users: dict[str, Counter[FilterKey]] = {}
+        self._wanted: dict[str, tuple[Subscription, ...]] = {}
+        self._shared: tuple[Subscription, ...] = shared_subscriptions(channels)
+        self.held: set[Subscription] = set(self._shared)  # asked of Redis
+        self._releasing: dict[Subscription, float] = {}  # held, unneeded: until when
+        self._deadlines: list[tuple[float, str, bool]] = []  # heap; stale entries skipped
+
+    @property
+    def users(self) -> int:
+        return len(self._users)
+
+    def wanted(self, user: str) -> tuple[Subscription, ...]:
+        return self._wanted.get(user, ())
+
+    def add(self, user: str, filters: Mapping[str, str] | None, now: float) -> list[Subscription]:
+        """A connection of ``user`` is being accepted; returns what to subscribe."""
+        self._users.setdefault(user, Counter())[filter_key(filters)] += 1
+        return self._update(user, now)
+
+    def remove(
+        self, user: str, filters: Mapping[str, str] | None, now: float
+    ) -> list[Subscription]:
+        """A connection of ``user`` ended (or was never accepted); returns what to
+        subscribe: the exact channels of the user's filtered tabs when the last one
+        without that filter leaves (the pattern stays held for the grace meanwhile)."""
+        counts = self._users.get(user)
+        key = filter_key(filters)
+        if counts is None or not counts[key]:
+            return []
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
+        if not counts:
+            del self._users[user]
+        return self._update(user, now)
+
+    def set_channels(self, channels: Channels, now: float) -> list[Subscription]:
+        """CHANNELS changed (a reload): what every user needs now; returns what to add."""
+        self.channels = channels
+        old_shared, self._shared = self._shared, shared_subscriptions(channels)
+        added = self._want(self._shared, old_shared, now)
+        for user in list(self._users):
+            added += self._update(user, now)
+        return added
+
+    def expire(self, now: float) -> list[Subscription]:
+        """Drop what has been unneeded for the grace; returns what to unsubscribe."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, name, pattern = heapq.heappop(self._deadlines)
+            sub = Subscription(name, pattern)
+            if self._releasing.get(sub) == deadline:
+                del self._releasing[sub]
+                self.held.discard(sub)
+                out.append(sub)
+        return out
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines:
+            deadline, name, pattern = self._deadlines[0]
+            if self._releasing.get(Subscription(name, pattern)) == deadline:
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
+
+    def _update(self, user: str, now: float) -> list[Subscription]:
+        counts = self._users.get(user)
+        new: tuple[Subscription, ...] = ()
+        if counts:
+            new = tuple(
+                s
+                for s in user_subscriptions(
+                    self.channels, user, (dict(key) if key else None for key in counts)
+                )
+                if _encodable(s)
+            )
+        old = self._wanted.get(user, ())
+        if new:
+            self._wanted[user] = new
+        else:
+            self._wanted.pop(user, None)
+        return self._want(new, old, now)
+
+    def _want(
+        self, new: Iterable[Subscription], old: Iterable[Subscription], now: float
+    ) -> list[Subscription]:
+        new = tuple(new)
+        added = []
+        for sub in new:
+            self._releasing.pop(sub, None)
+            if sub not in self.held:
+                self.held.add(sub)
+                added.append(sub)
+        kept = set(new)
+        for sub in old:
+            if sub not in kept and sub in self.held:
+                deadline = now + self.grace
+                self._releasing[sub] = deadline
+                heapq.heappush(self._deadlines, (deadline, sub.name, sub.pattern))
+        return added
+
+
+# Channels or patterns per SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE or PUNSUBSCRIBE command.
+BATCH: Final = 1000
+
+
+def batches(subs: Iterable[Subscription]) -> list[tuple[str, list[str]]]:
+    """Redis commands, at most BATCH names each, that (un)subscribe ``subs``: a pair of
+    the command's kind (``subscribe``, ``psubscribe``) and its names."""
+    channels = [s.name for s in subs if not s.pattern]
+    patterns = [s.name for s in subs if s.pattern]
+    return [
+        (kind, names[i : i + BATCH])
+        for kind, names in (("subscribe", channels), ("psubscribe", patterns))
+        for i in range(0, len(names), BATCH)
+    ]
+
+
+class Requests:
+    """The plan's decisions on their way to the subscriber thread, and Redis's
+    confirmations on their way back. Shared by the event loop and the thread under a lock.
+
+    Bounded: ``held`` and ``changes`` hold each subscription at most once (a later
+    decision replaces an earlier one not yet taken), ``confirmed`` only what was asked.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held: set[Subscription] = set()  # what the instance is to hold
+        self._changes: dict[Subscription, bool] = {}  # True: subscribe, False: unsubscribe
+        self._confirmed: list[Subscription] = []
+        self._lost = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
+        # Called from the thread when confirmations (or a loss) start waiting.
+        self.tell: Callable[[], None] = lambda: None
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable once there are changes (they are in place before it is): the thread
+        polls it beside Redis's socket, and empties it whenever it finds it readable."""
+        return self._wake_r
+
+    # -- the event loop's side --------------------------------------------------------
+
+    def change(
+        self, subscribe: Iterable[Subscription], unsubscribe: Iterable[Subscription]
+    ) -> None:
+        with self._lock:
+            for sub in subscribe:
+                self.held.add(sub)
+                self._changes[sub] = True
+            for sub in unsubscribe:
+                self.held.discard(sub)
+                self._changes[sub] = False
+            wake = bool(self._changes) and not self._woken
+            self._woken = self._woken or wake
+        if wake:
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:  # a byte is waiting already
+                pass
+
+    def take_confirmed(self) -> tuple[list[Subscription], bool]:
+        """What Redis confirmed since, and whether the subscription was lost meanwhile."""
+        with self._lock:
+            confirmed, self._confirmed = self._confirmed, []
+            lost, self._lost = self._lost, False
+        return confirmed, lost
+
+    # -- the subscriber thread's side -------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Changes are waiting (read without the lock: a stale answer waits one turn)."""
+        return bool(self._changes)
+
+    def take_changes(self) -> dict[Subscription, bool]:
+        with self._lock:
+            changes, self._changes = self._changes, {}
+            self._woken = False
+        return changes
+
+    def snapshot(self) -> list[Subscription]:
+        """Everything to hold, for a new connection to Redis; pending changes are in it."""
+        with self._lock:
+            self._changes = {}
+            self._woken = False
+            held = list(self.held)
+        return held
+
+    def confirmed(self, subs: list[Subscription]) -> None:
+        """Record Redis's confirmations; the event loop is told once per take."""
+        with self._lock:
+            tell = not self._confirmed and not self._lost
+            self._confirmed += subs
+        if tell:
+            self.tell()
+
+    def lost(self) -> None:
+        """The subscription is gone: nothing confirmed holds any more."""
+        with self._lock:
+            tell = not self._confirmed and not self._lost
+            self._confirmed = []
+            self._lost = True
+        if tell:
+            self.tell()
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class UserSubscriptions:
+    """The hub's notifier in user mode: subscribes what a connecting user needs, and lets
+    its handshake wait for Redis's confirmation; unsubscribes a grace after the last."""
+
+    def __init__(
+        self,
+        channels: Channels,
+        grace: float,
+        requests: Requests,
+        active: Callable[[], bool],
+    ) -> None:
+        self.plan = SubscriptionPlan(channels, grace)
+        self.requests = requests
+        requests.change(self.plan.held, ())
+        requests.tell = self._thread_told
+        self._active = active  # whether the subscription is live (the subscriber's state)
+        self._confirmed: set[Subscription] = set()
+        self._waiters: dict[Subscription, list[_Waiter]] = {}
+        self._replanned = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def on_user_connected(
+        self, user_id: str, filters: Mapping[str, str] | None = None
+    ) -> trio.Event | None:
+        """A connection is being accepted; the event (if any) is set once Redis has
+        confirmed every subscription its user needs, or the subscription is lost."""
+        added = self.plan.add(user_id, filters, trio.current_time())
+        if added:
+            self.requests.change(added, ())
+        if not self._active():
+            return None  # Redis is down: accepted anyway, the resync covers the outage
+        missing = {s for s in self.plan.wanted(user_id) if s not in self._confirmed}
+        if not missing:
+            return None
+        waiter = _Waiter(missing)
+        for sub in missing:
+            self._waiters.setdefault(sub, []).append(waiter)
+        return waiter.event
+
+    def on_user_disconnected(
+        self,
+        user_id: str,
+        has_other_connections: bool,
+        filters: Mapping[str, str] | None = None,
+    ) -> None:
+        added = self.plan.remove(user_id, filters, trio.current_time())
+        if added:
+            self.requests.change(added, ())
+        self._replanned.set()
+
+    def set_channels(self, channels: Channels) -> None:
+        """A reload changed CHANNELS: hold what the current connections need now."""
+        added = self.plan.set_channels(channels, trio.current_time())
+        self.requests.change(added, ())
+        self._replanned.set()
+
+    def count(self) -> int:
+        return len(self.plan.held)
+
+    def _thread_told(self) -> None:
+        """From the subscriber thread: confirmations (or a loss) are waiting."""
+        if self._token is not None:
+            self._token.run_sync_soon(self._take_confirmed)
+
+    def _take_confirmed(self) -> None:
+        confirmed, lost = self.requests.take_confirmed()
+        if lost:
+            self._confirmed.clear()
+            for waiters in self._waiters.values():
+                for waiter in waiters:
+                    waiter.event.set()
+            self._waiters.clear()
+        held = self.plan.held
+        for sub in confirmed:
+            # A confirmation of something released meanwhile says nothing of now.
+            if sub in held:
+                self._confirmed.add(sub)
+            self._release(sub)
+
+    def _release(self, sub: Subscription) -> None:
+        for waiter in self._waiters.pop(sub, ()):
+            waiter.missing.discard(sub)
+            if not waiter.missing:
+                waiter.event.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Unsubscribe what the grace has run out on, until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        task_status.started()
+        while True:
+            deadline = self.plan.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self._replanned.wait()
+            self._replanned = trio.Event()
+            expired = self.plan.expire(trio.current_time())
+            if expired:
+                self._confirmed.difference_update(expired)
+                for sub in expired:
+                    self._release(sub)  # its handshakes have ended: nobody waits
+                self.requests.change((), expired)
+
+
+class _Waiter:
+    def __init__(self, missing: set[Subscription]) -> None:
+        self.missing = missing
+        self.event = trio.Event()

@@ -1,0 +1,156 @@
+"""The per-user subscription plan (REDIS_SUBSCRIBE=user): pure logic, no Redis."""
+
+from __future__ import annotations
+
+import trio
+
+from smap_notify.channels import Subscription, parse_channels
+from smap_notify.subscriptions import BATCH, Requests, SubscriptionPlan, UserSubscriptions, batches
+
+TOPIC_ERA = parse_channels(
+    "user_noti:{user},project:{project}:{user}|raw,job:{job}:{user}|raw,system:{event},alerts:all"
+)
+
+
+def ch(name: str) -> Subscription:
+    return Subscription(name, False)
+
+
+def pat(name: str) -> Subscription:
+    return Subscription(name, True)
+
+
+def test_the_first_connection_subscribes_the_users_channels_and_broadcasts_are_held_once() -> None:
+    plan = SubscriptionPlan(TOPIC_ERA, grace=5)
+    assert plan.held == {pat("system:*"), ch("alerts:all")}
+    assert set(plan.add("u1", None, 0)) == {
+        ch("user_noti:u1"),
+        pat("project:*:u1"),
+        pat("job:*:u1"),
+    }
+    assert plan.add("u1", None, 0) == []  # a second tab: nothing new
+    assert set(plan.add("u2", {"project": "p1"}, 0)) == {
+        ch("user_noti:u2"),
+        ch("project:p1:u2"),
+        pat("job:*:u2"),
+    }
+
+
+def test_a_user_holds_the_pattern_or_the_exact_channels_never_both() -> None:
+    plan = SubscriptionPlan(TOPIC_ERA, grace=5)
+    plan.add("u", {"project": "p1"}, 0)
+    plan.add("u", {"project": "p2"}, 0)
+    assert {ch("project:p1:u"), ch("project:p2:u")} <= set(plan.wanted("u"))
+    assert plan.add("u", None, 1) == [pat("project:*:u")]  # a dashboard: the pattern
+    wanted = set(plan.wanted("u"))
+    assert pat("project:*:u") in wanted and ch("project:p1:u") not in wanted
+    # The exact channels go after the grace; the pattern was added before they go.
+    assert plan.next_deadline() == 6
+    assert set(plan.expire(6)) == {ch("project:p1:u"), ch("project:p2:u")}
+    # The dashboard leaves: back to the exact channels, asked for again.
+    plan.remove("u", None, 10)
+    assert set(plan.held) >= {ch("project:p1:u"), ch("project:p2:u"), pat("project:*:u")}
+    assert plan.expire(15) == [pat("project:*:u")]
+
+
+def test_unsubscribe_comes_a_grace_after_the_last_tab_and_not_if_a_tab_comes_back() -> None:
+    plan = SubscriptionPlan(parse_channels("user_noti:{user}"), grace=5)
+    plan.add("u", None, 0)
+    plan.add("u", None, 0)
+    plan.remove("u", None, 1)
+    assert plan.next_deadline() is None  # another tab is open
+    plan.remove("u", None, 2)
+    assert plan.next_deadline() == 7
+    assert plan.expire(6.9) == []
+    assert plan.add("u", None, 6.9) == []  # reconnected within the grace: still held
+    assert plan.next_deadline() is None
+    assert plan.expire(100) == []
+    plan.remove("u", None, 100)
+    assert plan.expire(105) == [ch("user_noti:u")]
+    assert plan.held == set() and plan.users == 0
+    assert plan.add("u", None, 106) == [ch("user_noti:u")]
+
+
+def test_removing_a_connection_never_seen_changes_nothing() -> None:
+    plan = SubscriptionPlan(TOPIC_ERA, grace=5)
+    plan.remove("nobody", None, 0)
+    plan.add("u", None, 0)
+    plan.remove("u", {"project": "p1"}, 0)
+    assert plan.next_deadline() is None
+
+
+def test_a_user_id_topic_templates_cannot_route_gets_only_its_plain_channel() -> None:
+    plan = SubscriptionPlan(TOPIC_ERA, grace=5)
+    assert plan.add("a:b*", None, 0) == [ch("user_noti:a:b*")]
+    assert plan.add("bad\ud800", None, 0) == []  # no channel name in bytes: nothing
+
+
+def test_a_reload_subscribes_what_the_new_templates_need_and_releases_the_rest() -> None:
+    plan = SubscriptionPlan(parse_channels("user_noti:{user}"), grace=5)
+    plan.add("u", {"project": "p1"}, 0)
+    added = plan.set_channels(TOPIC_ERA, 1)
+    assert set(added) == {ch("project:p1:u"), pat("job:*:u"), pat("system:*"), ch("alerts:all")}
+    plan.set_channels(parse_channels("campaign:{campaign}:user:{user}"), 2)
+    assert plan.next_deadline() == 7
+    assert set(plan.expire(7)) == set(added) | {ch("user_noti:u")}
+    assert plan.held == {pat("campaign:*:user:u")}
+
+
+def test_commands_carry_many_names_each() -> None:
+    subs = [ch(f"user_noti:{i}") for i in range(2 * BATCH + 1)] + [pat("job:*:u")]
+    commands = batches(subs)
+    assert [(kind, len(names)) for kind, names in commands] == [
+        ("subscribe", BATCH),
+        ("subscribe", BATCH),
+        ("subscribe", 1),
+        ("psubscribe", 1),
+    ]
+
+
+def test_requests_keep_the_last_decision_and_wake_the_thread_once() -> None:
+    requests = Requests()
+    try:
+        requests.change([ch("a"), ch("b")], [])
+        requests.change([], [ch("a")])
+        assert requests.pending
+        assert requests.take_changes() == {ch("a"): False, ch("b"): True}
+        assert requests.held == {ch("b")}
+        assert not requests.pending
+        assert requests.snapshot() == [ch("b")]
+    finally:
+        requests.close()
+
+
+async def test_a_handshake_waits_for_the_confirmation_and_a_loss_lets_it_go(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    requests = Requests()
+    active = True
+    subs = UserSubscriptions(parse_channels("user_noti:{user}"), 5, requests, lambda: active)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subs.serve)
+            ready = subs.on_user_connected("u")
+            assert ready is not None and not ready.is_set()
+            requests.confirmed([ch("user_noti:u")])  # as the thread does
+            await trio.testing.wait_all_tasks_blocked()
+            assert ready.is_set()
+            assert subs.on_user_connected("u") is None  # confirmed already
+            waiting = subs.on_user_connected("v")
+            assert waiting is not None
+            requests.lost()
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting.is_set()
+            active = False
+            assert subs.on_user_connected("w") is None  # Redis down: accept anyway
+            # The grace, on Trio's clock.
+            subs.on_user_disconnected("u", True)
+            subs.on_user_disconnected("u", False)
+            requests.take_changes()
+            await trio.sleep(4.9)
+            assert not requests.pending
+            await trio.sleep(0.2)
+            assert requests.take_changes() == {ch("user_noti:u"): False}
+            nursery.cancel_scope.cancel()
+    finally:
+        requests.close()
