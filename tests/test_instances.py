@@ -7,6 +7,7 @@ import json
 import socket
 from typing import Any
 
+import pytest
 import trio
 
 from .conftest import DaemonProcess, RedisServer, free_port, http_request, wait_for_port
@@ -28,29 +29,30 @@ def start_instance(daemon_process: Any, port: int, **env: str) -> tuple[DaemonPr
     return daemon, admin
 
 
-async def test_two_daemons_share_a_port_and_each_delivers_to_its_own_clients(
-    daemon_process: Any, redis_server: RedisServer
+@pytest.mark.parametrize("count", [2, 4])
+async def test_daemons_share_a_port_and_each_delivers_to_its_own_clients(
+    daemon_process: Any, redis_server: RedisServer, count: int
 ) -> None:
     port = free_port()
-    first, first_admin = start_instance(daemon_process, port)
-    second, second_admin = start_instance(daemon_process, port)
+    instances = [start_instance(daemon_process, port) for _ in range(count)]
     async with trio.open_nursery() as nursery:
         sockets = [await open_ws(nursery, port, "u-shared") for _ in range(CLIENTS)]
         # The kernel spread the connections: each daemon holds some, and only its own.
-        counts = [await active_connections(first_admin), await active_connections(second_admin)]
-        assert sum(counts) == CLIENTS, counts
-        assert min(counts) > 0, counts
-        assert await publish(redis_server, "u-shared", {"type": "notification", "payload": 7}) == 2
+        held = [await active_connections(admin) for _, admin in instances]
+        assert sum(held) == CLIENTS, held
+        assert min(held) > 0, held
+        published = await publish(redis_server, "u-shared", {"type": "notification", "payload": 7})
+        assert published == count  # each daemon subscribed once
         for ws in sockets:
             assert (await receive_json(ws))["payload"] == 7
         for ws in sockets:
             await ws.aclose()
-    for admin, count in ((first_admin, counts[0]), (second_admin, counts[1])):
+    for (_, admin), frames in zip(instances, held, strict=True):
         status, _, body = await http_request(admin, "/metrics")
         assert status == 200
-        assert f"smap_notify_frames_sent_total {count}.0" in body.decode(), body.decode()
-    assert first.stop() == 0 and second.stop() == 0
-    for daemon, admin in ((first, first_admin), (second, second_admin)):
+        assert f"smap_notify_frames_sent_total {frames}.0" in body.decode(), body.decode()
+    assert [daemon.stop() for daemon, _ in instances] == [0] * count
+    for daemon, admin in instances:
         assert f"/health and /metrics alone on 127.0.0.1:{admin}" in daemon.log()
 
 
