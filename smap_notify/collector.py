@@ -38,14 +38,16 @@ def freeze_start_up() -> None:
 
 
 def freeze_survivors() -> tuple[int, float]:
-    """Collect the young generations, then freeze every object left; (unreachable
+    """Collect the youngest generation, then freeze every object left; (unreachable
     objects found, seconds taken).
 
-    A young collection walks at most what was allocated since the last one (the
-    thresholds bound it), never the oldest generation: a full collection first would be
-    the very walk over every connection that freezing spares."""
+    The youngest generation holds at most what was allocated since its last collection
+    (the first threshold bounds it). The older two are frozen without a walk: right after
+    a ramp of connections they hold all of them, and collecting them first would be the
+    very walk that freezing spares (gen 1 at 8,000 connections: 528 ms). A cycle that
+    died there after surviving a young collection is frozen with the rest."""
     start = time.perf_counter()
-    found = gc.collect(1)
+    found = gc.collect(0)
     gc.freeze()
     return found, time.perf_counter() - start
 

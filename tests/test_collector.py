@@ -45,11 +45,23 @@ def test_young_garbage_is_collected_and_the_survivors_are_frozen() -> None:
     assert not tracked(alive), "frozen"
 
 
-def test_the_oldest_generation_is_not_walked_and_is_frozen_with_the_rest() -> None:
+@pytest.mark.parametrize("generation", [1, 2])
+def test_the_older_generations_are_not_walked_but_frozen(generation: int) -> None:
     old, _ = cycle()
-    gc.collect()  # survivors of a full collection: the oldest generation
-    assert any(o is old for o in gc.get_objects(generation=2))
-    freeze_survivors()
+    gc.collect(generation - 1)  # survivors of that collection move up a generation
+    assert any(o is old for o in gc.get_objects(generation=generation))
+    walked: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            walked.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        freeze_survivors()
+    finally:
+        gc.callbacks.remove(record)
+    assert walked == [0]
     assert not tracked(old)
 
 
