@@ -619,7 +619,17 @@ def run_idle_latency(
 
 def idle_latency_table(results: list[dict[str, Any]], servers: list[str]) -> tuple[str, str]:
     """The table (medians per server and number of idle connections) and the targets."""
-    header = ["server", "idle conns", "p50", "p99", "p999", "max", "idle CPU", "correct"]
+    header = [
+        "server",
+        "idle conns",
+        "p50",
+        "p99",
+        "p999",
+        "max",
+        "idle CPU",
+        "CPU wait",
+        "correct",
+    ]
     rows = []
     p999: dict[tuple[str, int], float | None] = {}
     for name in servers:
@@ -634,6 +644,7 @@ def idle_latency_table(results: list[dict[str, Any]], servers: list[str]) -> tup
                 + [fmt(median_of(runs, f"{q}_ms"), "{:.2f} ms") for q in ("p50", "p99", "p999")]
                 + [fmt(median_of(runs, "max_ms"), "{:.2f} ms")]
                 + [fmt(median_of(runs, "idle_cpu_pct"), "{:.1f}%")]
+                + [fmt(median_of(runs, "server_cpu_wait_ms"), "{:.0f} ms")]
                 + [f"{good}/{len(runs)}"]
             )
     most = max((r["idle"] for r in results), default=0)
