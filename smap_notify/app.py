@@ -17,7 +17,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from . import collector, entry, logs, systemd
+from . import entry, logs, systemd
 from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
@@ -334,12 +334,9 @@ async def run(
     config_file: Path | None = None,
     environ: dict[str, str] | None = None,
     notifier: Notifier | None = None,
-    freeze_survivors: bool = False,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until SIGTERM or SIGINT, then drain and return. ``freeze_survivors``:
-    keep long-lived objects out of the collector's way (the process's own collector: not
-    for a daemon run inside another program's process)."""
+    """Run the daemon until SIGTERM or SIGINT, then drain and return."""
     environ = dict(environ or {})
     app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
     check_open_files(config.ws_max_connections)
@@ -352,8 +349,6 @@ async def run(
             signal.raise_signal(signum)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(app.serve, listeners)
-            if freeze_survivors:
-                nursery.start_soon(collector.run_freezer)
             addresses = ", ".join(_address(listener) for listener in bound)
             logger.info("listening on %s", addresses)
             app.announce_ready()

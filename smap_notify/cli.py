@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     try:
         trio.run(
-            lambda: app.run(
-                config, config_file=args.config, environ=environ, freeze_survivors=True
-            ),
+            lambda: app.run(config, config_file=args.config, environ=environ),
         )
     except KeyboardInterrupt:
         return EX_OK
