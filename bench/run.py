@@ -695,7 +695,10 @@ def write_idle_latency(
         " connections (they answer pings, nothing else); idle CPU is the server's CPU over"
         " one ping interval with them all open and no message. Medians of"
         f" {args.idle_repeats} run(s) per row; load average at the end"
-        f" {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; steadiness {info['steadiness']}.",
+        f" {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; steadiness {info['steadiness']}."
+        " CPU wait: how long the server was ready to run during the probe but another"
+        " process had its CPU. The profile behind these figures: ``profile-notes.rst``,"
+        ' "Idle connections and the tail".',
         "",
         table,
         "",
