@@ -32,6 +32,7 @@ import argparse
 import array
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import mmap
@@ -93,6 +94,19 @@ def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_wait_s(pid: int) -> float:
+    """How long the threads of a process were ready to run but waited for a CPU (the
+    scheduler's run-queue delay, ``/proc/PID/task/*/schedstat``), in seconds."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended, or no schedstats
+            continue
+    return total / 1e9
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -783,6 +797,7 @@ def percentiles(ns: array.array[int]) -> dict[str, float]:
         "p50_ms": at(0.50),
         "p90_ms": at(0.90),
         "p99_ms": at(0.99),
+        "p999_ms": at(0.999),
         "max_ms": round(s[-1] / 1e6, 3),
         "mean_ms": round(statistics.fmean(s) / 1e6, 3),
         "samples": n,
@@ -804,7 +819,10 @@ class Harness:
         workers: int,
         redis_pid: int | None = None,
         native: str | None = None,
+        first_user: int = 0,
     ) -> None:
+        """``first_user``: the users are ``first_user`` .. ``first_user + n_users - 1`` (a
+        second harness beside another holds users of its own)."""
         ctx = mp.get_context("fork")
         self.n_users = n_users
         self.conns_per_user = conns_per_user
@@ -829,7 +847,8 @@ class Harness:
             for w in range(workers):
                 path = os.path.join(self.tmp.name, f"tokens-{w}")
                 with open(path, "w") as f:
-                    for u, token in tokens(secret, range(w, n_users, workers)):
+                    users = range(first_user + w, first_user + n_users, workers)
+                    for u, token in tokens(secret, users):
                         f.write(f"{u} {token}\n" * conns_per_user)
                 nw = NativeProcess(native, port, path, counts_file, w)
                 self.pipes.append(nw)
@@ -837,7 +856,7 @@ class Harness:
         dedupe = conns_per_user > 1
         for w in range(workers if native is None else 0):
             mine, theirs = ctx.Pipe()
-            users = range(w, n_users, workers)
+            users = range(first_user + w, first_user + n_users, workers)
             p = ctx.Process(
                 target=worker_main,
                 args=(
@@ -1138,6 +1157,109 @@ def run_scenario(
         h.close()
     out["check"] = check
     out["correct"] = bool(ok and not check["errors"] and "failure" not in out)
+    return out
+
+
+IDLE_LATENCY = {"rate": 200.0, "messages": 3000, "settle_s": 16.0, "idle_cpu_s": 30.0}
+IDLE_LATENCY_QUICK = {"rate": 200.0, "messages": 1000, "settle_s": 16.0, "idle_cpu_s": 10.0}
+
+
+def run_idle_latency(
+    idle: int,
+    *,
+    port: int,
+    server_pid: int,
+    redis_port: int,
+    secret: str,
+    quick: bool = False,
+    workers: int = 2,
+    concurrency: int = 64,
+    redis_pid: int | None = None,
+    native: str | None = None,
+) -> dict[str, Any]:
+    """One probe connection's latency at 200 msg/s while other client processes hold
+    ``idle`` connections that answer pings and nothing else; and the server's CPU with
+    them all open and no message (issue 21).
+
+    The probe connects first, then the idle ones; the settle time outlasts a server's
+    grace before the first ping of a new connection (smap-notify: 15 s by default), so
+    the idle CPU and the probe see pings at their steady rate."""
+    raise_nofile()
+    p = IDLE_LATENCY_QUICK if quick else IDLE_LATENCY
+    out: dict[str, Any] = {"scenario": "idle-latency", "idle": idle, "rate": p["rate"]}
+    harness = functools.partial(
+        Harness, port=port, server_pid=server_pid, redis_port=redis_port, secret=secret
+    )
+    harnesses: list[Harness] = []
+    ok = True
+    try:
+        probe = harness(n_users=1, conns_per_user=1, workers=1, redis_pid=redis_pid, native=native)
+        harnesses.append(probe)
+        probe.wait_subscriber()
+        if probe.connect(1)["failed"]:
+            raise RuntimeError("the probe connection failed")
+        if idle:
+            # Users 1..idle: never the probe's user 0, so no probe message reaches them.
+            held = harness(
+                n_users=idle,
+                conns_per_user=1,
+                workers=workers,
+                native=native,
+                first_user=1,
+            )
+            harnesses.append(held)
+            con = held.connect(concurrency)
+            out["connected"] = con["ok"]
+            out["connects_per_s"] = round(con["ok"] / max(con["wall_s"], 1e-9), 1)
+            if con["failed"]:
+                raise RuntimeError(f"{con['failed']} of {idle} idle connections failed")
+            for name, pid in held.probe.procs.items():
+                if name.startswith("client"):
+                    probe.probe.procs[f"idle-{name}"] = pid
+        time.sleep(p["settle_s"])
+        a = probe.probe.snap()
+        time.sleep(p["idle_cpu_s"])
+        b = probe.probe.snap()
+        d = Probe.delta(a, b)
+        out["idle_cpu_pct"] = round(100 * d["server_cpu_s"] / d["wall_s"], 2)
+        out["rss_kb"] = proc_rss_kb(server_pid)
+        probe.burst(1, 1)  # warm-up
+        if not probe.wait_delivered(probe.expected_frames()):
+            raise RuntimeError("warm-up: the probe's message did not arrive")
+        probe.latency(True)
+        a = probe.probe.snap()
+        waited = proc_cpu_wait_s(server_pid)
+        pub = probe.rate(p["rate"], p["messages"] / p["rate"])
+        ok &= probe.wait_delivered(probe.expected_frames())
+        b = probe.probe.snap()
+        d = Probe.delta(a, b)
+        out.update(
+            percentiles(probe.latency(False)),
+            # Time the server was ready but another process had its CPU: a shared
+            # machine's share of the tail.
+            server_cpu_wait_ms=round(1000 * (proc_cpu_wait_s(server_pid) - waited), 1),
+            rate_achieved=round(pub["rate_achieved"], 1),
+            publisher_max_lag_ms=pub["publisher_max_lag_ms"],
+            server_cpu_pct=round(100 * d["server_cpu_s"] / d["wall_s"], 1),
+            loadgen=d["loadgen"],
+        )
+    except Exception as exc:
+        ok = False
+        out["failure"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        errors: dict[str, int] = {}
+        samples: list[str] = []
+        for h in harnesses:
+            try:
+                check = h.finish()
+            except Exception as exc:  # a worker that died cannot report
+                check = {"errors": {"load generator failed": 1}, "error_samples": [repr(exc)]}
+            h.close()
+            for k, v in check["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            samples += check["error_samples"]
+    out["check"] = {"errors": errors, "error_samples": samples[:8]}
+    out["correct"] = bool(ok and not errors and "failure" not in out)
     return out
 
 

@@ -1,6 +1,7 @@
 """Run the whole smap-notify benchmark (issue 4) and print the results table.
 
-    python bench/run.py [--quick] [--repeats N] [--scenarios idle throughput latency fanout]
+    python bench/run.py [--quick] [--repeats N] [--scenarios idle throughput latency fanout
+                        idle-latency] [--idle-servers smap-notify node-ws]
                         [--servers smap-notify asyncio-baseline] [--client native|python]
                         [--no-pin] [--write]
 
@@ -17,6 +18,7 @@ every run go to ``bench/out/`` (not committed). Every process it starts is stopp
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -43,8 +45,17 @@ sys.path.insert(0, str(BENCH))
 import loadgen  # noqa: E402
 
 SCENARIOS = ["idle", "throughput", "latency", "fanout"]
+# Not in the default set: about 7 minutes, and it needs Node.js (issue 21).
+IDLE_LATENCY = "idle-latency"
 SMAP = "smap-notify"
 BASE = "asyncio-baseline"
+NODE = "node-ws"
+NODE_SOURCE = REPO.parent / "shared" / "peers" / "node-ws"
+IDLE_LEVELS = (0, 8000, 16000)
+IDLE_LEVELS_QUICK = (0, 2000, 4000)
+# RESULTS.rst keeps the idle-latency section between these lines across --write runs.
+SECTION_START = ".. idle-latency: start"
+SECTION_END = ".. idle-latency: end"
 
 
 def free_port() -> int:
@@ -181,9 +192,32 @@ def server_for(name: str, redis_port: int, tag: str) -> Server:
     env.pop("LISTEN_FDS", None)
     if name == SMAP:
         cmd = [sys.executable, "-m", "smap_notify"]
+    elif name == NODE:
+        cmd = ["node", str(OUT / "node-ws" / "server.js")]
     else:
         cmd = [sys.executable, str(BENCH / "asyncio_relay.py")]
     return Server(name, cmd, env, port, OUT / f"{tag}.log")
+
+
+def node_ready(source: Path) -> str | None:
+    """Copy the Node.js relay into bench/out/ and install its packages once; None when it
+    can run, else why not."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        return "node or npm not found"
+    dest = OUT / "node-ws"
+    if not (dest / "node_modules").is_dir():
+        if not (source / "server.js").is_file():
+            return f"no {source / 'server.js'} (--node-ws)"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("node_modules"))
+        for path in [dest, *dest.iterdir()]:  # the source may be read-only
+            path.chmod(path.stat().st_mode | 0o200)
+        r = subprocess.run(
+            ["npm", "ci", "--omit=dev"], cwd=dest, capture_output=True, text=True, timeout=600
+        )
+        if r.returncode:
+            return "npm ci failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return None
 
 
 def smap_importable() -> str | None:
@@ -499,6 +533,8 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
     ]
     if notes:
         lines += ["Failures and notes", "------------------", "", notes, ""]
+    if kept := idle_latency_section():
+        lines += [kept, ""]
     profile = BENCH / "profile-notes.rst"
     if profile.exists():
         lines += [profile.read_text().rstrip(), ""]
@@ -507,12 +543,204 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
     return path
 
 
+def drive(
+    srv: Server, redis: Redis, scenario: Callable[..., dict[str, Any]], **kwargs: Any
+) -> dict[str, Any]:
+    """Run a load-generator ``scenario`` against the started ``srv``, then stop ``srv``; the
+    result is marked incorrect when the load generator failed or the server died."""
+    assert srv.proc is not None
+    res: dict[str, Any]
+    try:
+        res = scenario(
+            port=srv.port,
+            server_pid=srv.proc.pid,
+            redis_port=redis.port,
+            secret=srv.env["JWT_SECRET_KEY"],
+            redis_pid=redis.proc.pid,
+            **kwargs,
+        )
+    except Exception as exc:  # the load generator itself failed
+        res = {"correct": False, "check": {"errors": {}}}
+        res["failure"] = f"load generator: {type(exc).__name__}: {exc}"
+    finally:
+        alive = srv.proc.poll() is None
+        res_stop = srv.stop()
+    if not alive:
+        res["correct"] = False
+        res.setdefault("failure", f"server died during the run ({res_stop})")
+    res["server_stop"] = res_stop
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# idle-latency (issue 21)
+# ---------------------------------------------------------------------------------------
+def run_idle_latency(
+    args: argparse.Namespace,
+    redis: Redis,
+    server_cpus: set[int] | None,
+    native: str | None,
+    started: float,
+) -> list[dict[str, Any]]:
+    """The probe at each number of idle connections, the servers interleaved."""
+    results: list[dict[str, Any]] = []
+    levels = IDLE_LEVELS_QUICK if args.quick else IDLE_LEVELS
+    for rep in range(args.idle_repeats):
+        for idle in levels:
+            for name in args.idle_servers:
+                tag = f"{name}-idle{idle}-{rep}"
+                srv = server_for(name, redis.port, tag)
+                print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
+                res: dict[str, Any] = {"correct": False}
+                try:
+                    srv.start(cpus=server_cpus)
+                except ServerFailed as exc:
+                    res["failure"] = f"failed to start: {exc}"
+                    print("FAILED TO START")
+                else:
+                    res = drive(
+                        srv,
+                        redis,
+                        functools.partial(loadgen.run_idle_latency, idle),
+                        quick=args.quick,
+                        workers=args.workers,
+                        native=native,
+                    )
+                    print(
+                        f"p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f}"
+                        f" p999 {res['p999_ms']:.2f} max {res['max_ms']:.2f} ms,"
+                        f" idle CPU {res['idle_cpu_pct']:.1f}%"
+                        if res["correct"]
+                        else f"INCORRECT ({res.get('failure') or res['check']['errors']})"
+                    )
+                results.append({**res, "scenario": IDLE_LATENCY, "idle": idle, "server": name})
+    return results
+
+
+def idle_latency_table(results: list[dict[str, Any]], servers: list[str]) -> tuple[str, str]:
+    """The table (medians per server and number of idle connections) and the targets."""
+    header = [
+        "server",
+        "idle conns",
+        "p50",
+        "p99",
+        "p999",
+        "max",
+        "idle CPU",
+        "CPU wait",
+        "correct",
+    ]
+    rows = []
+    p999: dict[tuple[str, int], float | None] = {}
+    for name in servers:
+        for idle in sorted({r["idle"] for r in results}):
+            runs = [r for r in results if r["server"] == name and r["idle"] == idle]
+            if not runs:
+                continue
+            p999[name, idle] = median_of(runs, "p999_ms")
+            good = sum(1 for r in runs if r.get("correct"))
+            rows.append(
+                [name, f"{idle:,}"]
+                + [fmt(median_of(runs, f"{q}_ms"), "{:.2f} ms") for q in ("p50", "p99", "p999")]
+                + [fmt(median_of(runs, "max_ms"), "{:.2f} ms")]
+                + [fmt(median_of(runs, "idle_cpu_pct"), "{:.1f}%")]
+                + [fmt(median_of(runs, "server_cpu_wait_ms"), "{:.0f} ms")]
+                + [f"{good}/{len(runs)}"]
+            )
+    most = max((r["idle"] for r in results), default=0)
+    targets = []
+    mine, none, node = p999.get((SMAP, most)), p999.get((SMAP, 0)), p999.get((NODE, most))
+    if most and mine is not None and none:
+        met = "met" if mine <= 2 * none else "NOT met"
+        targets.append(
+            f"- p999 with {most:,} idle within 2x of none: {mine:.2f} / {none:.2f} ms"
+            f" = {mine / none:.2f}x, {met}"
+        )
+    if most and mine is not None and node is not None:
+        met = "met" if mine <= node else "NOT met"
+        targets.append(
+            f"- p999 with {most:,} idle no higher than {NODE}'s: {mine:.2f} vs {node:.2f} ms, {met}"
+        )
+    for r in results:
+        if not r.get("correct"):
+            why = r.get("failure") or f"errors {r.get('check', {}).get('errors')}"
+            targets.append(f"- {r['server']} with {r['idle']:,} idle: incorrect: {why}")
+    return rst_table(header, rows), "\n".join(targets)
+
+
+def idle_latency_section() -> str:
+    """The idle-latency section of RESULTS.rst as it stands, markers included, or ""."""
+    path = BENCH / "RESULTS.rst"
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start < 0 or end < start:
+        return ""
+    return text[start : end + len(SECTION_END)]
+
+
+def write_idle_latency(
+    info: dict[str, str], args: argparse.Namespace, table: str, notes: str
+) -> Path:
+    """Put the idle-latency results into RESULTS.rst, in place of the last ones."""
+    load = os.getloadavg()
+    rate = loadgen.IDLE_LATENCY_QUICK if args.quick else loadgen.IDLE_LATENCY
+    body = [
+        SECTION_START,
+        "",
+        "Latency with idle connections (issue 21)",
+        "----------------------------------------",
+        "",
+        f"``python bench/run.py {' '.join(sys.argv[1:])}`` on {info['date']}: one probe"
+        f" connection, {rate['messages']:,} messages at {rate['rate']:.0f} msg/s, while other client processes hold the idle"
+        " connections (they answer pings, nothing else); idle CPU is the server's CPU over"
+        " one ping interval with them all open and no message. Medians of"
+        f" {args.idle_repeats} run(s) per row; load average at the end"
+        f" {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; steadiness {info['steadiness']}."
+        " CPU wait: how long the server was ready to run during the probe but another"
+        " process had its CPU. The profile behind these figures: ``profile-notes.rst``,"
+        ' "Idle connections and the tail".',
+        "",
+        table,
+        "",
+        notes,
+        "",
+        SECTION_END,
+    ]
+    section = "\n".join(body)
+    path = BENCH / "RESULTS.rst"
+    text = path.read_text()
+    if kept := idle_latency_section():
+        text = text.replace(kept, section)
+    else:
+        profile = BENCH / "profile-notes.rst"
+        first = profile.read_text().splitlines()[0] if profile.exists() else ""
+        at = text.find(first) if first else -1
+        text = text + "\n" + section + "\n" if at < 0 else text[:at] + section + "\n\n" + text[at:]
+    path.write_text(text)
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (about 1 minute)")
     ap.add_argument("--repeats", type=int, help="runs per server and scenario (3; quick: 2)")
-    ap.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    ap.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=[*SCENARIOS, IDLE_LATENCY],
+        default=SCENARIOS,
+        help=f"default: {' '.join(SCENARIOS)}; {IDLE_LATENCY} runs only when named",
+    )
+    ap.add_argument(
+        "--idle-servers",
+        nargs="+",
+        choices=[SMAP, NODE],
+        default=[SMAP, NODE],
+        help=f"the servers of {IDLE_LATENCY}",
+    )
+    ap.add_argument("--idle-repeats", type=int, default=1, help=f"runs of {IDLE_LATENCY} (1)")
+    ap.add_argument("--node-ws", type=Path, default=NODE_SOURCE, help="the Node.js relay")
     ap.add_argument("--servers", nargs="+", choices=[SMAP, BASE], default=[SMAP, BASE])
     ap.add_argument("--workers", type=int, default=2, help="load-generator client processes")
     loadgen.add_client_option(ap)
@@ -554,6 +782,13 @@ def main() -> int:
         if server_cpus and other_cpus
         else "not pinned: servers, redis-server and the load generator share every CPU"
     )
+    if IDLE_LATENCY in args.scenarios and NODE in args.idle_servers:
+        if why := node_ready(args.node_ws):
+            print(f"note: {NODE} left out: {why}")
+            args.idle_servers = [n for n in args.idle_servers if n != NODE]
+    if IDLE_LATENCY in args.scenarios and SMAP in broken:
+        args.idle_servers = [n for n in args.idle_servers if n != SMAP]
+    idle_results: list[dict[str, Any]] = []
     redis = Redis()
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -583,31 +818,16 @@ def main() -> int:
                         ]
                         if len(maxima) > 1 and all(maxima):
                             common_rate = 0.8 * min(m for m in maxima if m)
-                    res: dict[str, Any]
-                    try:
-                        res = loadgen.run_scenario(
-                            scen,
-                            port=srv.port,
-                            server_pid=srv.proc.pid,
-                            redis_port=redis.port,
-                            secret=srv.env["JWT_SECRET_KEY"],
-                            quick=args.quick,
-                            workers=args.workers,
-                            max_rate=max_rate,
-                            common_rate=common_rate,
-                            redis_pid=redis.proc.pid,
-                            native=native,
-                        )
-                    except Exception as exc:  # the load generator itself failed
-                        res = {"scenario": scen, "correct": False, "check": {"errors": {}}}
-                        res["failure"] = f"load generator: {type(exc).__name__}: {exc}"
-                    finally:
-                        alive = srv.proc.poll() is None
-                        res_stop = srv.stop()
-                    if not alive:
-                        res["correct"] = False
-                        res.setdefault("failure", f"server died during the run ({res_stop})")
-                    res["server_stop"] = res_stop
+                    res = drive(
+                        srv,
+                        redis,
+                        functools.partial(loadgen.run_scenario, scen),
+                        quick=args.quick,
+                        workers=args.workers,
+                        max_rate=max_rate,
+                        common_rate=common_rate,
+                        native=native,
+                    )
                     results[name].setdefault(scen, []).append(res)
                     if not res["correct"]:
                         check = res.get("check", {})
@@ -619,12 +839,16 @@ def main() -> int:
                         print(f"INCORRECT ({res.get('failure') or res['check']['errors']})")
                     else:
                         print(brief(res))
+        if IDLE_LATENCY in args.scenarios:
+            idle_results = run_idle_latency(args, redis, server_cpus, native, started)
     finally:
         redis.stop()
     calibration["steadiness"] = describe_steadiness(
         steady_before, steadiness(server_cpus, steady_seconds)
     )
-    (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"results-{stamp}.json").write_text(
+        json.dumps({**results, IDLE_LATENCY: idle_results}, indent=1)
+    )
     table, notes = summarize(results, failures, scenarios)
     info = machine_info(redis.version, calibration)
     print()
@@ -636,14 +860,21 @@ def main() -> int:
     print(f"steadiness of the servers' CPU: {info['steadiness']}")
     print(f"load generator: {args.client_used}")
     print(f"CPUs: {args.cpus}")
-    print(table)
+    if scenarios:
+        print(table)
     if notes:
         print("\nFailures and notes:\n" + notes)
     print(
         f"\nraw results: {OUT / f'results-{stamp}.json'}; total {time.monotonic() - started:.0f}s"
     )
-    if args.write:
+    if idle_results:
+        idle_table, idle_notes = idle_latency_table(idle_results, args.idle_servers)
+        print(f"\n{IDLE_LATENCY} (load average now {os.getloadavg()[0]:.2f}):\n{idle_table}")
+        print(idle_notes)
+    if args.write and scenarios:
         print(f"wrote {write_rst(info, args, table, notes)}")
+    if args.write and idle_results:
+        print(f"wrote {write_idle_latency(info, args, idle_table, idle_notes)}")
     return 0
 
 

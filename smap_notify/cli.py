@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import logging
 import os
@@ -15,7 +14,7 @@ from typing import Final, NoReturn
 import trio
 from jwt.warnings import InsecureKeyLengthWarning
 
-from . import app, logs, systemd
+from . import app, collector, logs, systemd
 from .config import ConfigError, config_warnings, load_config
 
 logger = logging.getLogger("smap_notify")
@@ -125,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)
-    # Start-up objects live forever: keep them out of the collector's way.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    collector.freeze_start_up()
     # The event loop and the Redis thread hand the GIL to each other all the time; the
     # default 5 ms switch interval would let one wait that long for the other.
     sys.setswitchinterval(0.0005)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Final, Protocol
@@ -14,6 +15,7 @@ from .channels import wants
 from .config import Config
 from .connection import PING_FRAME, Connection, text_frame, text_frame_of
 from .inbox import Inbox
+from .keepalive import PING_SLICE, Schedule
 from .logs import LimitedLogger
 from .memory import LARGE, Trimmer
 from .messages import (
@@ -101,6 +103,7 @@ class Hub:
         self._reserved: dict[str, int] = {}
         self._reserved_total = 0
         self._dirty: list[Connection] = []
+        self._schedule: Schedule[Connection] = Schedule()
         self._nursery: trio.Nursery | None = None
         self._log = LimitedLogger(logger)
         self._dryrun_log = LimitedLogger(logger, burst=DRYRUN_LOG_BURST)
@@ -148,6 +151,7 @@ class Hub:
         self.connection_count += 1
         conn.on_abort = self._on_abort
         conn.on_drained = self._on_drained
+        self._schedule.add(conn, trio.current_time(), time.time(), self.config.ws_pong_wait)
         self.counters.handshakes_accepted += 1
 
     def unregister(self, conn: Connection, reason: str) -> None:
@@ -155,6 +159,7 @@ class Hub:
         if conns is None or conn not in conns:
             return
         conns.remove(conn)
+        self._schedule.discard(conn)
         if not conns:
             del self.users[conn.user_id]
         self.connection_count -= 1
@@ -446,50 +451,61 @@ class Hub:
 
     async def _keepalive(self) -> None:
         """One timer for every connection: pings, closing the silent ones, and closing
-        those whose token has expired.
+        those whose token has expired; each tick visits only the connections due.
 
-        Pings are spread over the interval: each tick pings the connections whose turn it
-        is, every connection once per interval. Pinging all at once would answer with a
+        Pings are spread over the interval: each tick pings one slot of connections, in
+        turn, every connection once per interval. Pinging all at once would answer with a
         storm of pongs (10,000 connections: about half a second of work in one go), a
-        latency spike for every message behind it. A new connection waits out a grace
-        first (half the interval, less when WS_PONG_WAIT leaves less room), as it would
-        with a timer of its own: short-lived clients are not pinged at all, and some
-        client libraries fail on a ping that crosses their own close frame.
+        latency spike for every message behind it; ticks of PING_SLICE keep each slice of
+        pongs to a few. A new connection waits out a grace first (half the interval, less
+        when WS_PONG_WAIT leaves less room), as it would with a timer of its own:
+        short-lived clients are not pinged at all, and some client libraries fail on a
+        ping that crosses their own close frame.
         """
-        turn = 0
-        last_tick = resumed = trio.current_time()
+        schedule = self._schedule
+        pong_wait = self.config.ws_pong_wait
+        wake = resumed = trio.current_time()
+        schedule.rebase(wake)
         while True:
             interval = self.config.ws_ping_interval
-            tick = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
-            await trio.sleep(tick)
+            # A turn: the connections pinged in one second (less with short intervals),
+            # cut into slots of at most PING_SLICE, one after the other; the timer wakes
+            # for the slots that hold a connection, and at least once a turn.
+            turn = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
+            slices = math.ceil(turn / PING_SLICE)
+            # Rounded down: each connection's ping comes at least once per interval.
+            tick = turn / slices
+            schedule.set_slots(int(interval / turn), slices, tick)
+            await trio.sleep_until(wake)
             now = trio.current_time()
             # The event loop itself did not run (the process stopped, the VM paused, a
             # long block): what the clients sent meanwhile waits unread, and most of them
             # have not been pinged since. Their silence counts from now on, so each gets
             # its ping and a whole WS_PONG_WAIT to answer it.
-            if now - last_tick > tick + STALL_SLACK:
+            if now - wake > STALL_SLACK:
                 resumed = now
-            last_tick = now
+                schedule.rebase(now)
             wall = time.time()
-            pong_wait = self.config.ws_pong_wait
-            # Rounded down: each connection's ping comes at least once per interval.
-            turns = max(1, int(interval / tick))
+            if self.config.ws_pong_wait != pong_wait:
+                pong_wait = self.config.ws_pong_wait
+                schedule.reschedule(now, wall, pong_wait)
             # A silent client's first ping comes within grace + interval < pong_wait.
             grace = min(interval, pong_wait - interval) / 2
-            turn = (turn + 1) % turns
-            for conn in list(self.connections()):
-                if now - max(conn.stream.last_receive, resumed) > pong_wait:
-                    conn.abort("pong_timeout")
-                elif conn.expires_at <= wall and not conn.close_reason:
-                    conn.close_reason = "token_expired"
-                    conn.closing = trio.Event()
-                    self._nursery_or_fail().start_soon(self._expire, conn)
-                elif conn.id % turns == turn and conn.writable and now - conn.opened > grace:
+            silent, expired = schedule.due(now, wall, resumed, pong_wait)
+            for conn in silent:
+                conn.abort("pong_timeout")
+            for conn in expired:
+                conn.close_reason = "token_expired"
+                conn.closing = trio.Event()
+                self._nursery_or_fail().start_soon(self._expire, conn)
+            for conn in schedule.pings_due(now):
+                if conn.writable and now - conn.opened > grace:
                     conn.push_control(PING_FRAME)
                     if not conn.dirty:
                         self._queue_write(conn)
             self.flush()
             self._trimmer.trim_if_wanted()
+            wake = max(schedule.next_wake(), now + tick)
 
     def _nursery_or_fail(self) -> trio.Nursery:
         assert self._nursery is not None, "Hub.serve is not running"

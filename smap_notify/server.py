@@ -702,7 +702,7 @@ class Server:
                 )
                 # Connection and ConnStream refer to each other: without this the pair,
                 # with trio-websocket's objects behind it, would wait for the cyclic
-                # collector, which runs rarely here (cli.py raises its thresholds).
+                # collector, which runs rarely here (collector.py raises its thresholds).
                 stream.conn = None
                 conn.ws = None
         finally:

@@ -1197,13 +1197,16 @@ async def test_a_reader_that_stops_does_not_grow_memory_or_hold_up_its_other_tab
     assert metrics.gauge("websocket_active_connections") == 2, "drop policy keeps it open"
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
-    start_daemon: Any, nursery: trio.Nursery
+    start_daemon: Any, nursery: trio.Nursery, frozen: bool
 ) -> None:
     """A connection and its stream referred to each other, so each closed connection, with
     trio-websocket's objects behind it, waited for the cyclic collector, which the daemon
     runs rarely (an outside soak: 1,943 closed connections held at idle, RSS up 2.6 MB per
-    cycle of churn). Clean closes and vanishing clients alike are freed when they end."""
+    cycle of churn). Clean closes and vanishing clients alike are freed when they end;
+    also once the collector froze them as survivors (collector.py), which it never
+    looks at again."""
     daemon: Daemon = await start_daemon()
     gc.collect()
     gc.disable()
@@ -1217,6 +1220,8 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
             (conn,) = daemon.app.hub.users["user123"]
             gone = weakref.ref(conn.stream)  # Connection has no __weakref__ slot
             del conn
+            if frozen:
+                gc.freeze()
             if how == "close":
                 await ws.aclose()
             else:
@@ -1224,9 +1229,45 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
             await daemon.wait_connections(0)
             await wait_until(lambda gone=gone: gone() is None)
     finally:
+        gc.unfreeze()
         gc.enable()
     # A close frame and a vanishing client are told apart (1006: connection_lost).
     assert daemon.app.counters.connections_closed == {"client_closed": 1, "connection_lost": 1}
+
+
+async def test_connections_that_close_frozen_leave_no_reference_cycle(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    """The collector never looks at frozen objects again (collector.py): any reference
+    cycle among a connection's objects would stay for good once it closed."""
+    daemon: Daemon = await start_daemon()
+    gc.collect()
+    gc.disable()
+    try:
+        clean = [await ws_connect(daemon.port, f"clean{i}", nursery) for i in range(10)]
+        raw = [await RawWebSocket.open(daemon.port, f"raw{i}") for i in range(10)]
+        await daemon.wait_connections(20)
+        gc.freeze()
+        for ws in clean:
+            await ws.aclose()
+        for client in raw:
+            await client.vanish()
+        await daemon.wait_connections(0)
+        gc.unfreeze()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [
+            type(obj).__qualname__
+            for obj in gc.garbage
+            if type(obj).__module__.startswith("smap_notify")
+            or (isinstance(obj, trio_websocket.WebSocketConnection) and not obj.is_client)
+        ]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
+        gc.enable()
 
 
 # -- SIGTERM mid fan-out -------------------------------------------------------------------------

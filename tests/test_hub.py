@@ -112,14 +112,37 @@ async def test_pings_are_spread_over_the_interval_and_reach_every_connection_onc
 
     await trio.sleep(14.5)  # a new connection's grace (half the interval): no pings
     assert pinged() == 0
-    await trio.sleep(1)  # then between keep-alive ticks, which come every second
-    per_tick = []
-    for _ in range(30):
+    await trio.sleep(1.05)  # between two slots
+    first = [conn.pending.count(PING_FRAME) for conn in conns]
+    per_second = []
+    for _ in range(30):  # one interval
         before = pinged()
         await trio.sleep(1)
-        per_tick.append(pinged() - before)
-    assert [conn.pending.count(PING_FRAME) for conn in conns] == [1] * 300, "once each"
-    assert max(per_tick) <= 300 // 30 + 1, per_tick  # a thirtieth per tick, not all at once
+        per_second.append(pinged() - before)
+    after = [conn.pending.count(PING_FRAME) for conn in conns]
+    assert [b - a for a, b in zip(first, after, strict=True)] == [1] * 300, "once each"
+    # A thirtieth each second, not all at once.
+    assert max(per_second) <= 300 // 30 + 1, per_second
+
+
+async def test_each_second_of_pings_is_cut_into_small_slices(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The pongs of one slice come back together and delay whatever message is behind
+    them: a second's pings in one go was a thirtieth of all connections at once."""
+    conns = await start_pinging_hub(nursery, 30, 60, 1000)
+
+    def pinged() -> int:
+        return sum(conn.pending.count(PING_FRAME) for conn in conns)
+
+    await trio.sleep(15.05)
+    per_window = []
+    for _ in range(300):  # 30 s in windows of 0.1 s
+        before = pinged()
+        await trio.sleep(0.1)
+        per_window.append(pinged() - before)
+    assert sum(per_window) == 1000
+    assert max(per_window) <= 1000 * 0.1 / 30 + 2, max(per_window)
 
 
 async def test_a_silent_new_connection_is_pinged_before_its_pong_wait_runs_out(
