@@ -14,7 +14,7 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from smap_notify.app import App
 from smap_notify.cluster import NodeAddress, parse_nodes
 from smap_notify.config import ConfigError, load_config
 
-from .conftest import SECRET, Daemon, RedisServer, free_port, wait_until
+from .conftest import SECRET, Daemon, DaemonProcess, RedisServer, free_port, wait_until
 from .test_chaos import get_health
 from .test_sentinel import (
     PublishFlow,
@@ -36,6 +36,7 @@ from .test_sentinel import (
     one_restored,
     publish_at,
     run_fault,
+    start_line,
 )
 
 NODE_TIMEOUT_MS = 1000
@@ -254,6 +255,15 @@ async def test_a_server_not_in_cluster_mode_is_named(
     await wait_until(lambda: daemon.app.subscriber.attempts >= 1)
     error = daemon.app.subscriber.last_error
     assert "not a cluster node (REDIS_CLUSTER=true?)" in error, error
+
+
+def test_the_start_line_names_the_cluster_nodes(
+    daemon_process: Callable[..., DaemonProcess],
+) -> None:
+    nodes = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    daemon = daemon_process(REDIS_CLUSTER="true", REDIS_HOST=nodes)
+    assert f"redis=cluster nodes={nodes} " in start_line(daemon)
+    assert daemon.stop() == 0
 
 
 def test_several_redis_hosts_only_with_a_cluster() -> None:

@@ -442,9 +442,14 @@ def test_the_start_line_names_the_sentinels(
     ports = [free_port(), free_port()]
     sentinels = ",".join(f"127.0.0.1:{p}" for p in ports)
     daemon = daemon_process(REDIS_SENTINELS=sentinels, REDIS_SENTINEL_MASTER=NAME)
+    line = start_line(daemon)
+    assert f"redis=sentinel sentinel_master={NAME} sentinels={sentinels}" in line
+    assert daemon.stop() == 0
+
+
+def start_line(daemon: DaemonProcess) -> str:
+    """The daemon's "starting smap-notify" log line, once written."""
     deadline = time.monotonic() + 10
     while "starting smap-notify" not in daemon.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    line = next(line for line in daemon.log().splitlines() if "starting smap-notify" in line)
-    assert f"redis=sentinel sentinel_master={NAME} sentinels={sentinels}" in line
-    assert daemon.stop() == 0
+    return next(line for line in daemon.log().splitlines() if "starting smap-notify" in line)
