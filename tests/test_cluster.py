@@ -22,6 +22,7 @@ import attrs
 import pytest
 import redis
 import trio
+from trio_websocket import WebSocketConnection
 
 from smap_notify.app import App
 from smap_notify.cluster import NodeAddress, parse_nodes
@@ -223,18 +224,56 @@ async def test_a_node_the_cluster_failed_while_it_stays_up_is_left(
         await wait_until(
             lambda: app.subscriber.active and app.subscriber.master != address(stopped), 30
         )
-        live = [n for n in cluster.nodes if n is not stopped]
-        data = json.dumps({"type": "alert", "payload": {"seq": 1}})
-        await trio.to_thread.run_sync(publish_on, live[-1], "user_noti:user123", data)
-        frames: list[dict[str, Any]] = []
-        with trio.fail_after(10):
-            while not any(f["type"] == "alert" for f in frames):
-                frames.append(json.loads(await ws.get_message()))
-        assert [f["type"] for f in frames] == ["resync", "alert"]
+        await expect_resync_then_delivery(ws, cluster.nodes[-1])
     finally:
         stopped.resume()
     lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
     assert len(lost) == 1 and "MasterMoved" in lost[0] and " failed (says " in lost[0], lost
+
+
+@pytest.mark.slow
+async def test_a_node_the_cluster_forgot_is_left(
+    cluster: Cluster, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLUSTER FORGET on every other node removes a replica from the cluster while it
+    stays up (and still believes itself a member): the subscriber leaves it."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    replica = next(n for n in cluster.nodes if "slave" in own_flags(n))
+    daemon = await start_daemon(nursery, address(replica))
+    app = daemon.app
+    await daemon.wait_subscribed()
+    assert app.subscriber.master == address(replica)
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    with replica.client() as client:
+        node_id = client.execute_command("CLUSTER", "MYID")
+    others = [n for n in cluster.nodes if n is not replica]
+    for node in others:
+        with node.client() as client:
+            client.execute_command("CLUSTER", "FORGET", node_id)
+    await wait_until(lambda: app.subscriber.active and app.subscriber.master != address(replica))
+    await expect_resync_then_delivery(ws, others[0])
+    lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
+    assert len(lost) == 1 and " is no longer in the cluster (says " in lost[0], lost
+    await check_accounting(daemon)
+
+
+async def expect_resync_then_delivery(ws: WebSocketConnection, node: RedisServer) -> None:
+    """The client gets one resync, then what is published on ``node``."""
+    data = json.dumps({"type": "alert", "payload": {"seq": 1}})
+    await trio.to_thread.run_sync(publish_on, node, "user_noti:user123", data)
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        while not any(f["type"] == "alert" for f in frames):
+            frames.append(json.loads(await ws.get_message()))
+    assert [f["type"] for f in frames] == ["resync", "alert"]
+
+
+def own_flags(node: RedisServer) -> frozenset[str]:
+    with node.client() as client:
+        text = client.execute_command("CLUSTER", "NODES")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return next(n.flags for n in parse_nodes(text) if "myself" in n.flags)
 
 
 async def test_no_node_answers_health_says_which_and_why(nursery: trio.Nursery) -> None:
