@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from . import entry, logs, systemd
+from .cluster import NodeLocator
 from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
@@ -28,7 +29,13 @@ from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
-from .subscriber import SOCKET_TIMEOUT, Patterns, SubscriberState, run_redis_subscriber
+from .subscriber import (
+    SOCKET_TIMEOUT,
+    Locator,
+    Patterns,
+    SubscriberState,
+    run_redis_subscriber,
+)
 from .subscriptions import Requests, UserSubscriptions
 
 logger = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ class App:
     subscriber: SubscriberState
     patterns: Patterns
     probe: RedisProbe
-    locator: MasterLocator | None
+    locator: Locator | None
     server: Server
     notifier: systemd.Notifier
     # REDIS_SUBSCRIBE=user: what the instance subscribes to, as users come and go.
@@ -82,9 +89,11 @@ class App:
                 active=lambda: state.active,
             )
         hub = Hub(config, counters, notifier or subscriptions)
-        locator = (
-            MasterLocator(config, socket_timeout=SOCKET_TIMEOUT) if config.redis_sentinels else None
-        )
+        locator: Locator | None = None
+        if config.redis_sentinels:
+            locator = MasterLocator(config, socket_timeout=SOCKET_TIMEOUT)
+        elif config.redis_cluster:
+            locator = NodeLocator(config, socket_timeout=SOCKET_TIMEOUT)
         app = cls(
             config=config,
             config_file=config_file,
@@ -123,6 +132,7 @@ class App:
             redis_health=await self.probe.check(self.subscriber.subscriptions),
             subscriber=self.subscriber,
             sentinel_master=self.config.redis_sentinel_master if self.locator else "",
+            cluster=self.config.redis_cluster,
             connections=self.hub.connection_count,
             users=len(self.hub.users),
             circuit_state=self.probe.breaker.state,

@@ -42,6 +42,7 @@ RESTART_FIELDS: Final = frozenset(
         "redis_password",
         "redis_db",
         "redis_use_tls",
+        "redis_cluster",
         "redis_sentinels",
         "redis_sentinel_master",
         "redis_sentinel_password",
@@ -223,8 +224,11 @@ def _host_port_problem(name: str, value: str) -> str | None:
 
 
 def _redis_host(_inst: Any, _attribute: attrs.Attribute[Any], value: str) -> None:
-    if problem := _host_port_problem("REDIS_HOST", value):
-        raise ValueError(problem)
+    # A comma list names several nodes of one Redis Cluster (REDIS_CLUSTER=true, checked
+    # with the other settings in load_config and __attrs_post_init__).
+    for item in value.split(","):
+        if problem := _host_port_problem("REDIS_HOST", item.strip()):
+            raise ValueError(problem)
 
 
 def _redis_sentinels(_inst: Any, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -293,6 +297,9 @@ class Config:
     redis_password: str = attrs.field(default="", repr=False)
     redis_db: int = attrs.field(default=0, validator=_at_least(0))
     redis_use_tls: bool = False
+    # A Redis Cluster: REDIS_HOST names one or several of its nodes, the subscriber moves
+    # to another live node when its own fails.
+    redis_cluster: bool = False
     # With sentinels, the master is the one they name; REDIS_HOST is not used.
     redis_sentinels: tuple[str, ...] = attrs.field(default=(), validator=_redis_sentinels)
     redis_sentinel_master: str = attrs.field(default="", validator=_sentinel_master)
@@ -333,9 +340,18 @@ class Config:
         """Empty or ``production`` ENV is production; anything else is a dev-like mode."""
         return self.env.strip().lower() in ("", "production")
 
+    def __attrs_post_init__(self) -> None:
+        if problems := cluster_problems(self.redis_host, self.redis_cluster, self.redis_db):
+            raise ValueError("; ".join(problems))
+
     @property
     def redis_address(self) -> tuple[str, int]:
-        return split_host_port(self.redis_host)
+        """REDIS_HOST's server (with a cluster, the first node it names)."""
+        return self.redis_addresses[0]
+
+    @property
+    def redis_addresses(self) -> list[tuple[str, int]]:
+        return [split_host_port(item.strip()) for item in self.redis_host.split(",")]
 
     @property
     def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -569,6 +585,19 @@ def _parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     return values, problems
 
 
+def cluster_problems(redis_host: str, cluster: bool, db: int) -> list[str]:
+    """What REDIS_HOST and REDIS_DB cannot mean with (or without) REDIS_CLUSTER."""
+    out = []
+    if "," in redis_host and not cluster:
+        out.append(
+            "REDIS_HOST names several servers: only the nodes of a Redis Cluster"
+            " (REDIS_CLUSTER=true); otherwise one host:port"
+        )
+    if cluster and db != 0:
+        out.append(f"REDIS_DB must be 0 with REDIS_CLUSTER (a cluster has no other), got {db}")
+    return out
+
+
 def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> Config:
     """Build the configuration from the environment, then the file (the file wins).
 
@@ -610,6 +639,14 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
             f" ({format_duration(ping)}): a connection is dropped when nothing arrived for"
             " WS_PONG_WAIT, and the pong answers a ping"
         )
+    if "redis_host" in kwargs and "redis_db" in kwargs:
+        cluster = kwargs.get("redis_cluster", False)
+        problems += cluster_problems(kwargs["redis_host"], cluster, kwargs["redis_db"])
+        if cluster and kwargs.get("redis_sentinels"):
+            problems.append(
+                "REDIS_CLUSTER and REDIS_SENTINELS exclude each other: a cluster fails over"
+                " by itself"
+            )
     sentinels, master = kwargs.get("redis_sentinels"), kwargs.get("redis_sentinel_master")
     if sentinels and master == "":
         problems.append(

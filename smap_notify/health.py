@@ -13,8 +13,7 @@ import trio
 from .breaker import CircuitBreaker
 from .channels import DEFAULT
 from .config import Config
-from .sentinel import MasterAddress, MasterLocator
-from .subscriber import REDIS_FAILURES, SubscriberState, make_client, not_redis
+from .subscriber import REDIS_FAILURES, Address, Locator, SubscriberState, make_client, not_redis
 
 PING_TIMEOUT: Final = 1.0
 
@@ -46,12 +45,12 @@ class RedisProbe:
         self,
         config: Config,
         breaker: CircuitBreaker | None = None,
-        locator: MasterLocator | None = None,
+        locator: Locator | None = None,
     ) -> None:
         self.breaker = breaker or CircuitBreaker()
         self._config = config
         self._locator = locator
-        self._master: MasterAddress | None = None  # the one self._client talks to
+        self._master: Address | None = None  # the one self._client talks to
         self._client = make_client(config, socket_timeout=PING_TIMEOUT)
         self._limiter = trio.CapacityLimiter(1)
         self._in_flight: trio.Event | None = None
@@ -91,7 +90,7 @@ class RedisProbe:
         loading = False
         try:
             if self._locator is not None:
-                self._follow(self._locator.current() or self._locator.find())
+                self._follow(self._locator.probe_address())
             self._client.ping()
         except redis.BusyLoadingError:
             # Redis answers, still loading its dataset; the subscription is unaffected.
@@ -103,8 +102,8 @@ class RedisProbe:
         ms = round((time.perf_counter() - start) * 1000, 3)
         return RedisHealth(True, ping_ms=ms, loading=loading)
 
-    def _follow(self, master: MasterAddress) -> None:
-        """PING ``master`` from now on (the sentinels' choice)."""
+    def _follow(self, master: Address) -> None:
+        """PING ``master`` from now on (the sentinels' master, a live cluster node)."""
         if master != self._master:
             self._client.close()
             self._client = make_client(
@@ -121,6 +120,7 @@ def health_document(
     redis_health: RedisHealth,
     subscriber: SubscriberState,
     sentinel_master: str = "",
+    cluster: bool = False,
     connections: int,
     users: int,
     circuit_state: str,
@@ -159,4 +159,7 @@ def health_document(
     if sentinel_master:
         # The master subscribed to, as the sentinels named it; null while none is.
         doc["sentinel"] = {"master_name": sentinel_master, "master": subscriber.master}
+    if cluster:
+        # The cluster node subscribed on; null while none is.
+        doc["cluster"] = {"node": subscriber.master}
     return (200 if status == "healthy" else 503), doc

@@ -19,7 +19,14 @@ import redis
 import trio
 
 from .config import Config
-from .subscriber import DEAD_AFTER, PROBE_AFTER, REDIS_FAILURES, fail_fast_client, reconnect_delay
+from .subscriber import (
+    DEAD_AFTER,
+    PROBE_AFTER,
+    REDIS_FAILURES,
+    fail_fast_client,
+    reconnect_delay,
+    sleep_in_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +108,15 @@ class MasterLocator:
         """The master last learnt, without asking anyone."""
         return self._known
 
+    def moved(self, named: object) -> str:
+        return f"the sentinels moved the master to {named}"
+
+    def describe(self, address: object) -> str:
+        return f"{address or 'unknown'} sentinel_master={self.name}"
+
+    def probe_address(self) -> MasterAddress:
+        return self.current() or self.find()
+
     def find(self, between: Callable[[], None] = lambda: None) -> MasterAddress:
         """Ask the sentinels in turn for the master; ``between`` runs before each.
 
@@ -160,7 +176,7 @@ class MasterLocator:
                     )
             if self._first == index:  # it failed: the next one, whatever find() does
                 self._first = (index + 1) % len(self._sentinels)
-            self._sleep(reconnect_delay(failures, 0))
+            sleep_in_thread(reconnect_delay(failures, 0))
 
     def _watch_one(self, label: str, client: redis.Redis) -> None:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -205,12 +221,6 @@ class MasterLocator:
             kept,
             parsed[1],
         )
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            trio.from_thread.check_cancelled()
-            time.sleep(min(left, 0.1))
 
     def close(self) -> None:
         for _, client in self._sentinels:

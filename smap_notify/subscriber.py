@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 import hiredis
@@ -38,9 +38,6 @@ from .inbox import Inbox
 from .memory import LARGE
 from .metrics import Counters
 from .subscriptions import Requests, Subscription, batches
-
-if TYPE_CHECKING:
-    from .sentinel import MasterAddress, MasterLocator
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +93,8 @@ class SubscriberState:
     attempts: int = 0
     subscriptions: int = 0  # successful subscriptions (connections to Redis) so far
     channels: int = 0  # channels and patterns held, as Redis last counted them
-    master: str | None = None  # with sentinels: the master subscribed to (host:port)
+    # With sentinels or a cluster: the server subscribed on (host:port), None while none is.
+    master: str | None = None
 
 
 @attrs.define
@@ -109,12 +107,46 @@ class Patterns:
     wanted: tuple[str, ...]
 
 
+class Address(Protocol):
+    """A server a ``Locator`` names; ``str()`` is its ``host:port``."""
+
+    @property
+    def pair(self) -> tuple[str, int]: ...
+
+
+class Locator(Protocol):
+    """Where to subscribe when REDIS_HOST alone does not say it: Sentinel's master
+    (sentinel.py), a live node of a Redis Cluster (cluster.py). Thread-safe."""
+
+    def find(self, between: Callable[[], None] = ...) -> Address:
+        """Ask for the server to subscribe on (before each connect); ``between`` runs
+        before each question."""
+
+    def current(self) -> Address | None:
+        """The server to be on now: the subscriber leaves its own when this changes."""
+
+    def moved(self, named: Address | None) -> str:
+        """Why the subscriber must leave its server, ``current()`` being ``named``."""
+
+    def describe(self, address: Address | None) -> str:
+        """The ``redis=`` of the log lines."""
+
+    def probe_address(self) -> Address:
+        """The server the /health PING goes to."""
+
+    def watch(self) -> None:
+        """Follow changes until cancelled (a thread of its own)."""
+
+    def close(self) -> None: ...
+
+
 class SubscriptionDead(Exception):
     pass
 
 
 class MasterMoved(SubscriptionDead):
-    """The sentinels name another master than the one subscribed to."""
+    """The locator names another server than the one subscribed to (the sentinels'
+    new master; another node for one the cluster failed or forgot)."""
 
 
 # The error when Redis ends the subscription's connection (end of stream).
@@ -170,6 +202,14 @@ def reconnect_delay(attempt: int, flaps: int, rng: random.Random | None = None) 
     if flaps:
         delay = max(delay, min(FLAP_CAP, BACKOFF_BASE * (2 ** min(flaps, 16))))
     return delay
+
+
+def sleep_in_thread(seconds: float) -> None:
+    """Sleep ``seconds`` in a worker thread, ending early when its Trio call is cancelled."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        trio.from_thread.check_cancelled()
+        time.sleep(min(left, 0.1))
 
 
 class _Lookup:
@@ -331,19 +371,19 @@ async def run_redis_subscriber(
     counters: Counters,
     patterns: Patterns | None = None,
     requests: Requests | None = None,
-    locator: MasterLocator | None = None,
+    locator: Locator | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the subscriber thread until cancelled; started at once, subscribed or not.
     With ``requests`` (REDIS_SUBSCRIBE=user) it holds what they ask, not ``patterns``.
-    With a ``locator`` (Sentinel), its watch of the sentinels runs in a second thread."""
+    With a ``locator`` (Sentinel, Cluster), its watch runs in a second thread."""
     worker = _Worker(config, inbox, state, counters, patterns, requests, locator)
     with inbox.send:
         async with trio.open_nursery() as nursery:
             if locator is not None:
                 nursery.start_soon(
-                    partial(trio.to_thread.run_sync, locator.watch, thread_name="redis-sentinel")
+                    partial(trio.to_thread.run_sync, locator.watch, thread_name="redis-locator")
                 )
             task_status.started()
             await trio.to_thread.run_sync(worker.run, thread_name="redis-subscriber")
@@ -380,11 +420,11 @@ class _Worker:
         counters: Counters,
         patterns: Patterns | None = None,
         requests: Requests | None = None,
-        locator: MasterLocator | None = None,
+        locator: Locator | None = None,
     ) -> None:
         self.config = config
         self.locator = locator
-        self.master: MasterAddress | None = None  # with sentinels: the one connected to
+        self.master: Address | None = None  # with a locator: the one connected to
         self.inbox = inbox
         self.state = state
         self.counters = counters
@@ -475,10 +515,10 @@ class _Worker:
             self._sleep(delay)
 
     def _where(self) -> str:
-        """The Redis of the log lines: REDIS_HOST, or the master and the sentinels' name."""
+        """The Redis of the log lines: REDIS_HOST, or the server the locator named."""
         if self.locator is None:
             return self.config.redis_host
-        return f"{self.master or 'unknown'} sentinel_master={self.locator.name}"
+        return self.locator.describe(self.master)
 
     def _connect_hint(self, exc: Exception) -> str:
         """What an attempt's error means when redis-py's words do not say it."""
@@ -598,8 +638,9 @@ class _Worker:
         while True:
             trio.from_thread.check_cancelled()
             if locator is not None and (named := locator.current()) != master:
-                # A demoted master stays up as a replica, where nothing is published.
-                raise MasterMoved(f"the sentinels moved the master to {named}")
+                # A demoted master stays up as a replica, where nothing is published; a
+                # node the cluster failed may stay up, cut off from the publishers.
+                raise MasterMoved(locator.moved(named))
             if requests is not None:
                 if requests.pending:
                     self._apply(pubsub, requests)
