@@ -531,13 +531,14 @@ def test_a_short_secret_is_one_warning_at_start_not_a_raw_python_warning(
     assert "InsecureKeyLengthWarning" not in log
 
 
-def test_a_port_in_use_exits_70_with_one_line_saying_so(daemon_process: Any) -> None:
+@pytest.mark.parametrize("setting", ["WS_PORT", "ADMIN_PORT"])
+def test_a_port_in_use_exits_70_with_one_line_saying_so(daemon_process: Any, setting: str) -> None:
     """70: systemd restarts it, since the address may come free (an old process exiting)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = daemon_process(wait_ready=False, WS_PORT=str(port))
+        daemon = daemon_process(wait_ready=False, **{setting: str(port)})
         assert daemon.proc.wait(15) == 70
     log = daemon.log()
     assert f"CRITICAL smap_notify: cannot listen on 127.0.0.1:{port}: Address already in use" in log
