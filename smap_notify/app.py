@@ -336,14 +336,7 @@ async def open_listeners(
     if inherited:
         return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited], True
     host, port = config.ws_host, config.ws_port
-    try:
-        if config.ws_reuse_port:
-            return await listen_shared(host, port), False
-        if host == "::":
-            return [await listen_dual_stack(host, port)], False
-        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG), False
-    except OSError as exc:
-        raise listen_error(host, port, exc) from None
+    return await listen_tcp(host, port, "WS_HOST", reuse_port=config.ws_reuse_port), False
 
 
 async def open_admin_listeners(config: Config) -> list[trio.SocketListener]:
@@ -351,13 +344,22 @@ async def open_admin_listeners(config: Config) -> list[trio.SocketListener]:
     ADMIN_PORT is 0."""
     if not config.admin_port:
         return []
-    host, port = config.admin_host, config.admin_port
+    return await listen_tcp(config.admin_host, config.admin_port, "ADMIN_HOST")
+
+
+async def listen_tcp(
+    host: str, port: int, setting: str, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
+    """Listeners on ``host:port`` (``::``: IPv6 and IPv4 on one socket); a ListenError
+    that names ``setting`` when they cannot be had."""
     try:
+        if reuse_port:
+            return await listen_shared(host, port)
         if host == "::":
             return [await listen_dual_stack(host, port)]
         return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
     except OSError as exc:
-        raise listen_error(host, port, exc, setting="ADMIN_HOST") from None
+        raise listen_error(host, port, exc, setting=setting) from None
 
 
 async def listen_shared(host: str, port: int) -> list[trio.SocketListener]:

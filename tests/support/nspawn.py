@@ -142,7 +142,7 @@ def _leader(nspawn_pid: int, timeout: float) -> int:
     raise Unavailable("systemd-nspawn started no systemd")
 
 
-def _masks(root: Path) -> list[str]:
+def _masks() -> list[str]:
     wanted = [p.name for p in Path("/etc/systemd/system").glob("*.wants/*")]
     return sorted({*wanted, *ALWAYS_MASKED})
 
@@ -171,7 +171,7 @@ def booted(tmp: Path, name: str) -> Iterator[Container]:
             raise Unavailable("overlay mount of / failed")
         mounted.append(root)
         system = root / "etc/systemd/system"
-        for unit in _masks(root):
+        for unit in _masks():
             target = system / unit
             if target.is_symlink() or target.exists():
                 target.unlink()
