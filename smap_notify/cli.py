@@ -14,7 +14,7 @@ from typing import Final, NoReturn
 import trio
 from jwt.warnings import InsecureKeyLengthWarning
 
-from . import app, collector, logs, systemd
+from . import app, collector, listen, logs, systemd
 from .config import ConfigError, config_warnings, load_config
 
 logger = logging.getLogger("smap_notify")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in config.masked().items():
             print(f"{key}={value}")
         warnings_ = config_warnings(config, args.config)
-        if unusable := app.listen_host_problem(config.ws_host):
+        if unusable := listen.listen_host_problem(config.ws_host):
             # Not an error here: under socket activation WS_HOST is not used.
             warnings_.append(
                 f"WS_HOST={config.ws_host}: {unusable}; started without smap-notify.socket,"
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.
         "socket-activation"
         if systemd.activated(environ, pid=os.getpid())
-        else app.host_port(config.ws_host, config.ws_port),
+        else listen.host_port(config.ws_host, config.ws_port),
     )
     for warning in config_warnings(config, args.config):
         logger.warning("%s", warning)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return EX_OK
-    except app.ListenError as exc:
+    except listen.ListenError as exc:
         # systemd restarts on 70 (an address in use may come free), not on 78.
         logger.critical("%s", exc)
         return EX_CONFIG if exc.lasting else EX_SOFTWARE

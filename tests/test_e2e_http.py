@@ -721,10 +721,10 @@ def test_a_signal_while_the_daemon_is_still_importing_is_not_the_default_action(
 # the daemon's own handling is up takes the default action (a hung start-up stays stoppable).
 TWICE_EARLY = """
 import os, signal
-from smap_notify import entry
-entry.catch_early_signals()
+from smap_notify import signals
+signals.catch_early_signals()
 os.kill(os.getpid(), signal.SIGTERM)
-print("recorded", entry._early, flush=True)
+print("recorded", signals._early, flush=True)
 os.kill(os.getpid(), signal.SIGHUP)
 os.kill(os.getpid(), signal.SIGUSR1)
 os.kill(os.getpid(), signal.SIGUSR1)
@@ -743,11 +743,11 @@ def test_a_stop_signal_sent_twice_during_start_up_takes_its_default_action() -> 
 
 EARLY_UNUSED = """
 import os, signal
-from smap_notify import entry
-entry.catch_early_signals()
+from smap_notify import signals
+signals.catch_early_signals()
 os.kill(os.getpid(), signal.SIGUSR1)
 os.kill(os.getpid(), signal.SIGHUP)
-print([signal.Signals(s).name for s in entry.take_early_signals()], flush=True)
+print([signal.Signals(s).name for s in signals.take_early_signals()], flush=True)
 """
 
 

@@ -8,8 +8,8 @@ import socket
 import pytest
 import trio
 
-from smap_notify.app import listen_dual_stack, listen_error, open_listeners
 from smap_notify.config import load_config
+from smap_notify.listen import listen_dual_stack, listen_error, open_listeners
 
 
 async def test_the_listener_for_every_address_takes_ipv4_clients_too() -> None:

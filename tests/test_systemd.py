@@ -26,7 +26,8 @@ import pytest
 import trio
 
 from smap_notify import systemd
-from smap_notify.app import STATUS_TICK, _address, host_port, status_wake
+from smap_notify.app import STATUS_TICK, status_wake
+from smap_notify.listen import host_port, listener_address
 from smap_notify.systemd import (
     ListenFds,
     Notifier,
@@ -432,11 +433,11 @@ def test_listen_addresses_are_written_so_that_they_read_back(tmp_path: Path) -> 
         abstract.bind(b"\0smap-notify-test")
         named.listen()
         abstract.listen()
-        assert _address(trio.SocketListener(trio.socket.from_stdlib_socket(named))) == (
+        assert listener_address(trio.SocketListener(trio.socket.from_stdlib_socket(named))) == (
             f"unix:{path}"
         )
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(abstract))
-        assert _address(listener) == "unix:@smap-notify-test"
+        assert listener_address(listener) == "unix:@smap-notify-test"
     with socket.socket(socket.AF_INET6) as dual, socket.socket(socket.AF_INET6) as v6:
         dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # Bound to every address, as socket activation's [::] would be, but not listening:
@@ -445,9 +446,9 @@ def test_listen_addresses_are_written_so_that_they_read_back(tmp_path: Path) -> 
         v6.bind(("::1", 0))
         v6.listen()
         unlistened: Any = SimpleNamespace(socket=trio.socket.from_stdlib_socket(dual))
-        assert _address(unlistened) == f"[::]:{dual.getsockname()[1]} (IPv6 and IPv4)"
+        assert listener_address(unlistened) == f"[::]:{dual.getsockname()[1]} (IPv6 and IPv4)"
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(v6))
-        assert _address(listener) == f"[::1]:{v6.getsockname()[1]}"
+        assert listener_address(listener) == f"[::1]:{v6.getsockname()[1]}"
     assert host_port("::1", 8081) == "[::1]:8081"
     assert host_port("127.0.0.1", 8081) == "127.0.0.1:8081"
     assert host_port("localhost", 8081) == "localhost:8081"
