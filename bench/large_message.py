@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from run import free_port, stop_pid  # noqa: E402  (bench/run.py)
 
-from tests.rawclient import open_tab, read_all, status_kb, wait_settled  # noqa: E402
+from tests.support.rawclient import open_tab, read_all, status_kb, wait_settled  # noqa: E402
 
 SECRET = "bench-secret-with-enough-bytes-for-hs256-0"
 MB = 1 << 20

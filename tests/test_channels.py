@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,23 +35,18 @@ from smap_notify.messages import (
     parse_message,
 )
 from smap_notify.metrics import Counters
-
-from .test_config import CheckConfig, check_config  # noqa: F401  (a fixture)
-from .test_handshake import DEV_ORIGIN, make_token, ws_request
-from .test_hub import connection, register
-from .test_messages import phase_payload
-
-TOPIC_ERA = "user_noti:{user},project:{project}:{user}|raw,job:{job}:{user}|raw"
-SUCCESSOR = (
-    "project:{project}:user:{user},campaign:{campaign}:user:{user},"
-    "alert:{alert}:user:{user},system:{event}"
+from tests.support.channels import (
+    SUCCESSOR,
+    TOPIC_ERA,
+    sample,
 )
-SAMPLES = Path(__file__).resolve().parent / "samples"
+from tests.support.daemon import DEV_ORIGIN, make_token
+from tests.test_config import CheckConfig, check_config  # noqa: F401  (a fixture)
+from tests.test_handshake import ws_request
+from tests.test_hub import connection, register
+from tests.test_messages import phase_payload
+
 SECRET = "x" * 32
-
-
-def sample(name: str) -> dict[str, Any]:
-    return json.loads((SAMPLES / name).read_text())
 
 
 # -- parsing -----------------------------------------------------------------------------

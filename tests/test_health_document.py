@@ -15,8 +15,8 @@ import trio.testing
 from smap_notify.config import load_config
 from smap_notify.health import RedisHealth, RedisProbe, health_document
 from smap_notify.subscriber import SubscriberState
-
-from .conftest import SECRET, RedisServer
+from tests.support.daemon import SECRET
+from tests.support.redis import RedisServer
 
 # Copied from the contract (shared/spec/samples) so the tests run from any checkout.
 SAMPLES = Path(__file__).resolve().parent / "samples"

@@ -17,22 +17,19 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import (
+from tests.support.channels import TOPIC_ERA
+from tests.support.daemon import (
     SECRET,
     DaemonProcess,
-    RedisServer,
-    free_port,
+    can_connect,
     http_request,
     make_token,
     wait_until,
 )
-from .test_channels import TOPIC_ERA
-from .test_systemd_integration import (
-    NotifyReceiver,
+from tests.support.notify import NotifyReceiver, is_, open_notify_receiver
+from tests.support.redis import RedisServer, free_port
+from tests.support.ws import (
     active_connections,
-    can_connect,
-    is_,
-    open_notify_receiver,
     open_ws,
     publish,
     receive_json,

@@ -20,18 +20,19 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import (
+from tests.support.daemon import (
     DEV_ORIGIN,
     REPO,
     WS_UPGRADE_HEADERS,
     Daemon,
-    RedisServer,
+    daemon_env,
     http_request,
     make_token,
     wait_for_port,
     wait_until,
 )
-from .test_systemd_integration import daemon_env, upgrade_status
+from tests.support.redis import RedisServer
+from tests.support.ws import upgrade_status
 
 
 def ws_headers(

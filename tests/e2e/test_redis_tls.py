@@ -24,8 +24,8 @@ import trustme
 
 from smap_notify.config import load_config
 from smap_notify.subscriber import make_client
-
-from .conftest import Daemon, RedisServer, TlsFiles, http_request, wait_until
+from tests.support.daemon import Daemon, http_request, wait_until
+from tests.support.redis import RedisServer, TlsFiles
 
 DETECT_AND_RECOVER: Final = 10.0
 

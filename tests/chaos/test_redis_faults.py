@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import signal
-import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -27,29 +26,36 @@ import pytest
 import redis
 import trio
 import trio_websocket
-from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from smap_notify.breaker import CircuitBreaker
 from smap_notify.health import PING_TIMEOUT
 from smap_notify.subscriber import DEAD_AFTER, PROBE_AFTER
-
-from .conftest import (
-    DEV_ORIGIN,
-    Daemon,
-    DaemonProcess,
-    RedisServer,
-    http_request,
-    make_token,
-    wait_until,
+from tests.support.daemon import Daemon, DaemonProcess, http_request, wait_until
+from tests.support.observe import (
+    HEALTH_EVERY,
+    Accounting,
+    Flow,
+    HealthSample,
+    Inbox,
+    get_health,
+    poll_health,
+    redis_publisher,
+    scrape,
+    watch_active,
 )
-from .test_systemd_integration import open_ws
+from tests.support.redis import RedisServer
+from tests.support.ws import (
+    RawWebSocket,
+    open_ws,
+    upgrade_head,
+    ws_connect,
+)
 
 ANY_RECONNECT: Final = {"reason": "redis_reconnected", "since": ANY}
 DETECT_WITHIN: Final = 5.0  # contract: a dead or wedged subscription is noticed this fast
 RECOVER_WITHIN: Final = 2.0  # contract: delivery resumes this soon after Redis is back
-HEALTH_EVERY: Final = 0.1
 BREAKER_RESET: Final = CircuitBreaker().reset_after
 FAULTS: Final = ("kill_restart", "pause_resume", "cut_connection", "down_at_start")
 
@@ -57,189 +63,7 @@ FAULTS: Final = ("kill_restart", "pause_resume", "cut_connection", "down_at_star
 # -- clients ---------------------------------------------------------------------------
 
 
-def redis_publisher(port: int) -> redis.Redis:
-    """A publisher that fails fast during an outage instead of retrying for seconds."""
-    return redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        socket_timeout=0.3,
-        socket_connect_timeout=0.3,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-async def ws_connect(
-    port: int, user: str, nursery: trio.Nursery
-) -> trio_websocket.WebSocketConnection:
-    return await trio_websocket.connect_websocket(
-        nursery,
-        "127.0.0.1",
-        port,
-        "/ws",
-        use_ssl=False,
-        extra_headers=[("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={make_token(user)}")],
-    )
-
-
-def upgrade_head(port: int, user: str, *, extra: str = "") -> bytes:
-    return (
-        "GET /ws HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{port}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {DEV_ORIGIN}\r\nCookie: smap_auth_token={make_token(user)}\r\n"
-        f"{extra}\r\n"
-    ).encode()
-
-
-class RawWebSocket:
-    """A minimal client on a plain socket: it can stop reading, or vanish without a close
-    frame, which no well-behaved library does on purpose."""
-
-    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
-        self.stream = stream
-        self.buf = bytearray(buffered)
-
-    @classmethod
-    async def open(cls, port: int, user: str, *, rcvbuf: int | None = None) -> RawWebSocket:
-        sock = trio.socket.socket()
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(("127.0.0.1", port))
-        stream = trio.SocketStream(sock)
-        await stream.send_all(upgrade_head(port, user))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            assert chunk, "closed during the handshake"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(stream, rest)
-
-    async def _fill(self, size: int) -> None:
-        while len(self.buf) < size:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            self.buf += chunk
-
-    async def next_text(self) -> str:
-        """The next text frame (server frames are unmasked and unfragmented); pings skipped."""
-        while True:
-            await self._fill(2)
-            opcode, size, offset = self.buf[0] & 0x0F, self.buf[1] & 0x7F, 2
-            if size == 126:
-                await self._fill(4)
-                size, offset = int.from_bytes(self.buf[2:4], "big"), 4
-            elif size == 127:
-                await self._fill(10)
-                size, offset = int.from_bytes(self.buf[2:10], "big"), 10
-            await self._fill(offset + size)
-            payload = bytes(self.buf[offset : offset + size])
-            del self.buf[: offset + size]
-            if opcode == 0x1:
-                return payload.decode()
-            if opcode == 0x8:
-                raise EOFError("close frame")
-
-    async def vanish(self) -> None:
-        """Close the TCP connection without a WebSocket close frame."""
-        await self.stream.aclose()
-
-
-@attrs.define
-class Inbox:
-    """Everything one WebSocket client received, with the (Trio) time it arrived."""
-
-    frames: list[tuple[float, dict[str, Any]]] = attrs.Factory(list)
-    closed: trio_websocket.ConnectionClosed | None = None
-
-    async def collect(self, ws: trio_websocket.WebSocketConnection) -> None:
-        try:
-            while True:
-                text = await ws.get_message()
-                self.frames.append((trio.current_time(), json.loads(text)))
-        except trio_websocket.ConnectionClosed as exc:
-            self.closed = exc
-
-    def data(self) -> list[tuple[float, int]]:
-        """(arrival time, sequence number) of each notification."""
-        return [(t, doc["payload"]["seq"]) for t, doc in self.frames if doc["type"] != "resync"]
-
-    def resyncs(self) -> list[tuple[int, float, dict[str, Any]]]:
-        """(position in the stream, arrival time, frame) of each resync frame."""
-        return [(i, t, doc) for i, (t, doc) in enumerate(self.frames) if doc["type"] == "resync"]
-
-
-@attrs.frozen
-class Published:
-    seq: int
-    started: float
-    finished: float
-    receivers: int | None  # PUBLISH's answer; None when the publish failed
-
-
-class Flow:
-    """Numbered notifications to one user at a steady rate, carrying on through faults."""
-
-    def __init__(self, redis_port: int, user: str, interval: float = 0.02) -> None:
-        self.client = redis_publisher(redis_port)
-        self.channel = f"user_noti:{user}"
-        self.interval = interval
-        self.published: list[Published] = []
-
-    async def run(self) -> None:
-        for seq in range(1, 1_000_000):
-            started = trio.current_time()
-            data = json.dumps({"type": "notification", "payload": {"seq": seq}})
-            try:
-                receivers = await trio.to_thread.run_sync(self.client.publish, self.channel, data)
-            except (redis.RedisError, OSError):
-                receivers = None
-            self.published.append(Published(seq, started, trio.current_time(), receivers))
-            await trio.sleep(self.interval)
-
-    def first_started_after(self, moment: float) -> int | None:
-        return next((p.seq for p in self.published if p.started >= moment), None)
-
-
 # -- observing the daemon ------------------------------------------------------------------
-
-
-@attrs.frozen
-class HealthSample:
-    started: float
-    finished: float
-    status: int
-    doc: dict[str, Any]
-
-    @property
-    def circuit(self) -> str:
-        return str(self.doc["circuit_breaker"]["state"])
-
-
-async def get_health(port: int) -> HealthSample:
-    started = trio.current_time()
-    status, _, body = await http_request(port, "/health")
-    return HealthSample(started, trio.current_time(), status, json.loads(body))
-
-
-async def poll_health(port: int, samples: list[HealthSample]) -> None:
-    while True:
-        samples.append(await get_health(port))
-        await trio.sleep(HEALTH_EVERY)
-
-
-async def watch_active(is_active: Callable[[], bool], changes: list[tuple[float, bool]]) -> None:
-    """Record every change of the subscriber's ``active`` flag, polled every 2 ms."""
-    last: bool | None = None
-    while True:
-        now = is_active()
-        if now != last:
-            changes.append((trio.current_time(), now))
-            last = now
-        await trio.sleep(0.002)
 
 
 async def hammer_health(port: int, count: int = 100) -> tuple[list[HealthSample], int]:
@@ -263,52 +87,6 @@ async def hammer_health(port: int, count: int = 100) -> tuple[list[HealthSample]
                 requests.start_soon(one)
         watcher.cancel_scope.cancel()
     return samples, most_threads
-
-
-def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-@attrs.frozen
-class Accounting:
-    received: float
-    delivered: float
-    dropped: dict[str, float]
-    rejected: dict[str, float]
-    frames_dropped: dict[str, float]
-    metrics: dict[str, dict[tuple[tuple[str, str], ...], float]]
-
-    @property
-    def balanced(self) -> bool:
-        return self.received == self.delivered + sum(self.dropped.values()) + sum(
-            self.rejected.values()
-        )
-
-    def gauge(self, name: str) -> float:
-        return self.metrics[name][()]
-
-
-def by_reason(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
-    return {dict(labels)["reason"]: value for labels, value in samples.items()}
-
-
-async def scrape(port: int) -> Accounting:
-    """The message accounting, from /metrics alone (Prometheus text format)."""
-    status, _, body = await http_request(port, "/metrics")
-    assert status == 200
-    m = parse_metrics(body.decode())
-    return Accounting(
-        received=m["smap_notify_messages_received_total"][()],
-        delivered=m["smap_notify_messages_delivered_total"][()],
-        dropped=by_reason(m.get("smap_notify_messages_dropped_total", {})),
-        rejected=by_reason(m.get("smap_notify_messages_rejected_total", {})),
-        frames_dropped=by_reason(m.get("smap_notify_frames_dropped_total", {})),
-        metrics=m,
-    )
 
 
 # -- Redis faults ----------------------------------------------------------------------------

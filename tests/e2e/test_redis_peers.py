@@ -30,8 +30,8 @@ from smap_notify.subscriber import (
     _Worker,
     resolve,
 )
-
-from .conftest import Daemon, RedisServer, http_request, wait_until
+from tests.support.daemon import Daemon, http_request, wait_until
+from tests.support.redis import RedisServer
 
 STUCK = "redis.stuck.invalid"
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from .conftest import DaemonProcess, RedisServer, make_token
-from .rawclient import open_tab, read_all, status_kb, wait_settled
+from tests.support.daemon import DaemonProcess, make_token
+from tests.support.rawclient import open_tab, read_all, status_kb, wait_settled
+from tests.support.redis import RedisServer
 
 MB = 1 << 20
 SIZE = 10 * MB

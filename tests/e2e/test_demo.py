@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from smap_notify.demo import choose_port
-
-from .conftest import REPO, RedisServer, free_port
+from tests.support.daemon import REPO
+from tests.support.redis import RedisServer, free_port
 
 DEMO = [sys.executable, "-c", "import sys; from smap_notify.demo import main; sys.exit(main())"]
 OWN_SETTINGS = ("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_", "WS_", "REDIS_", "JWT_", "ENV")

@@ -5,7 +5,7 @@ parsing, ``ConnStream``, ``trio_websocket.wrap_server_stream``, registration in 
 with two things swapped: every handshake is accepted (no origin or token: the suite sends
 neither), and each client message is echoed instead of dropped.
 
-Run alone: ``python -m tests.autobahn_server [PORT]`` serves ``ws://127.0.0.1:PORT/ws``.
+Run alone: ``python -m tests.e2e.autobahn_server [PORT]`` serves ``ws://127.0.0.1:PORT/ws``.
 """
 
 from __future__ import annotations

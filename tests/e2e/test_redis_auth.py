@@ -13,7 +13,8 @@ from typing import Any, Final
 import pytest
 import trio
 
-from .conftest import Daemon, RedisServer, http_request, wait_until
+from tests.support.daemon import Daemon, http_request, wait_until
+from tests.support.redis import RedisServer
 
 PASSWORD: Final = "s3cret-redis-pass-for-tests"
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import trio
 
-from .conftest import DaemonProcess, RedisServer, free_port, http_request, wait_for_port
-from .test_systemd_integration import active_connections, open_ws, publish, receive_json
+from tests.support.daemon import DaemonProcess, http_request, wait_for_port
+from tests.support.redis import RedisServer, free_port
+from tests.support.ws import active_connections, open_ws, publish, receive_json
 
 CLIENTS = 40
 

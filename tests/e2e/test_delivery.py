@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import DEV_ORIGIN, Daemon, make_token, wait_until
+from tests.support.daemon import DEV_ORIGIN, Daemon, make_token, wait_until
 
 # Copied from the contract (shared/spec/samples) so the tests run from any checkout.
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def sample(name: str) -> dict[str, Any]:

@@ -9,24 +9,15 @@ from typing import Any
 
 import pytest
 import trio
-import trio_websocket
 
-from .conftest import DEV_ORIGIN, WS_UPGRADE_HEADERS, Daemon, http_request, make_token
-from .test_channels import SUCCESSOR, TOPIC_ERA, sample
-
-MARKER = {"type": "notification", "payload": "end"}
-
-
-async def frames_until_marker(ws: trio_websocket.WebSocketConnection) -> list[str]:
-    """Every frame up to the marker (which every connection of the user gets last)."""
-    frames = []
-    with trio.fail_after(10):
-        while True:
-            frame = await ws.get_message()
-            assert isinstance(frame, str)
-            if json.loads(frame).get("payload") == "end":
-                return frames
-            frames.append(frame)
+from tests.support.channels import (
+    MARKER,
+    SUCCESSOR,
+    TOPIC_ERA,
+    frames_until_marker,
+    sample,
+)
+from tests.support.daemon import DEV_ORIGIN, WS_UPGRADE_HEADERS, Daemon, http_request, make_token
 
 
 async def health_pattern(daemon: Daemon) -> str:

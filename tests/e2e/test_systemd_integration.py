@@ -7,23 +7,19 @@ subscriber thread), against a real redis-server and real WebSocket clients on lo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -31,153 +27,36 @@ import trio_websocket
 
 from smap_notify import subscriber
 from smap_notify.app import SUBSCRIBER_STALE, App
-from smap_notify.config import ENV_NAMES
-from smap_notify.systemd import Notifier
-
-from .conftest import (
-    DEV_ORIGIN,
+from tests.support.daemon import (
     REPO,
-    SECRET,
     DaemonFactory,
-    RedisServer,
-    free_port,
-    http_request,
+    Spawned,
+    can_connect,
+    daemon_env,
+    listening_socket,
     make_token,
+    open_spawner,
+    wait_exit,
     wait_until,
 )
-
-# AF_UNIX socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
-MAX_UNIX_PATH = 100
-MARK = "X_TEST_MARK"
-
+from tests.support.notify import (
+    MARK,
+    NotifyReceiver,
+    is_,
+    is_status,
+    open_notify_receiver,
+    status_fields,
+)
+from tests.support.redis import RedisServer, free_port
+from tests.support.ws import (
+    open_ws,
+    publish,
+    receive_json,
+    wait_connections,
+    ws_headers,
+)
 
 # -- a stand-in for systemd's notify socket ---------------------------------------------
-
-
-Notification = dict[str, str]
-
-
-def parse_notification(data: bytes) -> Notification:
-    fields: Notification = {}
-    for line in data.decode().split("\n"):
-        key, _, value = line.partition("=")
-        fields[key] = value
-    return fields
-
-
-def is_(key: str, value: str = "1") -> Callable[[Notification], bool]:
-    return lambda n: n.get(key) == value
-
-
-class NotifyReceiver:
-    """A bound AF_UNIX datagram socket, read by a thread so the sender never waits.
-
-    Linux queues only ``net.unix.max_dgram_qlen`` (often 10) datagrams: a reader that
-    stalls would block the daemon's ``sendto``, so reading must not depend on this
-    test's event loop. Datagrams keep their order, so a marker sent by the test between
-    two moments separates what the daemon sent before and after.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.messages: list[Notification] = []
-        self._cursor = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(path)
-        self._sock.settimeout(0.05)
-        self._thread = threading.Thread(target=self._run, name="notify-receiver", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.messages.append(parse_notification(data))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def mark(self, label: str) -> None:
-        """Queue a marker behind everything the daemon has sent so far."""
-        with Notifier(self.path) as notifier:
-            assert notifier.notify(f"{MARK}={label}")
-
-    def snapshot(self) -> list[Notification]:
-        with self._lock:
-            return list(self.messages)
-
-    def between(self, first: str, last: str) -> list[Notification]:
-        """What arrived after marker ``first`` and before marker ``last``."""
-        messages = self.snapshot()
-        start = messages.index({MARK: first})
-        end = messages.index({MARK: last})
-        return messages[start + 1 : end]
-
-    async def expect(
-        self, predicate: Callable[[Notification], bool], timeout: float = 20.0
-    ) -> Notification:
-        """The next notification that satisfies ``predicate``, after the last one returned."""
-        with trio.fail_after(timeout):
-            while True:
-                with self._lock:
-                    pending = self.messages[self._cursor :]
-                for offset, message in enumerate(pending):
-                    if predicate(message):
-                        self._cursor += offset + 1
-                        return message
-                await trio.sleep(0.01)
-
-    async def expect_status(
-        self,
-        redis_state: str | None = None,
-        connections: int | None = None,
-        timeout: float = 20.0,
-    ) -> Notification:
-        """The daemon's status as of the last notification returned, if it matches, else
-        the next status that does.
-
-        The status a test waits for may have come before, or with, the notification it
-        waited for first: READY=1 carries a STATUS= line, and a status reported a moment
-        before READY=1 is not repeated after it.
-        """
-        predicate = has_status(redis_state, connections)
-        with self._lock:
-            announced = [m for m in self.messages[: self._cursor] if is_status(m)]
-        if announced and predicate(announced[-1]):
-            return announced[-1]
-        return await self.expect(predicate, timeout)
-
-    async def count(
-        self, predicate: Callable[[Notification], bool], n: int, timeout: float = 20.0
-    ) -> None:
-        for _ in range(n):
-            await self.expect(predicate, timeout)
-
-
-@contextlib.contextmanager
-def open_notify_receiver(tmp_path: Path) -> Iterator[NotifyReceiver]:
-    """A receiver bound in ``tmp_path``, or in a shorter temporary directory if need be."""
-    directory = tmp_path
-    cleanup = None
-    if len(str(tmp_path / "notify")) > MAX_UNIX_PATH:
-        cleanup = tempfile.TemporaryDirectory(prefix="sn-")
-        directory = Path(cleanup.name)
-    receiver = NotifyReceiver(str(directory / "notify"))
-    try:
-        yield receiver
-    finally:
-        receiver.close()
-        if cleanup is not None:
-            cleanup.cleanup()
 
 
 @pytest.fixture
@@ -188,108 +67,6 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
 
 # -- daemon processes started through a wrapper (socket activation, WATCHDOG_PID) ---------
 
-# Runs in the child: becomes ``python -m smap_notify`` with the same PID, so LISTEN_PID
-# and WATCHDOG_PID can name the daemon, and the passed listening socket lands on fd 3.
-WRAPPER = """
-import os, sys
-fd = os.environ.pop("TEST_LISTEN_FD", "")
-if fd:
-    fd = int(fd)
-    if fd != 3:
-        os.dup2(fd, 3)
-        os.close(fd)
-    os.environ["LISTEN_FDS"] = "1"
-    os.environ["LISTEN_PID"] = str(os.getpid())
-if os.environ.pop("TEST_WATCHDOG_PID_SELF", ""):
-    os.environ["WATCHDOG_PID"] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, "-m", "smap_notify", *sys.argv[1:]])
-"""
-
-
-def daemon_env(redis: RedisServer, **overrides: str) -> dict[str, str]:
-    """The environment of a test daemon: none of ours leaks in, dev origins allowed."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_")) and k not in ENV_NAMES
-    }
-    env.update(
-        {
-            "JWT_SECRET_KEY": SECRET,
-            "ENV": "dev",
-            "WS_HOST": "127.0.0.1",
-            "WS_PORT": str(free_port()),
-            "REDIS_HOST": f"127.0.0.1:{redis.port}",
-            "LOGGER_LEVEL": "info",
-            "SHUTDOWN_TIMEOUT": "2s",
-            "PYTHONUNBUFFERED": "1",
-            **overrides,
-        }
-    )
-    return env
-
-
-@attrs.define
-class Spawned:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-        return self.proc.wait(30)
-
-
-@contextlib.contextmanager
-def open_spawner(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
-    """Start the daemon through WRAPPER (or ``program``); killed by PID afterwards."""
-    started: list[Spawned] = []
-
-    def start(
-        env: dict[str, str],
-        *,
-        args: tuple[str, ...] = (),
-        listen_sock: socket.socket | None = None,
-        watchdog_pid_self: bool = False,
-        journal: bool = False,
-        program: str = WRAPPER,
-    ) -> Spawned:
-        env = dict(env)
-        pass_fds: tuple[int, ...] = ()
-        if listen_sock is not None:
-            env["TEST_LISTEN_FD"] = str(listen_sock.fileno())
-            pass_fds = (listen_sock.fileno(),)
-        if watchdog_pid_self:
-            env["TEST_WATCHDOG_PID_SELF"] = "1"
-        log_path = tmp_path / f"spawned-{len(started)}.log"
-        log_path.touch()
-        if journal:
-            st = os.stat(log_path)
-            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", program, *args],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                pass_fds=pass_fds,
-            )
-        spawned = Spawned(proc, log_path)
-        started.append(spawned)
-        return spawned
-
-    try:
-        yield start
-    finally:
-        for spawned in started:
-            if spawned.proc.poll() is None:
-                spawned.proc.kill()
-                spawned.proc.wait(10)
-
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
@@ -297,121 +74,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
         yield start
 
 
-def listening_socket() -> socket.socket:
-    """What systemd's socket unit holds: a bound, listening loopback TCP socket."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
-
-
 # -- clients ------------------------------------------------------------------------------
-
-
-def ws_headers(token: str, origin: str | None = DEV_ORIGIN) -> list[tuple[bytes, bytes]]:
-    headers = [(b"Cookie", f"smap_auth_token={token}".encode())]
-    if origin is not None:
-        headers.append((b"Origin", origin.encode()))
-    return headers
-
-
-async def open_ws(
-    nursery: trio.Nursery,
-    port: int,
-    user: str = "user123",
-    *,
-    token: str | None = None,
-    origin: str | None = DEV_ORIGIN,
-) -> trio_websocket.WebSocketConnection:
-    token = make_token(user) if token is None else token
-    with trio.fail_after(10):
-        return await trio_websocket.connect_websocket(
-            nursery,
-            "127.0.0.1",
-            port,
-            "/ws",
-            use_ssl=False,
-            extra_headers=ws_headers(token, origin),
-        )
-
-
-async def upgrade_status(
-    port: int, user: str = "user123", *, token: str | None = None, origin: str | None = DEV_ORIGIN
-) -> int:
-    """101 when the daemon accepts a WebSocket (closed again at once), else the HTTP status."""
-    status = 101
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await open_ws(nursery, port, user, token=token, origin=origin)
-            await ws.aclose()
-    except* trio_websocket.ConnectionRejected as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        assert isinstance(leaf, trio_websocket.ConnectionRejected)
-        status = leaf.status_code
-    return status
-
-
-async def receive_json(ws: trio_websocket.WebSocketConnection, timeout: float = 10) -> Any:
-    with trio.fail_after(timeout):
-        return json.loads(await ws.get_message())
-
-
-async def active_connections(port: int) -> int:
-    _, _, body = await http_request(port, "/health")
-    return int(json.loads(body)["websocket"]["active_connections"])
-
-
-async def wait_connections(port: int, n: int, timeout: float = 15) -> None:
-    with trio.fail_after(timeout):
-        while await active_connections(port) != n:
-            await trio.sleep(0.05)
-
-
-async def publish(redis: RedisServer, user: str, message: Any) -> int:
-    return await trio.to_thread.run_sync(redis.publish, user, message)
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    with trio.fail_after(timeout):
-        while proc.poll() is None:
-            await trio.sleep(0.02)
-    return proc.returncode
-
-
-def can_connect(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-STATUS_TEXT = re.compile(r"^(subscribed|redis \w+); (\d+) connections, (\d+) users$")
-
-
-def status_fields(n: Notification) -> tuple[str, int, int]:
-    m = STATUS_TEXT.match(n["STATUS"])
-    assert m is not None, f"unexpected STATUS={n['STATUS']!r}"
-    return m.group(1), int(m.group(2)), int(m.group(3))
-
-
-def is_status(n: Notification) -> bool:
-    return "STATUS" in n and n.get("STOPPING") != "1"
-
-
-def has_status(redis_state: str | None = None, connections: int | None = None) -> Any:
-    def check(n: Notification) -> bool:
-        if not is_status(n):
-            return False
-        state, conns, _ = status_fields(n)
-        return (redis_state is None or state == redis_state) and (
-            connections is None or conns == connections
-        )
-
-    return check
 
 
 # -- readiness and status -----------------------------------------------------------------

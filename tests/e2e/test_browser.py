@@ -23,18 +23,17 @@ from urllib.parse import urlencode
 import pytest
 import trio
 
-from .conftest import DaemonProcess, RedisServer, free_port, make_token
-from .test_systemd_integration import (
-    NotifyReceiver,
+from tests.support.daemon import (
+    DaemonProcess,
     Spawned,
     daemon_env,
-    is_,
     listening_socket,
-    open_notify_receiver,
+    make_token,
     open_spawner,
-    publish,
-    wait_connections,
 )
+from tests.support.notify import NotifyReceiver, is_, open_notify_receiver
+from tests.support.redis import RedisServer, free_port
+from tests.support.ws import publish, wait_connections
 
 PAGE_DIR = Path(__file__).resolve().parent / "browser"
 PAGE_FILES = {

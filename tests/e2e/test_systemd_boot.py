@@ -20,12 +20,12 @@ from typing import Final
 
 import pytest
 
-from .conftest import DEV_ORIGIN, SECRET, make_token
-from .support.nspawn import Container, Unavailable, booted, why_unavailable
+from tests.support.daemon import DEV_ORIGIN, SECRET, make_token
+from tests.support.nspawn import Container, Unavailable, booted, why_unavailable
 
-REPO: Final = Path(__file__).resolve().parent.parent
+REPO: Final = Path(__file__).resolve().parents[2]
 SOURCE: Final = "/usr/local/src/smap-notify"  # the repository, copied into the container
-NETPROBE: Final = str(Path(__file__).resolve().parent / "support" / "netprobe.py")
+NETPROBE: Final = str(Path(__file__).resolve().parents[1] / "support" / "netprobe.py")
 PORT: Final = 8081
 REDIS_PORT: Final = 6390
 VENV: Final = "/opt/smap-notify/venv"

@@ -1,7 +1,7 @@
 """Protocol conformance: the Autobahn TestSuite cases (sections 1-7, 9, 10) via kosoku.
 
 kosoku drives the suite's own case files from a Rust runner (no Docker, no Python 2).
-The server under test is ``tests/autobahn_server.py``: smap-notify's request-head
+The server under test is ``tests/e2e/autobahn_server.py``: smap-notify's request-head
 handling, ``ConnStream`` and trio-websocket upgrade, with an echo handler.
 
 Verdicts as Autobahn defines them: OK; NON-STRICT (diverges from a SHOULD, still

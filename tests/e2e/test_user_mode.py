@@ -9,10 +9,11 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import Daemon, RedisServer, http_request, wait_until
-from .test_channels import TOPIC_ERA, sample
-from .test_chaos import RawWebSocket, scrape
-from .test_e2e_channels import MARKER, frames_until_marker
+from tests.support.channels import MARKER, TOPIC_ERA, frames_until_marker, sample
+from tests.support.daemon import Daemon, http_request, wait_until
+from tests.support.observe import scrape
+from tests.support.redis import RedisServer
+from tests.support.ws import RawWebSocket
 
 
 def pubsub_channels(server: RedisServer) -> set[str]:

@@ -27,18 +27,18 @@ from trio_websocket import WebSocketConnection
 from smap_notify.app import App
 from smap_notify.cluster import NodeAddress, parse_nodes
 from smap_notify.config import ConfigError, load_config
-
-from .conftest import SECRET, Daemon, DaemonProcess, RedisServer, free_port, wait_until
-from .test_chaos import get_health
-from .test_sentinel import (
+from tests.support.daemon import SECRET, Daemon, DaemonProcess, wait_until
+from tests.support.observe import (
     PublishFlow,
     check_accounting,
     check_one_failover,
+    get_health,
     one_restored,
     publish_at,
     run_fault,
     start_line,
 )
+from tests.support.redis import RedisServer, free_port
 
 NODE_TIMEOUT_MS = 1000
 READY_WITHIN = 60.0  # the cluster's own convergence, not the daemon's part
