@@ -192,3 +192,68 @@ async def test_a_stop_does_not_wait_for_a_ping_stuck_on_a_stopped_redis(
         redis_server.resume()
     await trio.to_thread.run_sync(finished.wait, 10)
     probe.close()
+
+
+class CountingProbe(RedisProbe):
+    """A probe whose PING answers ``up`` at once and is counted; no Redis involved."""
+
+    def __init__(self) -> None:
+        super().__init__(load_config({"JWT_SECRET_KEY": SECRET, "REDIS_HOST": "127.0.0.1:1"}))
+        self.up = False
+        self.pings = 0
+
+    def _ping(self) -> RedisHealth:
+        self.pings += 1
+        return UP if self.up else DOWN
+
+
+async def opened_probe() -> CountingProbe:
+    probe = CountingProbe()
+    for _ in range(probe.breaker.failure_threshold):
+        assert not (await probe.check()).connected
+    assert probe.breaker.state == "open" and probe.pings == probe.breaker.failure_threshold
+    return probe
+
+
+async def test_an_open_breaker_answers_without_a_ping_until_its_reset(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    probe = await opened_probe()
+    pings = probe.pings
+    mock_clock.jump(probe.breaker.reset_after - 0.001)
+    for _ in range(10):
+        health = await probe.check()
+        assert health.error == f"circuit open after: {DOWN.error}"
+    assert probe.pings == pings
+    mock_clock.jump(0.001)
+    probe.up = True
+    assert (await probe.check()).connected, "one trial once reset_after has passed"
+    assert probe.pings == pings + 1 and probe.breaker.state == "closed"
+    probe.close()
+
+
+async def test_a_new_subscription_lets_the_next_ping_through_an_open_breaker(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Redis is back when the subscriber subscribed again: /health says 200 at once
+    instead of after the breaker's reset_after."""
+    probe = await opened_probe()
+    probe.up = True
+    assert not (await probe.check(subscriptions=0)).connected
+    assert (await probe.check(subscriptions=1)).connected
+    assert probe.breaker.state == "closed"
+    probe.close()
+
+
+async def test_concurrent_checks_share_one_ping() -> None:
+    probe = CountingProbe()
+    answers: list[RedisHealth] = []
+
+    async def check() -> None:
+        answers.append(await probe.check())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(check)
+    assert answers == [DOWN] * 100 and probe.pings == 1
+    probe.close()
