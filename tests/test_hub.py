@@ -397,3 +397,29 @@ async def test_a_drain_closes_every_connection_as_shutdown(nursery: trio.Nursery
         hub.unregister(conn, "connection_lost")  # what the reader then sees
     assert hub.counters.connections_closed == {"shutdown": 3}
     assert all(theirs.recv(16) == b"" for _ours, theirs in pairs)
+
+
+async def test_a_drain_spreads_the_closes_over_its_window(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Closes all at once would bring every browser back at once: a drain closes the
+    connections in slices over its window, beginning at once and done within it."""
+    hub = await start_hub(nursery)
+    pairs = [socket.socketpair() for _ in range(20)]
+    conns = [socket_connection(f"u{n}", ours) for n, (ours, _theirs) in enumerate(pairs)]
+    register(hub, *conns)
+
+    def closed() -> int:
+        return sum(conn.closed for conn in conns)
+
+    started = trio.current_time()
+    async with trio.open_nursery() as draining:
+        draining.start_soon(hub.drain, 3.0)
+        await trio.sleep(0.01)
+        assert 1 <= closed() <= 2
+        await trio.sleep(1.5)
+        assert 8 <= closed() <= 12, "half of them halfway through the window"
+    assert closed() == 20
+    assert trio.current_time() - started <= 3.0
+    for _ours, theirs in pairs:
+        theirs.close()
