@@ -1,8 +1,10 @@
-"""Failure pacing: the circuit breaker guarding Redis checks, and the reconnect backoff."""
+"""Failure pacing: the circuit breaker guarding Redis checks, the reconnect backoff, and
+the subscriber's deadlines for a silent subscription."""
 
 from __future__ import annotations
 
 import random
+from typing import Final
 
 import pytest
 
@@ -10,10 +12,19 @@ from smap_notify.breaker import CircuitBreaker
 from smap_notify.subscriber import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    DEAD_AFTER,
     FLAP_CAP,
+    POLL_SECONDS,
+    PROBE_AFTER,
     backoff_delay,
     reconnect_delay,
 )
+
+# The contract: a dead or wedged subscription is noticed within DETECT_TARGET seconds, and
+# delivery resumes within RECOVER_TARGET of Redis answering again. bench/faults.py
+# measures both against a real Redis.
+DETECT_TARGET: Final = 5.0
+RECOVER_TARGET: Final = 2.0
 
 
 def opened(at: float = 100.0) -> CircuitBreaker:
@@ -160,3 +171,21 @@ def test_the_wait_after_flapping_subscriptions_grows_with_each_up_to_its_cap() -
     assert waits == sorted(waits)
     assert waits[0] >= 2 * BACKOFF_BASE
     assert waits[-1] == FLAP_CAP
+
+
+def test_a_silent_subscription_is_probed_and_declared_dead_within_the_target() -> None:
+    """The subscriber looks at a silent subscription every POLL_SECONDS: it sends a PING
+    after PROBE_AFTER of silence, which a live Redis answers, and declares the
+    subscription dead after DEAD_AFTER, so at the latest DEAD_AFTER + POLL_SECONDS after
+    Redis's last reply."""
+    assert POLL_SECONDS < PROBE_AFTER < DEAD_AFTER
+    assert PROBE_AFTER + POLL_SECONDS < DEAD_AFTER, "a probe has time to be answered"
+    assert DEAD_AFTER + POLL_SECONDS < DETECT_TARGET
+
+
+def test_the_wait_before_a_new_attempt_leaves_time_to_recover_within_the_target() -> None:
+    """Without flapping, the longest wait between two attempts is BACKOFF_CAP: an attempt
+    comes that soon after Redis is back, and has the rest of the target to subscribe."""
+    rng = random.Random(3)
+    assert max(reconnect_delay(attempt, 0, rng) for attempt in range(200)) <= BACKOFF_CAP
+    assert BACKOFF_CAP < RECOVER_TARGET
