@@ -49,6 +49,7 @@ from tests.support.redis import RedisServer
 from tests.support.ws import (
     RawWebSocket,
     open_ws,
+    slowloris,
     upgrade_head,
     ws_connect,
 )
@@ -1218,34 +1219,16 @@ async def test_hostile_clients_do_not_delay_delivery_to_others(
             if all_slowloris_connected.is_set() and not slowloris_cut:
                 received_while_held.append(seq)
 
-    slowloris_connected: list[None] = []
+    connected: list[None] = []
     all_slowloris_connected = trio.Event()
 
-    async def slowloris() -> None:
-        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
-        slowloris_connected.append(None)
-        dripped = 0
-        if len(slowloris_connected) == 20:
+    def slowloris_connected() -> None:
+        connected.append(None)
+        if len(connected) == 20:
             all_slowloris_connected.set()
-        head = upgrade_head(daemon.port, "reader")
-        async with trio.open_nursery() as own:
 
-            async def drip() -> None:
-                nonlocal dripped
-                for i in range(len(head)):
-                    await stream.send_all(head[i : i + 1])
-                    dripped += 1
-                    await trio.sleep(1.0)
-
-            own.start_soon(drip)
-            try:
-                while await stream.receive_some():
-                    pass
-            except trio.BrokenResourceError:
-                pass
-            slowloris_cut.append(dripped)
-            own.cancel_scope.cancel()
-        await stream.aclose()
+    async def one_slowloris() -> None:
+        slowloris_cut.append(await slowloris(daemon.port, "reader", slowloris_connected))
 
     async def oversized() -> None:
         status, _, _ = await raw_upgrade(daemon.port, "x", extra="X-Pad: " + "b" * 8000 + "\r\n")
@@ -1270,7 +1253,7 @@ async def test_hostile_clients_do_not_delay_delivery_to_others(
         tasks.start_soon(publish)
         async with trio.open_nursery() as hostile:
             for _ in range(20):
-                hostile.start_soon(slowloris)
+                hostile.start_soon(one_slowloris)
             await all_slowloris_connected.wait()
             for i in range(10):
                 hostile.start_soon(oversized)

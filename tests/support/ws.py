@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -102,6 +103,34 @@ def upgrade_head(port: int, user: str, *, extra: str = "") -> bytes:
         f"Origin: {DEV_ORIGIN}\r\nCookie: smap_auth_token={make_token(user)}\r\n"
         f"{extra}\r\n"
     ).encode()
+
+
+async def slowloris(port: int, user: str, connected: Callable[[], None]) -> int:
+    """A client that sends its upgrade request head one byte a second until the daemon
+    closes the connection (``connected`` is called once the TCP connection is open); how
+    many bytes of the head it had sent by then."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    connected()
+    head = upgrade_head(port, user)
+    sent = 0
+    async with trio.open_nursery() as own:
+
+        async def drip() -> None:
+            nonlocal sent
+            for i in range(len(head)):
+                await stream.send_all(head[i : i + 1])
+                sent += 1
+                await trio.sleep(1.0)
+
+        own.start_soon(drip)
+        try:
+            while await stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        own.cancel_scope.cancel()
+    await stream.aclose()
+    return sent
 
 
 class RawWebSocket:
