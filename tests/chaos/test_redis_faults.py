@@ -1066,8 +1066,8 @@ async def test_sigterm_in_the_middle_of_a_fan_out_exits_0_and_drops_every_client
 ) -> None:
     """Invariant: SIGTERM while 100 connections receive a fan-out makes the daemon drain
     them and exit 0, every client sees an unclean close (1006, so browsers reconnect),
-    and the log holds no traceback. (The drain's spread over its window is
-    test_hub.test_a_drain_spreads_the_closes_over_its_window, in Trio's clock.)"""
+    and the log holds no traceback. (In Trio's clock: the drain's spread over its window
+    is test_hub's, the stop within SHUTDOWN_TIMEOUT test_app's.)"""
     timeout = 3.0
     daemon = await trio.to_thread.run_sync(lambda: daemon_process(SHUTDOWN_TIMEOUT=f"{timeout}s"))
     users = [f"fan{i}" for i in range(10)]
