@@ -1320,8 +1320,8 @@ def run_idle_latency(
 # ---------------------------------------------------------------------------------------
 # scale (issue 19): W instances on one port
 # ---------------------------------------------------------------------------------------
-SCALE = {"users": 1000, "messages": 200_000, "sequential": 500, "resubscribe_users": 10_000}
-SCALE_QUICK = {"users": 1000, "messages": 40_000, "sequential": 300, "resubscribe_users": 10_000}
+SCALE = {"users": 1000, "messages": 200_000, "sequential": 1000, "resubscribe_users": 10_000}
+SCALE_QUICK = {"users": 1000, "messages": 40_000, "sequential": 1000, "resubscribe_users": 10_000}
 # A subscription lost sooner than this after it was made counts as a flap in smap-notify's
 # subscriber (FLAP_WITHIN), which then waits longer before reconnecting; a Redis restart
 # in production comes long after the subscription, so the benchmark's does too.

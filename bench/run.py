@@ -798,7 +798,7 @@ def start_group(
     return group
 
 
-def scale_runs(args: argparse.Namespace, baselines: list[str]) -> list[tuple[str, str, int]]:
+def scale_runs(baselines: list[str]) -> list[tuple[str, str, int]]:
     """(server, mode, W) in the order of one repeat: both modes side by side at each W,
     the baselines beside W = 1."""
     order = []
@@ -825,7 +825,7 @@ def run_scale(
         print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
 
     for rep in range(args.repeats):
-        for name, mode, width in scale_runs(args, baselines):
+        for name, mode, width in scale_runs(baselines):
             tag = f"scale-{name}-{mode if name == SMAP else 'own'}-w{width}-{rep}"
             note(tag)
             res: dict[str, Any]
