@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -122,12 +123,14 @@ class Redis:
         self.log.close()
         raise SystemExit(f"redis-server did not start:\n{tail(OUT / 'redis.log')}")
 
-    def restart(self) -> tuple[float, float]:
-        """SIGKILL our redis-server (by PID) and start it again on the same port; returns
-        (time.monotonic() of the kill, of the first PONG from the new one)."""
+    def restart(self, down: float = 0.0) -> tuple[float, float]:
+        """SIGKILL our redis-server (by PID) and start it again on the same port ``down``
+        seconds later; returns (time.monotonic() of the kill, of the first PONG from the
+        new one)."""
         killed = time.monotonic()
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        time.sleep(down)
         self.proc = self._start()
         return killed, time.monotonic()
 
@@ -149,6 +152,7 @@ class Server:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     health_port: int | None = None  # where /health answers for this process: port if None
+    cwd: Path = REPO  # ``python -m smap_notify`` runs the smap_notify package found here
 
     def start(self, timeout: float = 30.0, cpus: set[int] | None = None) -> None:
         """Start and wait until healthy; ``cpus``: the CPUs the server may use (all threads)."""
@@ -157,7 +161,7 @@ class Server:
             self.proc = subprocess.Popen(
                 self.cmd,
                 env=self.env,
-                cwd=REPO,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=pin,  # noqa: PLW1509  # run.py starts no threads
@@ -764,6 +768,9 @@ def write_idle_latency(
 # ---------------------------------------------------------------------------------------
 WIDTHS = (1, 2, 4)
 MODES = ("pattern", "user")
+# How long Redis stays down in the restarts: none (started again at once), and long
+# enough for smap-notify's reconnect wait to reach its cap (0.5-1 s, from about 1.2 s).
+REDIS_DOWN = (0.0, 2.0)
 OWN = "-"  # the baselines' subscription mode column: their own PSUBSCRIBE
 
 
@@ -798,15 +805,32 @@ def start_group(
     return group
 
 
-def scale_runs(baselines: list[str]) -> list[tuple[str, str, int]]:
+def scale_runs(baselines: list[str], against: str | None = None) -> list[tuple[str, str, int]]:
     """(server, mode, W) in the order of one repeat: both modes side by side at each W,
-    the baselines beside W = 1."""
+    the baselines beside W = 1, and smap-notify as of ``against`` (``smap-notify@REV``,
+    pattern mode, one instance) right after this version's W = 1."""
     order = []
     for width in WIDTHS:
         order += [(SMAP, mode, width) for mode in MODES]
         if width == 1:
+            order += [(f"{SMAP}@{against}", "pattern", 1)] if against else []
             order += [(name, OWN, 1) for name in baselines]
     return order
+
+
+def archived(rev: str) -> Path:
+    """The smap_notify package as of ``rev`` (git archive), in bench/out/; its folder."""
+    dest = OUT / f"smap-notify@{rev}"
+    if not (dest / "smap_notify" / "__main__.py").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "smap_notify"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def run_scale(
@@ -825,15 +849,17 @@ def run_scale(
         print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
 
     for rep in range(args.repeats):
-        for name, mode, width in scale_runs(baselines):
-            tag = f"scale-{name}-{mode if name == SMAP else 'own'}-w{width}-{rep}"
+        for name, mode, width in scale_runs(baselines, args.against):
+            tag = f"scale-{name}-{mode if mode != OWN else 'own'}-w{width}-{rep}"
             note(tag)
             res: dict[str, Any]
             try:
                 if name == SMAP:
                     group = start_group(width, mode, redis, tag, server_cpus)
-                else:
-                    group = [server_for(name, redis.port, tag)]
+                else:  # a baseline, or an earlier smap-notify alone on its port
+                    group = [server_for(name.split("@")[0], redis.port, tag)]
+                    if name.startswith(f"{SMAP}@"):
+                        group[0].cwd = archived(args.against)
                     group[0].start(cpus=server_cpus)
             except ServerFailed as exc:
                 res = {"correct": False, "failure": f"failed to start: {exc}"}
@@ -864,8 +890,8 @@ def run_scale(
             results.append(
                 {**res, "scenario": "scale", "server": name, "mode": mode, "width": width}
             )
-    for rep in range(args.resubscribe_repeats):
-        tag = f"scale-resubscribe-{rep}"
+    for rep, down in itertools.product(range(args.resubscribe_repeats), REDIS_DOWN):
+        tag = f"scale-resubscribe-down{down:g}s-{rep}"
         note(tag)
         try:
             group = start_group(1, "user", redis, tag, server_cpus)
@@ -883,7 +909,7 @@ def run_scale(
                 admin_port=srv.health_port,
                 redis_port=redis.port,
                 secret=srv.env["JWT_SECRET_KEY"],
-                restart=redis.restart,
+                restart=functools.partial(redis.restart, down),
                 healthy_at=time.monotonic(),
                 quick=args.quick,
                 workers=args.workers,
@@ -933,9 +959,12 @@ def scale_tables(results: list[dict[str, Any]]) -> tuple[list[str], str]:
     def runs(name: str, mode: str, width: int) -> list[dict[str, Any]]:
         return [r for r in cost if (r["server"], r["mode"], r["width"]) == (name, mode, width)]
 
-    kinds = [(SMAP, m) for m in MODES] + [
-        (n, OWN) for n in (BASE, NODE) if any(r["server"] == n for r in cost)
-    ]
+    earlier = sorted({r["server"] for r in cost if r["server"].startswith(f"{SMAP}@")})
+    kinds = (
+        [(SMAP, m) for m in MODES]
+        + [(n, "pattern") for n in earlier]
+        + [(n, OWN) for n in (BASE, NODE) if any(r["server"] == n for r in cost)]
+    )
     rows = []
     per_msg: dict[tuple[str, str, int], float | None] = {}
     for name, mode in kinds:
@@ -988,7 +1017,7 @@ def scale_tables(results: list[dict[str, Any]]) -> tuple[list[str], str]:
                 k: median_of(rr, f"{phase}.{k}")
                 for k in ("conns", "cpu_us_per_connect", "p50_ms", "p99_ms", "connects_per_s")
             }
-            connect[phase, mode if name == SMAP else name] = fig
+            connect[phase, mode if name == SMAP else name] = fig  # name: one mode only
             rows.append(
                 [
                     name,
@@ -1071,13 +1100,29 @@ def scale_tables(results: list[dict[str, Any]]) -> tuple[list[str], str]:
         )
     before = previous_figure("throughput", "server CPU per message (µs)")
     now = per_msg.get((SMAP, "pattern", 1))
+    vals = [r["server_cpu_us_per_msg"] for r in runs(SMAP, "pattern", 1) if r.get("correct")]
     if before and now:
-        vals = [r["server_cpu_us_per_msg"] for r in runs(SMAP, "pattern", 1) if r.get("correct")]
         targets.append(
-            f"- pattern mode, W=1, against the table above (``throughput``, same load):"
-            f" {now:.1f} against {before:.1f} µs per message = {now / before:.2f}x"
-            f" (this run's repeats: {spread(vals)})"
+            f"- pattern mode, W=1, against the main table (``throughput``, same load):"
+            f" {now:.1f} against {before:.1f} µs per message = {now / before:.2f}x (this"
+            f" run's repeats: {spread(vals)}); a like-for-like figure only where the"
+            " calibration lines of the two runs match"
         )
+    for name in earlier:
+        then = per_msg.get((name, "pattern", 1))
+        if now and then:
+            old = [r["server_cpu_us_per_msg"] for r in runs(name, "pattern", 1) if r.get("correct")]
+            if now <= then:
+                verdict = "no regression"
+            elif min(vals) <= max(old):
+                verdict = "more, within the spread of the runs"
+            else:
+                verdict = "more in every run: a regression"
+            targets.append(
+                f"- pattern mode, W=1, against {name} on this machine, interleaved:"
+                f" {now:.1f} against {then:.1f} µs per message = {now / then:.2f}x,"
+                f" {verdict} (runs: {spread(vals)} against {spread(old)})"
+            )
     for r in results:
         if not r.get("correct"):
             why = r.get("failure") or f"errors {r.get('check', {}).get('errors')}"
@@ -1134,10 +1179,14 @@ def write_scale(
         f" {p['resubscribe_users']:,} users (one connection each, each proven subscribed"
         " with a message), at least 10.5 s after it first subscribed (sooner counts as a"
         " flap, which lengthens its reconnect wait); the benchmark's redis-server is"
-        " killed (SIGKILL, by PID) and started again on the same port at once. From its"
+        " killed (SIGKILL, by PID) and started again on the same port, at once or after"
+        f" {max(REDIS_DOWN):g} s (by then the daemon's reconnect wait has reached its cap,"
+        " 0.5-1 s: part of the figures is that wait, not the re-subscribing). From its"
         " first PONG: until the instance's ``/health`` (polled every 20 ms) shows"
         " ``subscriber.active`` and every channel, and until the last client has its"
-        " ``resync`` frame (each must get exactly one). Then one more message per user,"
+        " ``resync`` frame (each must get exactly one; the event loop that answers"
+        " ``/health`` also sends the resync frames, so the first figure can trail the"
+        " second). Then one more message per user,"
         " through the new Redis, must reach every connection.",
         "",
         resub,
@@ -1171,9 +1220,15 @@ def main() -> int:
         help=f"the baselines beside smap-notify at W = 1 in {SCALE}",
     )
     ap.add_argument(
+        "--against",
+        metavar="REV",
+        help=f"{SCALE}: also smap-notify as of this git revision (pattern mode, one"
+        " instance), interleaved beside W = 1: a regression check on one machine",
+    )
+    ap.add_argument(
         "--resubscribe-repeats",
         type=int,
-        help=f"{SCALE}: Redis restarts with 10,000 users (3; quick: 1)",
+        help=f"{SCALE}: Redis restarts with 10,000 users, at each down time (3; quick: 1)",
     )
     ap.add_argument(
         "--idle-servers",

@@ -81,6 +81,12 @@ def test_one_repeat_puts_both_modes_side_by_side_and_the_baselines_beside_one_in
     assert order[4:] == [
         (run.SMAP, mode, width) for width in (2, 4) for mode in ("pattern", "user")
     ]
+    against = run.scale_runs([], "abc123")
+    assert against[:3] == [
+        (run.SMAP, "pattern", 1),
+        (run.SMAP, "user", 1),
+        (f"{run.SMAP}@abc123", "pattern", 1),
+    ]
 
 
 def scale_run(server: str, mode: str, width: int, us: float, **more: object) -> dict:
@@ -109,6 +115,8 @@ def test_the_targets_compare_w4_with_w1_and_the_connect_costs_of_the_two_modes(
         scale_run(run.SMAP, "user", 1, 10.0, sequential=slower),
         scale_run(run.SMAP, "pattern", 4, 40.0),
         scale_run(run.SMAP, "user", 4, 13.0),
+        scale_run(f"{run.SMAP}@abc123", "pattern", 1, 15.0),
+        scale_run(f"{run.SMAP}@abc123", "pattern", 1, 15.5),
         {
             "scenario": "resubscribe",
             "server": run.SMAP,
@@ -132,5 +140,7 @@ def test_the_targets_compare_w4_with_w1_and_the_connect_costs_of_the_two_modes(
     assert any("64 at a time" in t and "1.00x, met" in t for t in lines)
     assert any("10,000 users" in t and "2.500 s" in t and "NOT met" in t for t in lines)
     assert any("16.5 against 16.0" in t for t in lines)
+    # 16.5 (16.0-17.0) against 15.25 (15.0-15.5): more in every run.
+    assert any("@abc123" in t and "1.08x" in t and "a regression" in t for t in lines)
     # The cost table: W=4 against W=1 of the same mode.
     assert "2.42" in tables[0] and "1.30" in tables[0]
