@@ -48,7 +48,7 @@ import loadgen  # noqa: E402
 SCENARIOS = ["idle", "throughput", "latency", "fanout"]
 # Not in the default set: about 7 minutes, and it needs Node.js (issue 21).
 IDLE_LATENCY = "idle-latency"
-# Not in the default set either (issue 19): W instances on one port; quick about 4 minutes.
+# Not in the default set either (issue 19): W instances on one port; quick about 1.5 minutes.
 SCALE = "scale"
 SMAP = "smap-notify"
 BASE = "asyncio-baseline"
