@@ -34,6 +34,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import http.client
 import json
 import mmap
 import multiprocessing as mp
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,16 +151,19 @@ class Snapshot:
 
 @dataclass
 class Probe:
-    """Takes CPU snapshots of the server and of every load-generator process."""
+    """Takes CPU snapshots of the server and of every load-generator process. The
+    server's CPU is the sum over ``server_pid`` and ``more_servers`` (several instances
+    of one server on one port count as one server)."""
 
     server_pid: int
     procs: dict[str, int] = field(default_factory=dict)
     side: frozenset[int] | None = field(default_factory=side_cpus)
+    more_servers: tuple[int, ...] = ()
 
     def snap(self) -> Snapshot:
         return Snapshot(
             time.monotonic(),
-            proc_cpu_s(self.server_pid),
+            sum(proc_cpu_s(pid) for pid in (self.server_pid, *self.more_servers)),
             {name: proc_cpu_s(pid) for name, pid in self.procs.items()},
             machine_ticks(),
             None if self.side is None else machine_ticks(self.side),
@@ -601,8 +605,11 @@ class NativeProcess:
             start, end, ok, failed = rest.split()
             res = {"start": float(start), "end": float(end), "ok": int(ok), "failed": int(failed)}
             return (tag, res)
-        if tag == "latency":
+        if tag in ("latency", "handshakes"):
             return (tag, self._take(int(rest)))
+        if tag == "resyncs":
+            count, last_ns = rest.split()
+            return (tag, (int(count), int(last_ns)))
         if tag in ("result", "burst", "rate"):
             return (tag, json.loads(rest))
         if tag == "wait_sub":
@@ -820,14 +827,18 @@ class Harness:
         redis_pid: int | None = None,
         native: str | None = None,
         first_user: int = 0,
+        more_servers: Sequence[int] = (),
     ) -> None:
         """``first_user``: the users are ``first_user`` .. ``first_user + n_users - 1`` (a
-        second harness beside another holds users of its own)."""
+        second harness beside another holds users of its own). ``more_servers``: the PIDs
+        of further instances sharing the port, whose CPU counts as the server's."""
         ctx = mp.get_context("fork")
         self.n_users = n_users
         self.conns_per_user = conns_per_user
         workers = max(1, min(workers, n_users))
-        self.probe = Probe(server_pid, {"coordinator": os.getpid()})
+        self.probe = Probe(
+            server_pid, {"coordinator": os.getpid()}, more_servers=tuple(more_servers)
+        )
         if redis_pid:
             self.probe.procs["redis"] = redis_pid
         self.server_pid = server_pid
@@ -957,6 +968,30 @@ class Harness:
         for pipe in self.pipes:
             out.frombytes(self.expect(pipe, "latency", 60))
         return out
+
+    def handshakes(self) -> array.array[int]:
+        """Each connection's handshake time (ns, connect() to the 101) since the last call;
+        native client workers only."""
+        out: array.array[int] = array.array("q")
+        for pipe in self.native_pipes():
+            pipe.send(("handshakes",))
+        for pipe in self.native_pipes():
+            out.frombytes(self.expect(pipe, "handshakes", 60))
+        return out
+
+    def resyncs(self, expect: bool) -> tuple[int, int]:
+        """(connections that received their ``resync`` frame, monotonic ns of the last);
+        ``expect``: from now on a resync frame is expected, not an error. Native only."""
+        pipes = self.native_pipes()
+        for pipe in pipes:
+            pipe.send(("resyncs", expect))
+        got = [self.expect(pipe, "resyncs", 60) for pipe in pipes]
+        return sum(g[0] for g in got), max(g[1] for g in got)
+
+    def native_pipes(self) -> list[NativeProcess]:
+        if not all(isinstance(p, NativeProcess) for p in self.pipes):
+            raise RuntimeError("handshake times and resyncs need the native client (cc)")
+        return list(self.pipes)
 
     def expected_frames(self) -> int:
         return self.published * self.conns_per_user
@@ -1160,6 +1195,44 @@ def run_scenario(
     return out
 
 
+class Checked:
+    """One measured run: ``with Checked(out) as run:`` around it records an exception as
+    its failure; at the end every harness in ``run.harnesses`` checks and closes its
+    connections, and ``out["correct"]`` says whether the run and the checks all passed
+    (``run.ok`` is cleared by a phase that did not complete)."""
+
+    def __init__(self, out: dict[str, Any]) -> None:
+        self.out = out
+        self.ok = True
+        self.harnesses: list[Harness] = []
+
+    def __enter__(self) -> Checked:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        failed = isinstance(exc, Exception)
+        if failed:
+            self.out["failure"] = f"{type(exc).__name__}: {exc}"
+        errors: dict[str, int] = {}
+        samples: list[str] = []
+        for h in self.harnesses:
+            try:
+                check = h.finish()
+            except Exception as err:  # a worker that died cannot report
+                check = {"errors": {"load generator failed": 1}, "error_samples": [repr(err)]}
+            h.close()
+            for k, v in check["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            samples += check["error_samples"]
+        self.out["check"] = {"errors": errors, "error_samples": samples[:8]}
+        self.out["correct"] = bool(
+            self.ok and not failed and not errors and "failure" not in self.out
+        )
+        return failed
+
+
 IDLE_LATENCY = {"rate": 200.0, "messages": 3000, "settle_s": 16.0, "idle_cpu_s": 30.0}
 IDLE_LATENCY_QUICK = {"rate": 200.0, "messages": 1000, "settle_s": 16.0, "idle_cpu_s": 10.0}
 
@@ -1190,11 +1263,9 @@ def run_idle_latency(
     harness = functools.partial(
         Harness, port=port, server_pid=server_pid, redis_port=redis_port, secret=secret
     )
-    harnesses: list[Harness] = []
-    ok = True
-    try:
+    with Checked(out) as run:
         probe = harness(n_users=1, conns_per_user=1, workers=1, redis_pid=redis_pid, native=native)
-        harnesses.append(probe)
+        run.harnesses.append(probe)
         probe.wait_subscriber()
         if probe.connect(1)["failed"]:
             raise RuntimeError("the probe connection failed")
@@ -1207,7 +1278,7 @@ def run_idle_latency(
                 native=native,
                 first_user=1,
             )
-            harnesses.append(held)
+            run.harnesses.append(held)
             con = held.connect(concurrency)
             out["connected"] = con["ok"]
             out["connects_per_s"] = round(con["ok"] / max(con["wall_s"], 1e-9), 1)
@@ -1230,7 +1301,7 @@ def run_idle_latency(
         a = probe.probe.snap()
         waited = proc_cpu_wait_s(server_pid)
         pub = probe.rate(p["rate"], p["messages"] / p["rate"])
-        ok &= probe.wait_delivered(probe.expected_frames())
+        run.ok &= probe.wait_delivered(probe.expected_frames())
         b = probe.probe.snap()
         d = Probe.delta(a, b)
         out.update(
@@ -1243,23 +1314,203 @@ def run_idle_latency(
             server_cpu_pct=round(100 * d["server_cpu_s"] / d["wall_s"], 1),
             loadgen=d["loadgen"],
         )
-    except Exception as exc:
-        ok = False
-        out["failure"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# scale (issue 19): W instances on one port
+# ---------------------------------------------------------------------------------------
+SCALE = {"users": 1000, "messages": 200_000, "sequential": 1000, "resubscribe_users": 10_000}
+SCALE_QUICK = {"users": 1000, "messages": 40_000, "sequential": 1000, "resubscribe_users": 10_000}
+# A subscription lost sooner than this after it was made counts as a flap in smap-notify's
+# subscriber (FLAP_WITHIN), which then waits longer before reconnecting; a Redis restart
+# in production comes long after the subscription, so the benchmark's does too.
+SETTLED_S = 10.5
+
+
+def http_json(port: int, path: str = "/health") -> dict[str, Any]:
+    """GET a JSON document from a loopback port (any status)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        doc: dict[str, Any] = json.loads(conn.getresponse().read())
+        return doc
     finally:
-        errors: dict[str, int] = {}
-        samples: list[str] = []
-        for h in harnesses:
-            try:
-                check = h.finish()
-            except Exception as exc:  # a worker that died cannot report
-                check = {"errors": {"load generator failed": 1}, "error_samples": [repr(exc)]}
-            h.close()
-            for k, v in check["errors"].items():
-                errors[k] = errors.get(k, 0) + v
-            samples += check["error_samples"]
-    out["check"] = {"errors": errors, "error_samples": samples[:8]}
-    out["correct"] = bool(ok and not errors and "failure" not in out)
+        conn.close()
+
+
+def connect_figures(h: Harness, concurrency: int) -> dict[str, Any]:
+    """Open ``h``'s connections ``concurrency`` at a time: the server's CPU per connect,
+    the connect rate and the handshake times (connect() to the 101)."""
+    a = h.probe.snap()
+    con = h.connect(concurrency)
+    b = h.probe.snap()
+    if con["failed"]:
+        raise RuntimeError(f"{con['failed']} of {con['ok'] + con['failed']} connections failed")
+    d = Probe.delta(a, b)
+    return {
+        "conns": con["ok"],
+        "concurrency": concurrency,
+        "cpu_us_per_connect": round(1e6 * d["server_cpu_s"] / max(con["ok"], 1), 1),
+        "connects_per_s": round(con["ok"] / max(con["wall_s"], 1e-9), 1),
+        **percentiles(h.handshakes()),
+    }
+
+
+def run_scale_cost(
+    *,
+    port: int,
+    server_pids: Sequence[int],
+    redis_port: int,
+    secret: str,
+    pattern: bool,
+    admin_ports: Sequence[int] = (),
+    sequential: bool = False,
+    quick: bool = False,
+    workers: int = 2,
+    concurrency: int = 64,
+    redis_pid: int | None = None,
+    native: str | None = None,
+) -> dict[str, Any]:
+    """The server's CPU per delivered message, all its instances (``server_pids``, sharing
+    ``port``) summed, as in ``throughput``; its CPU per connect and handshake times while
+    the users connect ``concurrency`` at a time; with ``sequential``, also one at a time
+    (further users, who get no message). ``pattern``: the server subscribes with
+    PSUBSCRIBE (wait for it); ``admin_ports``: each instance's own /health, to count the
+    connections each one holds."""
+    raise_nofile()
+    p = SCALE_QUICK if quick else SCALE
+    n_users = p["users"]
+    out: dict[str, Any] = {"scenario": "scale", "instances": len(server_pids), "users": n_users}
+    harness = functools.partial(
+        Harness,
+        port=port,
+        server_pid=server_pids[0],
+        more_servers=server_pids[1:],
+        redis_port=redis_port,
+        secret=secret,
+        native=native,
+    )
+    with Checked(out) as run:
+        h = harness(n_users=n_users, conns_per_user=1, workers=workers, redis_pid=redis_pid)
+        run.harnesses.append(h)
+        h.native_pipes()
+        if pattern:
+            h.wait_subscriber()
+        time.sleep(0.3)
+        out["connect"] = connect_figures(h, concurrency)
+        out["conns_per_instance"] = [
+            http_json(a)["websocket"]["active_connections"] for a in admin_ports
+        ]
+        pub = h.burst(n_users, 1)  # warm-up, and every user's subscription proven
+        if not h.wait_delivered(h.expected_frames()):
+            raise RuntimeError(
+                f"warm-up: {h.delivered()} of {h.expected_frames()} frames arrived "
+                f"(redis saw {pub['zero_receivers']} messages without subscriber)"
+            )
+        n = p["messages"]
+        a = h.probe.snap()
+        pub = h.burst(n, 200)
+        run.ok &= h.wait_delivered(h.expected_frames())
+        b = h.probe.snap()
+        d = Probe.delta(a, b)
+        secs = max((max(h.last_ns) - pub["t_start_ns"]) / 1e9, 1e-9)
+        out.update(
+            messages=n,
+            delivered_per_s=round(n / secs, 1),
+            server_cpu_us_per_msg=round(1e6 * d["server_cpu_s"] / n, 2),
+            server_cpu_pct=round(100 * d["server_cpu_s"] / d["wall_s"], 1),
+            zero_receivers=pub["zero_receivers"],
+            loadgen=d["loadgen"],
+        )
+        if sequential:
+            one = harness(n_users=p["sequential"], conns_per_user=1, workers=1, first_user=n_users)
+            run.harnesses.append(one)
+            out["sequential"] = connect_figures(one, 1)
+    return out
+
+
+def run_resubscribe(
+    *,
+    port: int,
+    server_pid: int,
+    admin_port: int,
+    redis_port: int,
+    secret: str,
+    restart: Callable[[], tuple[float, float]],
+    healthy_at: float,
+    quick: bool = False,
+    workers: int = 2,
+    concurrency: int = 64,
+    native: str | None = None,
+) -> dict[str, Any]:
+    """How long a per-user-mode instance takes to subscribe every user again after a
+    Redis restart: N users connect, each gets a message; ``restart()`` kills Redis and
+    starts it again, returning (killed, answered PING) in time.monotonic(); then, from
+    the PING's answer, until the instance's /health (``admin_port``) shows every channel
+    subscribed, and until the last connection has its ``resync`` frame. Then one more
+    message per user proves every subscription live. ``healthy_at``: when the instance
+    first subscribed (time.monotonic())."""
+    raise_nofile()
+    n = (SCALE_QUICK if quick else SCALE)["resubscribe_users"]
+    out: dict[str, Any] = {"scenario": "resubscribe", "users": n}
+    # No redis_pid for the probe: the restarted Redis has another.
+    h = Harness(
+        port=port,
+        server_pid=server_pid,
+        redis_port=redis_port,
+        secret=secret,
+        n_users=n,
+        conns_per_user=1,
+        workers=workers,
+        native=native,
+    )
+    with Checked(out) as run:
+        run.harnesses.append(h)
+        h.native_pipes()
+        con = h.connect(concurrency)
+        if con["failed"]:
+            raise RuntimeError(f"{con['failed']} of {n} connections failed")
+        h.burst(n, 1)
+        if not h.wait_delivered(h.expected_frames()):
+            raise RuntimeError(f"warm-up: {h.delivered()} of {h.expected_frames()} frames")
+        out["channels_before"] = http_json(admin_port)["subscriber"]["channels"]
+        time.sleep(max(0.0, healthy_at + SETTLED_S - time.monotonic()))
+        h.resyncs(True)
+        killed, answered = restart()
+        subscribed = None
+        count = last_ns = 0
+        while time.monotonic() < answered + 60:
+            if subscribed is None:
+                try:
+                    sub = http_json(admin_port)["subscriber"]
+                except (OSError, ValueError):
+                    sub = {}
+                if sub.get("active") and sub.get("channels", 0) >= n:
+                    subscribed = time.monotonic()
+            count, last_ns = h.resyncs(True)
+            if subscribed is not None and count >= con["ok"]:
+                break
+            time.sleep(0.02)
+        out.update(
+            connections=con["ok"],
+            redis_down_s=round(answered - killed, 3),
+            subscribed_s=None if subscribed is None else round(subscribed - answered, 3),
+            resyncs=count,
+            last_resync_s=round(last_ns / 1e9 - answered, 3) if count else None,
+        )
+        if subscribed is None or count < con["ok"]:
+            raise RuntimeError(
+                f"within 60 s: subscribed {subscribed is not None}, resyncs {count} of {con['ok']}"
+            )
+        # Message 1 for every user, from a new connection to the new Redis.
+        pub = Publisher(redis_port, n, 1, None, h.counts)
+        pub.i = n
+        pub.burst(n, 1)
+        pub.sock.close()
+        h.published = 2 * n
+        run.ok &= h.wait_delivered(h.expected_frames())
+        out["zero_receivers_after"] = pub.zero
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -47,6 +48,8 @@ import loadgen  # noqa: E402
 SCENARIOS = ["idle", "throughput", "latency", "fanout"]
 # Not in the default set: about 7 minutes, and it needs Node.js (issue 21).
 IDLE_LATENCY = "idle-latency"
+# Not in the default set either (issue 19): W instances on one port; quick about 1.5 minutes.
+SCALE = "scale"
 SMAP = "smap-notify"
 BASE = "asyncio-baseline"
 NODE = "node-ws"
@@ -56,6 +59,10 @@ IDLE_LEVELS_QUICK = (0, 2000, 4000)
 # RESULTS.rst keeps the idle-latency section between these lines across --write runs.
 SECTION_START = ".. idle-latency: start"
 SECTION_END = ".. idle-latency: end"
+# ... and the scale section (issue 19) between these.
+SCALE_START = ".. scale: start"
+SCALE_END = ".. scale: end"
+KEPT_SECTIONS = ((SECTION_START, SECTION_END), (SCALE_START, SCALE_END))
 
 
 def free_port() -> int:
@@ -93,24 +100,39 @@ class Redis:
         self.port = free_port()
         # Without a pubsub output-buffer limit: the throughput scenario publishes faster than
         # any relay delivers, and Redis must not disconnect the subscriber for being behind.
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        cmd += ["--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0"]
+        self.cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        self.cmd += ["--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0"]
         self.log = open(OUT / "redis.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = self._start()
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        self.version = out.split("v=")[1].split()[0] if "v=" in out else out.strip()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        """Start redis-server; returns once it answers PING (checked every 2 ms)."""
+        proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
-                        break
+                        return proc
             except OSError:
-                time.sleep(0.05)
-        else:
-            self.stop()
-            raise SystemExit(f"redis-server did not start:\n{tail(OUT / 'redis.log')}")
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-        self.version = out.split("v=")[1].split()[0] if "v=" in out else out.strip()
+                time.sleep(0.002)
+        stop_pid(proc, 5)
+        self.log.close()
+        raise SystemExit(f"redis-server did not start:\n{tail(OUT / 'redis.log')}")
+
+    def restart(self, down: float = 0.0) -> tuple[float, float]:
+        """SIGKILL our redis-server (by PID) and start it again on the same port ``down``
+        seconds later; returns (time.monotonic() of the kill, of the first PONG from the
+        new one)."""
+        killed = time.monotonic()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        time.sleep(down)
+        self.proc = self._start()
+        return killed, time.monotonic()
 
     def stop(self) -> None:
         stop_pid(self.proc, 5)
@@ -129,6 +151,8 @@ class Server:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    health_port: int | None = None  # where /health answers for this process: port if None
+    cwd: Path = REPO  # ``python -m smap_notify`` runs the smap_notify package found here
 
     def start(self, timeout: float = 30.0, cpus: set[int] | None = None) -> None:
         """Start and wait until healthy; ``cpus``: the CPUs the server may use (all threads)."""
@@ -137,7 +161,7 @@ class Server:
             self.proc = subprocess.Popen(
                 self.cmd,
                 env=self.env,
-                cwd=REPO,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=pin,  # noqa: PLW1509  # run.py starts no threads
@@ -151,7 +175,9 @@ class Server:
                     + tail(self.log)
                 )
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn = http.client.HTTPConnection(
+                    "127.0.0.1", self.health_port or self.port, timeout=2
+                )
                 conn.request("GET", "/health")
                 resp = conn.getresponse()
                 body = resp.read()
@@ -533,8 +559,9 @@ def write_rst(info: dict[str, str], args: argparse.Namespace, table: str, notes:
     ]
     if notes:
         lines += ["Failures and notes", "------------------", "", notes, ""]
-    if kept := idle_latency_section():
-        lines += [kept, ""]
+    for start_marker, end_marker in KEPT_SECTIONS:
+        if kept := kept_section(start_marker, end_marker):
+            lines += [kept, ""]
     profile = BENCH / "profile-notes.rst"
     if profile.exists():
         lines += [profile.read_text().rstrip(), ""]
@@ -549,26 +576,36 @@ def drive(
     """Run a load-generator ``scenario`` against the started ``srv``, then stop ``srv``; the
     result is marked incorrect when the load generator failed or the server died."""
     assert srv.proc is not None
+    return drive_group(
+        [srv],
+        scenario,
+        port=srv.port,
+        server_pid=srv.proc.pid,
+        redis_port=redis.port,
+        secret=srv.env["JWT_SECRET_KEY"],
+        redis_pid=redis.proc.pid,
+        **kwargs,
+    )
+
+
+def drive_group(
+    group: list[Server], scenario: Callable[..., dict[str, Any]], **kwargs: Any
+) -> dict[str, Any]:
+    """Run ``scenario(**kwargs)`` against the started servers of ``group``, then stop them;
+    the result is marked incorrect when the load generator failed or a server died."""
     res: dict[str, Any]
     try:
-        res = scenario(
-            port=srv.port,
-            server_pid=srv.proc.pid,
-            redis_port=redis.port,
-            secret=srv.env["JWT_SECRET_KEY"],
-            redis_pid=redis.proc.pid,
-            **kwargs,
-        )
+        res = scenario(**kwargs)
     except Exception as exc:  # the load generator itself failed
         res = {"correct": False, "check": {"errors": {}}}
         res["failure"] = f"load generator: {type(exc).__name__}: {exc}"
     finally:
-        alive = srv.proc.poll() is None
-        res_stop = srv.stop()
+        alive = all(srv.proc is not None and srv.proc.poll() is None for srv in group)
+        stops = [srv.stop() for srv in group]
     if not alive:
         res["correct"] = False
-        res.setdefault("failure", f"server died during the run ({res_stop})")
-    res["server_stop"] = res_stop
+        res.setdefault("failure", f"a server died during the run ({', '.join(stops)})")
+    res["server_stop"] = stops[0] if len(stops) == 1 else stops
     return res
 
 
@@ -668,14 +705,31 @@ def idle_latency_table(results: list[dict[str, Any]], servers: list[str]) -> tup
     return rst_table(header, rows), "\n".join(targets)
 
 
-def idle_latency_section() -> str:
-    """The idle-latency section of RESULTS.rst as it stands, markers included, or ""."""
+def kept_section(start_marker: str, end_marker: str) -> str:
+    """The section of RESULTS.rst between these markers as it stands, markers included,
+    or "" (each scenario that writes a section of its own replaces only that section)."""
     path = BENCH / "RESULTS.rst"
     text = path.read_text() if path.exists() else ""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return ""
-    return text[start : end + len(SECTION_END)]
+    return text[start : end + len(end_marker)]
+
+
+def put_section(section: str, start_marker: str, end_marker: str) -> Path:
+    """Write ``section`` (markers included) into RESULTS.rst in place of the one between
+    the same markers, else just before the profile notes (or at the end)."""
+    path = BENCH / "RESULTS.rst"
+    text = path.read_text()
+    if kept := kept_section(start_marker, end_marker):
+        text = text.replace(kept, section)
+    else:
+        profile = BENCH / "profile-notes.rst"
+        first = profile.read_text().splitlines()[0] if profile.exists() else ""
+        at = text.find(first) if first else -1
+        text = text + "\n" + section + "\n" if at < 0 else text[:at] + section + "\n\n" + text[at:]
+    path.write_text(text)
+    return path
 
 
 def write_idle_latency(
@@ -706,18 +760,444 @@ def write_idle_latency(
         "",
         SECTION_END,
     ]
-    section = "\n".join(body)
+    return put_section("\n".join(body), SECTION_START, SECTION_END)
+
+
+# ---------------------------------------------------------------------------------------
+# scale (issue 19, part 6)
+# ---------------------------------------------------------------------------------------
+WIDTHS = (1, 2, 4)
+MODES = ("pattern", "user")
+# How long Redis stays down in the restarts: none (started again at once), and long
+# enough for smap-notify's reconnect wait to reach its cap (0.5-1 s, from about 1.2 s).
+REDIS_DOWN = (0.0, 2.0)
+OWN = "-"  # the baselines' subscription mode column: their own PSUBSCRIBE
+
+
+def start_group(
+    width: int, mode: str, redis: Redis, tag: str, cpus: set[int] | None
+) -> list[Server]:
+    """``width`` smap-notify instances on one WebSocket port (``WS_REUSE_PORT``), one
+    secret, each with an ``ADMIN_PORT`` of its own for its /health; started one after
+    the other, each healthy (subscribed) before the next."""
+    port = free_port()
+    secret = secrets.token_urlsafe(32)
+    group: list[Server] = []
+    try:
+        for i in range(width):
+            srv = server_for(SMAP, redis.port, f"{tag}-{i + 1}")
+            srv.port = port
+            srv.health_port = free_port()
+            srv.env.update(
+                JWT_SECRET_KEY=secret,
+                WS_PORT=str(port),
+                WS_REUSE_PORT="true",
+                ADMIN_HOST="127.0.0.1",
+                ADMIN_PORT=str(srv.health_port),
+                REDIS_SUBSCRIBE=mode,
+            )
+            srv.start(cpus=cpus)
+            group.append(srv)
+    except ServerFailed:
+        for srv in group:
+            srv.stop()
+        raise
+    return group
+
+
+def scale_runs(baselines: list[str], against: str | None = None) -> list[tuple[str, str, int]]:
+    """(server, mode, W) in the order of one repeat: both modes side by side at each W,
+    the baselines beside W = 1, and smap-notify as of ``against`` (``smap-notify@REV``,
+    pattern mode, one instance) right after this version's W = 1."""
+    order = []
+    for width in WIDTHS:
+        order += [(SMAP, mode, width) for mode in MODES]
+        if width == 1:
+            order += [(f"{SMAP}@{against}", "pattern", 1)] if against else []
+            order += [(name, OWN, 1) for name in baselines]
+    return order
+
+
+def archived(rev: str) -> Path:
+    """The smap_notify package as of ``rev`` (git archive), in bench/out/; its folder."""
+    dest = OUT / f"smap-notify@{rev}"
+    if not (dest / "smap_notify" / "__main__.py").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "smap_notify"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def run_scale(
+    args: argparse.Namespace,
+    redis: Redis,
+    server_cpus: set[int] | None,
+    native: str | None,
+    started: float,
+    baselines: list[str],
+) -> list[dict[str, Any]]:
+    """The cost runs (every W, mode and baseline, interleaved, ``--repeats`` times), then
+    the Redis restarts with 10,000 users in per-user mode (``--resubscribe-repeats``)."""
+    results: list[dict[str, Any]] = []
+
+    def note(tag: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {tag} ...", end=" ", flush=True)
+
+    for rep in range(args.repeats):
+        for name, mode, width in scale_runs(baselines, args.against):
+            tag = f"scale-{name}-{mode if mode != OWN else 'own'}-w{width}-{rep}"
+            note(tag)
+            res: dict[str, Any]
+            try:
+                if name == SMAP:
+                    group = start_group(width, mode, redis, tag, server_cpus)
+                else:  # a baseline, or an earlier smap-notify alone on its port
+                    group = [server_for(name.split("@")[0], redis.port, tag)]
+                    if name.startswith(f"{SMAP}@"):
+                        group[0].cwd = archived(args.against)
+                    group[0].start(cpus=server_cpus)
+            except ServerFailed as exc:
+                res = {"correct": False, "failure": f"failed to start: {exc}"}
+                print("FAILED TO START")
+            else:
+                res = drive_group(
+                    group,
+                    loadgen.run_scale_cost,
+                    port=group[0].port,
+                    server_pids=[srv.proc.pid for srv in group if srv.proc],
+                    redis_port=redis.port,
+                    secret=group[0].env["JWT_SECRET_KEY"],
+                    pattern=mode != "user",
+                    admin_ports=[srv.health_port for srv in group if srv.health_port],
+                    sequential=name == SMAP and width == 1,
+                    quick=args.quick,
+                    workers=args.workers,
+                    redis_pid=redis.proc.pid,
+                    native=native,
+                )
+                print(
+                    f"{res['server_cpu_us_per_msg']:.1f} µs/msg,"
+                    f" {res['connect']['cpu_us_per_connect']:.0f} µs/connect,"
+                    f" conns per instance {res['conns_per_instance'] or '-'}"
+                    if res["correct"]
+                    else f"INCORRECT ({res.get('failure') or res['check']['errors']})"
+                )
+            results.append(
+                {**res, "scenario": "scale", "server": name, "mode": mode, "width": width}
+            )
+    for rep, down in itertools.product(range(args.resubscribe_repeats), REDIS_DOWN):
+        tag = f"scale-resubscribe-down{down:g}s-{rep}"
+        note(tag)
+        try:
+            group = start_group(1, "user", redis, tag, server_cpus)
+        except ServerFailed as exc:
+            res = {"correct": False, "failure": f"failed to start: {exc}"}
+            print("FAILED TO START")
+        else:
+            srv = group[0]
+            assert srv.proc is not None and srv.health_port is not None
+            res = drive_group(
+                group,
+                loadgen.run_resubscribe,
+                port=srv.port,
+                server_pid=srv.proc.pid,
+                admin_port=srv.health_port,
+                redis_port=redis.port,
+                secret=srv.env["JWT_SECRET_KEY"],
+                restart=functools.partial(redis.restart, down),
+                healthy_at=time.monotonic(),
+                quick=args.quick,
+                workers=args.workers,
+                native=native,
+            )
+            print(
+                f"all subscribed {res['subscribed_s']:.3f} s, last resync"
+                f" {res['last_resync_s']:.3f} s after Redis answered"
+                if res["correct"]
+                else f"INCORRECT ({res.get('failure') or res['check']['errors']})"
+            )
+        results.append(
+            {**res, "scenario": "resubscribe", "server": SMAP, "mode": "user", "width": 1}
+        )
+    return results
+
+
+def previous_figure(scenario: str, label: str) -> float | None:
+    """smap-notify's figure in the main table of RESULTS.rst (the last full run of the
+    default scenarios), e.g. ("throughput", "server CPU per message (µs)")."""
     path = BENCH / "RESULTS.rst"
-    text = path.read_text()
-    if kept := idle_latency_section():
-        text = text.replace(kept, section)
-    else:
-        profile = BENCH / "profile-notes.rst"
-        first = profile.read_text().splitlines()[0] if profile.exists() else ""
-        at = text.find(first) if first else -1
-        text = text + "\n" + section + "\n" if at < 0 else text[:at] + section + "\n\n" + text[at:]
-    path.write_text(text)
-    return path
+    text = path.read_text() if path.exists() else ""
+    for line in text.split(SECTION_START)[0].splitlines():
+        cells = [c for c in line.split("  ") if c.strip()]
+        if len(cells) > 2 and cells[0].strip() == scenario and cells[1].strip() == label:
+            try:
+                return float(cells[2])
+            except ValueError:
+                return None
+    return None
+
+
+def spread(values: list[float]) -> str:
+    """The runs' range around their median, in % of it: how noisy a figure was."""
+    if len(values) < 2:
+        return "one run"
+    mid = statistics.median(values)
+    return f"{min(values):.1f}-{max(values):.1f}, ±{50 * (max(values) - min(values)) / mid:.0f}%"
+
+
+def scale_tables(results: list[dict[str, Any]]) -> tuple[list[str], str]:
+    """The three tables (cost per message as W grows, connects at W = 1, Redis restarts)
+    and the targets, from the runs of ``run_scale``."""
+    cost = [r for r in results if r.get("scenario") != "resubscribe"]
+    resub = [r for r in results if r.get("scenario") == "resubscribe"]
+
+    def runs(name: str, mode: str, width: int) -> list[dict[str, Any]]:
+        return [r for r in cost if (r["server"], r["mode"], r["width"]) == (name, mode, width)]
+
+    earlier = sorted({r["server"] for r in cost if r["server"].startswith(f"{SMAP}@")})
+    kinds = (
+        [(SMAP, m) for m in MODES]
+        + [(n, "pattern") for n in earlier]
+        + [(n, OWN) for n in (BASE, NODE) if any(r["server"] == n for r in cost)]
+    )
+    rows = []
+    per_msg: dict[tuple[str, str, int], float | None] = {}
+    for name, mode in kinds:
+        for width in WIDTHS:
+            rr = runs(name, mode, width)
+            if not rr:
+                continue
+            v = per_msg[name, mode, width] = median_of(rr, "server_cpu_us_per_msg")
+            one = per_msg.get((name, mode, 1))
+            good = [r for r in rr if r.get("correct")]
+            held = sorted(c for r in good for c in r.get("conns_per_instance") or [])
+            rows.append(
+                [
+                    name,
+                    mode,
+                    str(width),
+                    fmt(v, "{:.1f}"),
+                    "-" if v is None or not one else f"{v / one:.2f}",
+                    fmt(median_of(rr, "delivered_per_s"), "{:.0f}"),
+                    f"{held[0]}-{held[-1]}" if held else "-",
+                    fmt(median_of(rr, "loadgen.max_proc_cpu_pct", False), "{:.0f}%"),
+                    fmt(median_of(rr, "loadgen.other_cpu_pct", False), "{:.0f}%"),
+                    f"{len(good)}/{len(rr)}",
+                ]
+            )
+    cost_table = rst_table(
+        [
+            "server",
+            "REDIS_SUBSCRIBE",
+            "W",
+            "CPU/msg (µs)",
+            "x W=1",
+            "delivered msg/s",
+            "conns per instance",
+            "busiest loadgen",
+            "other CPU",
+            "correct",
+        ],
+        rows,
+    )
+
+    rows = []
+    connect: dict[tuple[str, str], dict[str, float | None]] = {}
+    for phase, label in (("connect", "64 at a time"), ("sequential", "one at a time")):
+        for name, mode in kinds:
+            rr = [r for r in runs(name, mode, 1) if phase in r]
+            if not rr:
+                continue
+            fig = {
+                k: median_of(rr, f"{phase}.{k}")
+                for k in ("conns", "cpu_us_per_connect", "p50_ms", "p99_ms", "connects_per_s")
+            }
+            connect[phase, mode if name == SMAP else name] = fig  # name: one mode only
+            rows.append(
+                [
+                    name,
+                    mode,
+                    f"{label} ({fmt(fig['conns'], '{:,.0f}')})",
+                    fmt(fig["cpu_us_per_connect"], "{:.0f}"),
+                    fmt(fig["p50_ms"], "{:.2f} ms"),
+                    fmt(fig["p99_ms"], "{:.2f} ms"),
+                    fmt(fig["connects_per_s"], "{:.0f}"),
+                ]
+            )
+    connect_table = rst_table(
+        ["server", "REDIS_SUBSCRIBE", "connects", "CPU/connect (µs)", "p50", "p99", "connects/s"],
+        rows,
+    )
+
+    rows = []
+    for i, r in enumerate(resub, 1):
+        rows.append(
+            [
+                str(i),
+                f"{r.get('connections', 0):,}",
+                fmt(r.get("redis_down_s"), "{:.3f} s"),
+                fmt(r.get("subscribed_s"), "{:.3f} s"),
+                fmt(r.get("last_resync_s"), "{:.3f} s"),
+                f"{r.get('resyncs', 0):,}",
+                "yes" if r.get("correct") else "NO (below)",
+            ]
+        )
+    resub_table = rst_table(
+        [
+            "run",
+            "users",
+            "kill to PONG",
+            "PONG to all subscribed",
+            "PONG to last resync",
+            "resyncs",
+            "correct",
+        ],
+        rows,
+    )
+
+    targets = []
+    for mode, bound in (("user", "within 1.25x of W=1"), ("pattern", "about W-fold expected")):
+        one, four = per_msg.get((SMAP, mode, 1)), per_msg.get((SMAP, mode, 4))
+        if one and four:
+            verdict = ("met" if four <= 1.25 * one else "NOT met") if mode == "user" else "shown"
+            targets.append(
+                f"- {mode} mode, CPU per message at W=4 {bound}: {four:.1f} / {one:.1f} µs"
+                f" = {four / one:.2f}x, {verdict}"
+            )
+    for phase, label in (("sequential", "one at a time"), ("connect", "64 at a time")):
+        pat, usr = connect.get((phase, "pattern")), connect.get((phase, "user"))
+        if not pat or not usr:
+            continue
+        if pat["p99_ms"] is not None and usr["p99_ms"] is not None:
+            extra = usr["p99_ms"] - pat["p99_ms"]
+            targets.append(
+                f"- handshake p99 ({label}), user mode adds at most 1 ms:"
+                f" {usr['p99_ms']:.2f} - {pat['p99_ms']:.2f} = {extra:+.2f} ms,"
+                f" {'met' if extra <= 1 else 'NOT met'}"
+            )
+        if pat["cpu_us_per_connect"] and usr["cpu_us_per_connect"] is not None:
+            x = usr["cpu_us_per_connect"] / pat["cpu_us_per_connect"]
+            targets.append(
+                f"- CPU per connect ({label}), user mode adds at most 20%:"
+                f" {usr['cpu_us_per_connect']:.0f} / {pat['cpu_us_per_connect']:.0f} µs"
+                f" = {x:.2f}x, {'met' if x <= 1.2 else 'NOT met'}"
+            )
+    if resub:
+        good = [r for r in resub if r.get("correct")]
+        worst = max(
+            (max(r["subscribed_s"], r["last_resync_s"]) for r in good), default=float("inf")
+        )
+        met = len(good) == len(resub) and worst <= 2.0
+        targets.append(
+            f"- {resub[0]['users']:,} users subscribed again and resync sent within 2 s of"
+            f" Redis answering: slowest of {len(resub)} run(s) {worst:.3f} s"
+            f" ({len(good)} correct), {'met' if met else 'NOT met'}"
+        )
+    before = previous_figure("throughput", "server CPU per message (µs)")
+    now = per_msg.get((SMAP, "pattern", 1))
+    vals = [r["server_cpu_us_per_msg"] for r in runs(SMAP, "pattern", 1) if r.get("correct")]
+    if before and now:
+        targets.append(
+            f"- pattern mode, W=1, against the main table (``throughput``, same load):"
+            f" {now:.1f} against {before:.1f} µs per message = {now / before:.2f}x (this"
+            f" run's repeats: {spread(vals)}); a like-for-like figure only where the"
+            " calibration lines of the two runs match"
+        )
+    for name in earlier:
+        then = per_msg.get((name, "pattern", 1))
+        if now and then:
+            old = [r["server_cpu_us_per_msg"] for r in runs(name, "pattern", 1) if r.get("correct")]
+            if now <= then:
+                verdict = "no regression"
+            elif min(vals) <= max(old):
+                verdict = "more, within the spread of the runs"
+            else:
+                verdict = "more in every run: a regression"
+            targets.append(
+                f"- pattern mode, W=1, against {name} on this machine, interleaved:"
+                f" {now:.1f} against {then:.1f} µs per message = {now / then:.2f}x,"
+                f" {verdict} (runs: {spread(vals)} against {spread(old)})"
+            )
+    for r in results:
+        if not r.get("correct"):
+            why = r.get("failure") or f"errors {r.get('check', {}).get('errors')}"
+            targets.append(f"- {r['server']} {r['mode']} W={r['width']}: incorrect: {why}")
+    return [cost_table, connect_table, resub_table], "\n".join(targets)
+
+
+def write_scale(
+    info: dict[str, str], args: argparse.Namespace, tables: list[str], targets: str
+) -> Path:
+    """Put the scale results into RESULTS.rst, in place of the last ones."""
+    load = os.getloadavg()
+    p = loadgen.SCALE_QUICK if args.quick else loadgen.SCALE
+    cost, connect, resub = tables
+    body = [
+        SCALE_START,
+        "",
+        "How cost grows with instances (issue 19)",
+        "----------------------------------------",
+        "",
+        f"``python bench/run.py {' '.join(sys.argv[1:])}`` on {info['date']}, {info['nproc']}"
+        f" CPUs ({info['cpu']}); Python {info['python']}, Redis {info['redis']}; calibration:"
+        f" Python loop {info['python_loop_ms']} ms, wake-up round trip {info['wakeup_rt_us']}"
+        f" µs; steadiness {info['steadiness']}; load average at the end {load[0]:.2f}"
+        f" {load[1]:.2f} {load[2]:.2f}. CPUs: {args.cpus}; so with W = 2 and 4 the"
+        " instances share one core (W = 4 oversubscribes it: they take turns), and the"
+        " total CPU per message is the figure that means something, not the rates."
+        f" Medians of {args.repeats} run(s) per row, the rows of one repeat interleaved."
+        " The machine is shared (other engineers' test suites may run during the"
+        ' runs): "other CPU" is the CPU that processes not ours took, in % of one core.',
+        "",
+        f"W smap-notify instances share one WebSocket port (``WS_REUSE_PORT=true``), each"
+        f" with its own ``ADMIN_PORT``; {p['users']:,} users, one connection each, spread"
+        ' over the instances by the kernel ("conns per instance": the fewest and most'
+        " any instance held, over the runs). **CPU/msg**: utime+stime of every instance"
+        f" from ``/proc/PID/stat``, summed, over {p['messages']:,} messages published"
+        " round-robin over the users as fast as Redis takes them (as in ``throughput``),"
+        " divided by the messages delivered. In ``pattern`` mode every instance reads and"
+        " parses every message and drops those of users it does not hold; in ``user``"
+        " mode each reads only its own users'. The asyncio relay and the Node.js relay"
+        " (``../shared/peers/node-ws``) subscribe with their own ``PSUBSCRIBE``.",
+        "",
+        cost,
+        "",
+        f"Connects at W = 1: the {p['users']:,} users above connect 64 at a time (the CPU per"
+        " connect is the server's CPU over that phase / connections; p50/p99 from each"
+        " connection's ``connect()`` to the 101, queueing included), then"
+        f" {p['sequential']:,} other users one at a time (the handshake alone; in"
+        " ``user`` mode it waits for Redis to confirm the user's SUBSCRIBE).",
+        "",
+        connect,
+        "",
+        "Re-subscribing after a Redis restart: one instance in ``user`` mode holds"
+        f" {p['resubscribe_users']:,} users (one connection each, each proven subscribed"
+        " with a message), at least 10.5 s after it first subscribed (sooner counts as a"
+        " flap, which lengthens its reconnect wait); the benchmark's redis-server is"
+        " killed (SIGKILL, by PID) and started again on the same port, at once or after"
+        f" {max(REDIS_DOWN):g} s (by then the daemon's reconnect wait has reached its cap,"
+        " 0.5-1 s: part of the figures is that wait, not the re-subscribing). From its"
+        " first PONG: until the instance's ``/health`` (polled every 20 ms) shows"
+        " ``subscriber.active`` and every channel, and until the last client has its"
+        " ``resync`` frame (each must get exactly one; the event loop that answers"
+        " ``/health`` also sends the resync frames, so the first figure can trail the"
+        " second). Then one more message per user,"
+        " through the new Redis, must reach every connection.",
+        "",
+        resub,
+        "",
+        "Targets (issue 19):",
+        "",
+        targets,
+        "",
+        SCALE_END,
+    ]
+    return put_section("\n".join(body), SCALE_START, SCALE_END)
 
 
 # ---------------------------------------------------------------------------------------
@@ -728,9 +1208,27 @@ def main() -> int:
     ap.add_argument(
         "--scenarios",
         nargs="+",
-        choices=[*SCENARIOS, IDLE_LATENCY],
+        choices=[*SCENARIOS, IDLE_LATENCY, SCALE],
         default=SCENARIOS,
-        help=f"default: {' '.join(SCENARIOS)}; {IDLE_LATENCY} runs only when named",
+        help=f"default: {' '.join(SCENARIOS)}; {IDLE_LATENCY} and {SCALE} run only when named",
+    )
+    ap.add_argument(
+        "--scale-baselines",
+        nargs="*",
+        choices=[BASE, NODE],
+        default=[BASE, NODE],
+        help=f"the baselines beside smap-notify at W = 1 in {SCALE}",
+    )
+    ap.add_argument(
+        "--against",
+        metavar="REV",
+        help=f"{SCALE}: also smap-notify as of this git revision (pattern mode, one"
+        " instance), interleaved beside W = 1: a regression check on one machine",
+    )
+    ap.add_argument(
+        "--resubscribe-repeats",
+        type=int,
+        help=f"{SCALE}: Redis restarts with 10,000 users, at each down time (3; quick: 1)",
     )
     ap.add_argument(
         "--idle-servers",
@@ -757,6 +1255,8 @@ def main() -> int:
     args.client_used = "native (bench/wsclient.c)" if native else "asyncio (loadgen.py)"
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
+    if args.resubscribe_repeats is None:
+        args.resubscribe_repeats = 1 if args.quick else 3
     scenarios = [s for s in SCENARIOS if s in args.scenarios]
     OUT.mkdir(exist_ok=True)
     nofile = loadgen.raise_nofile()
@@ -788,6 +1288,16 @@ def main() -> int:
             args.idle_servers = [n for n in args.idle_servers if n != NODE]
     if IDLE_LATENCY in args.scenarios and SMAP in broken:
         args.idle_servers = [n for n in args.idle_servers if n != SMAP]
+    scale = SCALE in args.scenarios and SMAP not in broken
+    if SCALE in args.scenarios and not scale:
+        print(f"note: {SCALE} left out: {broken[SMAP]}")
+    if scale and native is None:
+        print(f"note: {SCALE} left out: it needs the native client (handshake times, resyncs)")
+        scale = False
+    if scale and NODE in args.scale_baselines and (why := node_ready(args.node_ws)):
+        print(f"note: {NODE} left out of {SCALE}: {why}")
+        args.scale_baselines = [n for n in args.scale_baselines if n != NODE]
+    scale_results: list[dict[str, Any]] = []
     idle_results: list[dict[str, Any]] = []
     redis = Redis()
     started = time.monotonic()
@@ -841,13 +1351,17 @@ def main() -> int:
                         print(brief(res))
         if IDLE_LATENCY in args.scenarios:
             idle_results = run_idle_latency(args, redis, server_cpus, native, started)
+        if scale:
+            scale_results = run_scale(
+                args, redis, server_cpus, native, started, args.scale_baselines
+            )
     finally:
         redis.stop()
     calibration["steadiness"] = describe_steadiness(
         steady_before, steadiness(server_cpus, steady_seconds)
     )
     (OUT / f"results-{stamp}.json").write_text(
-        json.dumps({**results, IDLE_LATENCY: idle_results}, indent=1)
+        json.dumps({**results, IDLE_LATENCY: idle_results, SCALE: scale_results}, indent=1)
     )
     table, notes = summarize(results, failures, scenarios)
     info = machine_info(redis.version, calibration)
@@ -875,6 +1389,13 @@ def main() -> int:
         print(f"wrote {write_rst(info, args, table, notes)}")
     if args.write and idle_results:
         print(f"wrote {write_idle_latency(info, args, idle_table, idle_notes)}")
+    if scale_results:
+        scale_tabs, scale_targets = scale_tables(scale_results)
+        print(f"\n{SCALE} (load average now {os.getloadavg()[0]:.2f}):")
+        print("\n\n".join(scale_tabs))
+        print(scale_targets)
+        if args.write:
+            print(f"wrote {write_scale(info, args, scale_tabs, scale_targets)}")
     return 0
 
 

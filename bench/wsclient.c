@@ -17,6 +17,11 @@
  *   connect K      open every connection, K at a time -> "connected START END OK FAILED"
  *   latency R      hand over the latencies so far, then record (R=1) or not
  *                  -> "latency NBYTES\n" + NBYTES of native int64 nanoseconds
+ *   handshakes     hand over the handshake times so far (connect() to the 101, one per
+ *                  connection opened) -> "handshakes NBYTES\n" + NBYTES of int64 ns
+ *   resyncs A      A=1: from now on a valid ``resync`` frame is expected (each connection
+ *                  must get exactly one) rather than an error -> "resyncs COUNT LAST_NS":
+ *                  how many connections got theirs, and when the last one arrived
  *   finish P U     P messages were published round-robin over U users: check every
  *                  connection's count, close all -> "result {json}", then exit
  * Built by loadgen.py with the system C compiler (cc -O2); no library beyond libc.
@@ -49,7 +54,7 @@ enum { C_NEW, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DONE };
 
 typedef struct {
     int fd, state, uidx, was_open;
-    int64_t next_seq, started_ns;
+    int64_t next_seq, started_ns, resync_ns;
     const char *token;
     uint8_t *buf; /* an incomplete frame (or response head) carried to the next read */
     size_t len, cap;
@@ -69,9 +74,10 @@ static const char *KINDS[] = {
     "connection lost",
     "connect failed",
     "wrong count at end",
+    "more than one resync",
 };
 enum { E_MASKED, E_JSON, E_KEYS, E_TYPE_TS, E_PAYLOAD, E_MISROUTED, E_SEQ, E_CLOSED,
-       E_NOT_TEXT, E_LOST, E_CONNECT, E_COUNT, E_KINDS };
+       E_NOT_TEXT, E_LOST, E_CONNECT, E_COUNT, E_RESYNC2, E_KINDS };
 static long err_count[E_KINDS];
 static char samples[8][300];
 static int n_samples;
@@ -286,6 +292,7 @@ static int rfc3339(const uint8_t *s, size_t n) {
 typedef struct {
     int ok; /* 0, or the E_ kind of the first failed check */
     int64_t u, seq, ts;
+    int resync; /* a well-formed resync frame (ok is then E_TYPE_TS: no notification) */
 } verdict_t;
 
 /* The payload object: u, seq and ts must be integers (other members: any JSON). */
@@ -320,7 +327,7 @@ static int jpayload(jp_t *j, verdict_t *v, int *have) {
 
 static verdict_t check_frame(const uint8_t *data, size_t n) {
     static const char *keys[] = {"type", "payload", "timestamp"};
-    verdict_t v = {E_JSON, 0, 0, 0};
+    verdict_t v = {E_JSON, 0, 0, 0, 0};
     jp_t j = {data, data + n};
     const uint8_t *type = NULL, *ts = NULL;
     size_t type_n = 0, ts_n = 0;
@@ -374,6 +381,8 @@ static verdict_t check_frame(const uint8_t *data, size_t n) {
     } else if (!type_str || type_n != 12 || memcmp(type, "notification", 12) || !ts_str ||
                !rfc3339(ts, ts_n)) {
         v.ok = E_TYPE_TS;
+        v.resync = type_str && type_n == 6 && !memcmp(type, "resync", 6) && ts_str &&
+                   rfc3339(ts, ts_n);
     } else if (have != 7) {
         v.ok = E_PAYLOAD;
     } else {
@@ -404,6 +413,10 @@ static int64_t received;
 static int64_t *lat;
 static size_t lat_n, lat_cap;
 static int recording;
+static int64_t *hs; /* handshake times, ns */
+static size_t hs_n, hs_cap;
+static int resync_expected, resync_count;
+static int64_t resync_last_ns;
 static uint8_t rbuf[1 << 18];
 
 /* connect phase */
@@ -462,6 +475,12 @@ static void connect_done(conn_t *c, int ok, const char *why) {
     inflight--;
     if (ok) {
         opened++;
+        if (hs_n == hs_cap) {
+            hs_cap = hs_cap ? hs_cap * 2 : 4096;
+            hs = realloc(hs, hs_cap * sizeof *hs);
+            if (!hs) abort();
+        }
+        hs[hs_n++] = now_ns() - c->started_ns;
     } else {
         failed++;
         error(E_CONNECT, "user %d: %s", c->uidx, why);
@@ -484,6 +503,16 @@ static void text_frame(conn_t *c, const uint8_t *p, size_t n, int64_t now) {
             memcpy(cache[slot].data, p, n);
             cache[slot].v = v;
         }
+    }
+    if (v.resync && resync_expected) { /* not a message: counted apart */
+        if (c->resync_ns) {
+            error(E_RESYNC2, "user %d", c->uidx);
+        } else {
+            resync_count++;
+            if (now > resync_last_ns) resync_last_ns = now;
+        }
+        c->resync_ns = now;
+        return;
     }
     received++;
     if (v.ok) {
@@ -728,6 +757,16 @@ static int command(char *line) {
         fflush(stdout);
         lat_n = 0;
         recording = a != 0;
+    } else if (!strcmp(line, "handshakes")) {
+        printf("handshakes %zu\n", hs_n * sizeof *hs);
+        fflush(stdout);
+        if (hs_n && fwrite(hs, sizeof *hs, hs_n, stdout) != hs_n) exit(3);
+        fflush(stdout);
+        hs_n = 0;
+    } else if (sscanf(line, "resyncs %lld", &a) == 1) {
+        resync_expected = a != 0;
+        printf("resyncs %d %lld\n", resync_count, (long long)resync_last_ns);
+        fflush(stdout);
     } else if (sscanf(line, "finish %lld %lld", &a, &b) == 2) {
         finish(a, b);
         return 0;
