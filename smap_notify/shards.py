@@ -117,15 +117,15 @@ class Placement:
     def unpark(self) -> None:
         self.parked.clear()
 
-    def owners(self, slots: SlotMap) -> set[NodeAddress]:
-        """The masters to be connected to: those serving an unplaced wanted channel's slot
-        and not failed, and those holding channels."""
-        out = set(self.on.values())
+    def owners(self, slots: SlotMap) -> dict[NodeAddress, bool]:
+        """The masters the wanted channels need, and whether the cluster failed each:
+        those holding channels, and those serving an unplaced one's slot."""
+        out = dict.fromkeys(self.on.values(), False)
         for channel in self.wanted:
             if channel not in self.on and channel not in self.parked:
                 owner = slots.owner(channel_slot(channel))
-                if owner is not None and not owner.failed:
-                    out.add(owner.address)
+                if owner is not None:
+                    out[owner.address] = out.get(owner.address, False) or owner.failed
         return out
 
     def place(
@@ -185,5 +185,6 @@ class Placement:
         self.unavailable.discard(channel)
         return True, self.missed.pop(channel, None)
 
-    def count(self, node: NodeAddress) -> int:
-        return sum(1 for channel in self.confirmed if self.on.get(channel) == node)
+    def awaiting(self, node: NodeAddress) -> bool:
+        """Channels asked for on ``node`` are not confirmed yet."""
+        return any(on == node and c not in self.confirmed for c, on in self.on.items())

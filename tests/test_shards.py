@@ -73,7 +73,7 @@ def test_placement_subscribes_on_linked_owners_and_reports_the_rest_unavailable(
     placement = Placement()
     for name in [*on_a, *on_b]:
         placement.want(name)
-    assert placement.owners(slots) == {A, B}
+    assert placement.owners(slots) == {A: False, B: False}
     send, unavailable = placement.place(slots, lambda node: node == A, now=100.0)
     assert {n: sorted(c) for n, c in send.items()} == {A: sorted(on_a)}
     assert unavailable == on_b and placement.missed == {on_b[0]: 100.0}
@@ -97,7 +97,7 @@ def test_a_lost_node_s_confirmed_channels_are_placed_again_and_marked_missed() -
     placement.confirm(name, A)
     assert placement.lose_node(A, since=5.0) == [name]
     assert placement.missed == {name: 5.0} and name not in placement.confirmed
-    assert placement.owners(slots) == {A}
+    assert placement.owners(slots) == {A: False}
 
 
 def test_a_moved_slot_is_misplaced_and_a_parked_channel_waits_for_the_next_map() -> None:
@@ -130,3 +130,12 @@ def test_dropping_a_channel_names_the_node_to_unsubscribe_it_on() -> None:
     placement.place(slots, lambda node: True, now=1.0)
     assert placement.drop(name) == B
     assert placement.wanted == set() and placement.on == {}
+
+
+def test_a_failed_owner_is_needed_but_marked_failed() -> None:
+    failed = SlotMap.from_nodes(parse_nodes(NODES.replace("master - 0 0 2", "master,fail - 0 0 2")))
+    (name,) = owned_by(failed, B, 1)
+    placement = Placement()
+    placement.want(name)
+    assert placement.owners(failed) == {B: True}
+    assert placement.place(failed, lambda node: False, now=3.0) == ({}, [name])
