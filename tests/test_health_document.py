@@ -14,6 +14,7 @@ import trio.testing
 
 from smap_notify.config import load_config
 from smap_notify.health import RedisHealth, RedisProbe, health_document
+from smap_notify.shards import ShardNode
 from smap_notify.subscriber import SubscriberState
 
 from .conftest import SECRET, RedisServer
@@ -192,3 +193,30 @@ async def test_a_stop_does_not_wait_for_a_ping_stuck_on_a_stopped_redis(
         redis_server.resume()
     await trio.to_thread.run_sync(finished.wait, 10)
     probe.close()
+
+
+def test_sharded_pubsub_lists_each_master_and_the_ones_down() -> None:
+    shards = (
+        ShardNode("127.0.0.1:7000", True, 12, ""),
+        ShardNode("127.0.0.1:7001", False, 0, "ConnectionError: refused"),
+    )
+    status, doc = document(
+        sub=subscriber(active=False, channels=12, shards=shards), cluster=True, mode="user"
+    )
+    assert status == 503
+    assert doc["subscriber"]["mode"] == "user" and doc["subscriber"]["channels"] == 12
+    assert doc["cluster"] == {
+        "node": None,
+        "pubsub": "sharded",
+        "nodes": 2,
+        "down": ["127.0.0.1:7001"],
+        "shards": [
+            {"node": "127.0.0.1:7000", "up": True, "channels": 12, "error": None},
+            {
+                "node": "127.0.0.1:7001",
+                "up": False,
+                "channels": 0,
+                "error": "ConnectionError: refused",
+            },
+        ],
+    }
