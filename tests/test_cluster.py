@@ -203,7 +203,7 @@ def test_the_start_line_names_the_cluster_nodes(
 ) -> None:
     nodes = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     daemon = daemon_process(REDIS_CLUSTER="true", REDIS_HOST=nodes)
-    assert f"redis=cluster nodes={nodes} " in start_line(daemon)
+    assert f"redis=cluster nodes={nodes} pubsub=classic " in start_line(daemon)
     assert daemon.stop() == 0
 
 
