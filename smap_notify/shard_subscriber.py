@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 WARN_EVERY: Final = 30
 # After ASK (the slot is being migrated) the map is read again this much later.
 ASK_WAIT: Final = 0.1
+# While a master owning wanted channels is down the map is read this often, to move to
+# its replica as soon as the cluster promotes it (the dead master is retried with the
+# reconnect backoff meanwhile).
+OUTAGE_MAP_INTERVAL: Final = 0.1
 
 
 async def run_sharded_subscriber(
@@ -187,7 +191,8 @@ class ShardWorker:
         self.map_failures = 0
         self.map_prefer = []
         self.slots = SlotMap.from_nodes(nodes)
-        self.map_due = now + WATCH_INTERVAL
+        outage = self.down or self.placement.unavailable
+        self.map_due = now + (OUTAGE_MAP_INTERVAL if outage else WATCH_INTERVAL)
         self.placement.unpark()
         moved = self.placement.misplaced(self.slots)
         if moved:
@@ -420,7 +425,7 @@ class ShardWorker:
                 if (
                     node == link.address
                     and name not in self.placement.confirmed
-                    and channel_slot(name) == slot
+                    and self.placement.wanted[name] == slot
                 ):
                     self.placement.lose(name, time.time(), park=True)
             now = time.monotonic()
@@ -471,10 +476,7 @@ class ShardWorker:
     def _publish_state(self) -> None:
         self.changed = False
         state, placement = self.state, self.placement
-        counts: dict[NodeAddress, int] = defaultdict(int)
-        for name in placement.confirmed:
-            counts[placement.on[name]] += 1
-        shards = [ShardNode(str(n), True, counts[n], "") for n in self.links]
+        shards = [ShardNode(str(n), True, placement.count(n), "") for n in self.links]
         shards += [ShardNode(str(n), False, 0, d.error) for n, d in self.down.items()]
         state.shards = tuple(sorted(shards, key=lambda s: s.node))
         state.channels = len(placement.confirmed)

@@ -11,7 +11,7 @@ Pure: fed the map and the time, no sockets.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -90,29 +90,38 @@ class Placement:
     """Where each wanted channel has been asked for (``SSUBSCRIBE`` sent there), which of
     those Redis confirmed, and since when each lost one may have missed messages.
 
-    Owned by the subscriber thread; the event loop hears of it through ``Requests``.
+    Owned by the subscriber thread, which consults it every turn: what a turn asks costs
+    in proportion to the channels not placed, not to all of them.
     """
 
-    wanted: set[str] = attrs.Factory(set)
+    wanted: dict[str, int] = attrs.Factory(dict)  # channel: its slot
     on: dict[str, NodeAddress] = attrs.Factory(dict)
+    unplaced: set[str] = attrs.Factory(set)  # wanted, not on any node
     confirmed: set[str] = attrs.Factory(set)
     # Lost (or accepted while unavailable): wall clock since when messages may be missed.
     missed: dict[str, float] = attrs.Factory(dict)
     unavailable: set[str] = attrs.Factory(set)  # reported as such, not yet placed
     # Redirected or unsubscribed by Redis: placed again only after the map is read anew.
     parked: set[str] = attrs.Factory(set)
+    _placed_on: Counter[NodeAddress] = attrs.Factory(Counter)
+    _confirmed_on: Counter[NodeAddress] = attrs.Factory(Counter)
 
     def want(self, channel: str) -> None:
-        self.wanted.add(channel)
+        if channel not in self.wanted:
+            self.wanted[channel] = channel_slot(channel)
+            self.unplaced.add(channel)
 
     def drop(self, channel: str) -> NodeAddress | None:
         """The channel is no longer wanted; returns the node to SUNSUBSCRIBE it on."""
-        self.wanted.discard(channel)
+        self.wanted.pop(channel, None)
+        self.unplaced.discard(channel)
         self.missed.pop(channel, None)
         self.unavailable.discard(channel)
         self.parked.discard(channel)
-        self.confirmed.discard(channel)
-        return self.on.pop(channel, None)
+        node = self.on.get(channel)
+        if node is not None:
+            self._unplace(channel, node)
+        return node
 
     def unpark(self) -> None:
         self.parked.clear()
@@ -120,12 +129,11 @@ class Placement:
     def owners(self, slots: SlotMap) -> dict[NodeAddress, bool]:
         """The masters the wanted channels need, and whether the cluster failed each:
         those holding channels, and those serving an unplaced one's slot."""
-        out = dict.fromkeys(self.on.values(), False)
-        for channel in self.wanted:
-            if channel not in self.on and channel not in self.parked:
-                owner = slots.owner(channel_slot(channel))
-                if owner is not None:
-                    out[owner.address] = out.get(owner.address, False) or owner.failed
+        out = {node: False for node, n in self._placed_on.items() if n}
+        for channel in self.unplaced - self.parked:
+            owner = slots.owner(self.wanted[channel])
+            if owner is not None:
+                out[owner.address] = out.get(owner.address, False) or owner.failed
         return out
 
     def place(
@@ -136,13 +144,13 @@ class Placement:
         ``linked``: whether a node's connection is up; ``now``: the wall clock."""
         send: dict[NodeAddress, list[str]] = defaultdict(list)
         newly_unavailable = []
-        for channel in self.wanted:
-            if channel in self.on or channel in self.parked:
-                continue
-            owner = slots.owner(channel_slot(channel)) if slots is not None else None
+        for channel in self.unplaced - self.parked:
+            owner = slots.owner(self.wanted[channel]) if slots is not None else None
             if owner is not None and linked(owner.address):
                 send[owner.address].append(channel)
                 self.on[channel] = owner.address
+                self._placed_on[owner.address] += 1
+                self.unplaced.discard(channel)
             elif channel not in self.unavailable:
                 self.unavailable.add(channel)
                 self.missed.setdefault(channel, now)
@@ -160,18 +168,25 @@ class Placement:
         """``channel`` is no longer subscribed where it was (its slot moved, the node
         answered MOVED or went away): to be placed again, after the next map if
         ``park``."""
-        del self.on[channel]
+        if channel in self.confirmed:
+            self.missed.setdefault(channel, since)
+        self._unplace(channel, self.on[channel])
+        self.unplaced.add(channel)
         if park:
             self.parked.add(channel)
+
+    def _unplace(self, channel: str, node: NodeAddress) -> None:
+        del self.on[channel]
+        self._placed_on[node] -= 1
         if channel in self.confirmed:
             self.confirmed.discard(channel)
-            self.missed.setdefault(channel, since)
+            self._confirmed_on[node] -= 1
 
     def misplaced(self, slots: SlotMap) -> list[str]:
         """Channels subscribed on a node that no longer owns their slot."""
         out = []
         for channel, node in self.on.items():
-            owner = slots.owner(channel_slot(channel))
+            owner = slots.owner(self.wanted[channel])
             if owner is None or owner.address != node:
                 out.append(channel)
         return out
@@ -181,10 +196,16 @@ class Placement:
         wanted there), and since when its messages may have been missed (None: none)."""
         if self.on.get(channel) != node:
             return False, None
-        self.confirmed.add(channel)
+        if channel not in self.confirmed:
+            self.confirmed.add(channel)
+            self._confirmed_on[node] += 1
         self.unavailable.discard(channel)
         return True, self.missed.pop(channel, None)
 
+    def count(self, node: NodeAddress) -> int:
+        """Channels Redis confirmed on ``node``."""
+        return self._confirmed_on[node]
+
     def awaiting(self, node: NodeAddress) -> bool:
         """Channels asked for on ``node`` are not confirmed yet."""
-        return any(on == node and c not in self.confirmed for c, on in self.on.items())
+        return self._placed_on[node] > self._confirmed_on[node]

@@ -9,19 +9,22 @@ from typing import Any
 
 import redis
 
-from smap_notify.cluster import NodeAddress, NodeLocator
+from smap_notify.cluster import NodeAddress, NodeLocator, parse_nodes
 from smap_notify.config import Config
 from smap_notify.hub import Batch, RawMessage
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 from smap_notify.shard_subscriber import ShardWorker
-from smap_notify.shards import channel_slot
+from smap_notify.shards import SlotMap, channel_slot
 from smap_notify.subscriber import SubscriberState
 from smap_notify.subscriptions import Requests, Subscription
 
 A = NodeAddress("127.0.0.1", 7000)
 B = NodeAddress("127.0.0.1", 7001)
 CHANNEL = "user_noti:u1"
+ALL_ON_A = SlotMap.from_nodes(
+    parse_nodes("a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-16383")
+)
 
 
 def worker() -> tuple[ShardWorker, Any]:
@@ -36,7 +39,7 @@ def worker() -> tuple[ShardWorker, Any]:
         NodeLocator(config, socket_timeout=0.1),
     )
     shard.placement.want(CHANNEL)
-    shard.placement.on[CHANNEL] = A  # SSUBSCRIBE sent on A
+    assert shard.placement.place(ALL_ON_A, lambda node: True, now=1.0) == ({A: [CHANNEL]}, [])
     shard.map_due = time.monotonic() + 60
     return shard, SimpleNamespace(address=A, leaving=set())
 
@@ -74,7 +77,8 @@ async def test_redis_s_own_sunsubscribe_marks_the_channel_missed_and_rereads_the
         assert CHANNEL not in shard.placement.on and CHANNEL in shard.placement.missed
         assert shard.map_due <= time.monotonic()
         # One the daemon asked for is no move.
-        shard.placement.on[CHANNEL] = A
+        shard.placement.unpark()
+        shard.placement.place(ALL_ON_A, lambda node: True, now=2.0)
         link.leaving.add(CHANNEL)
         shard._take(link, [b"sunsubscribe", CHANNEL.encode(), 0], [])
         assert shard.placement.on[CHANNEL] == A and not link.leaving

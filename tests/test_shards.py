@@ -81,6 +81,9 @@ def test_placement_subscribes_on_linked_owners_and_reports_the_rest_unavailable(
     assert placement.place(slots, lambda node: node == A, now=101.0) == ({}, [])
     assert placement.confirm(on_a[0], A) == (True, None)
     assert placement.confirm(on_a[1], B) == (False, None)  # not where it was asked
+    assert placement.count(A) == 1 and placement.awaiting(A)
+    placement.confirm(on_a[1], A)
+    assert placement.count(A) == 2 and not placement.awaiting(A)
     # B is back: the channel is placed, and its confirmation says since when it missed.
     send, _ = placement.place(slots, lambda node: True, now=102.0)
     assert send == {B: on_b}
@@ -97,6 +100,7 @@ def test_a_lost_node_s_confirmed_channels_are_placed_again_and_marked_missed() -
     placement.confirm(name, A)
     assert placement.lose_node(A, since=5.0) == [name]
     assert placement.missed == {name: 5.0} and name not in placement.confirmed
+    assert placement.count(A) == 0 and not placement.awaiting(A)
     assert placement.owners(slots) == {A: False}
 
 
@@ -129,7 +133,7 @@ def test_dropping_a_channel_names_the_node_to_unsubscribe_it_on() -> None:
     assert placement.drop("user_noti:never") is None
     placement.place(slots, lambda node: True, now=1.0)
     assert placement.drop(name) == B
-    assert placement.wanted == set() and placement.on == {}
+    assert placement.wanted == {} and placement.on == {}
 
 
 def test_a_failed_owner_is_needed_but_marked_failed() -> None:
