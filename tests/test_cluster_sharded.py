@@ -20,7 +20,7 @@ import redis
 import trio
 from redis.crc import key_slot
 
-from .conftest import Daemon, RedisServer, wait_until
+from .conftest import Daemon, RedisServer, free_port, wait_until
 from .support.cluster import Cluster, address, running_cluster, start_daemon
 from .test_chaos import Inbox, RawWebSocket, get_health, redis_publisher, scrape
 from .test_e2e_channels import MARKER
@@ -287,6 +287,17 @@ async def test_a_slot_migrated_while_messages_flow_is_followed_to_its_new_owner(
     await check_accounting(daemon)
 
 
+def late_user(cluster: Cluster, master: RedisServer) -> str:
+    """A user, not connected yet, whose channel is in a slot of ``master``'s."""
+    slots = {key_slot(f"user_noti:late{i}".encode()): f"late{i}" for i in range(2000)}
+    with redis_publisher(next(n.port for n in cluster.live())) as client:
+        ranges = client.execute_command("CLUSTER", "SLOTS")
+    for first, last, owner_, *_ in ranges:
+        if int(owner_[1]) == master.port:
+            return next(user for slot, user in slots.items() if first <= slot <= last)
+    raise AssertionError(f"{address(master)} owns no slot")
+
+
 @pytest.mark.slow
 async def test_a_master_killed_while_messages_flow_fails_over_to_its_replica(
     cluster: Cluster, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
@@ -306,6 +317,12 @@ async def test_a_master_killed_while_messages_flow_fails_over_to_its_replica(
         await trio.to_thread.run_sync(victim.kill)
         await wait_until(lambda: not app.subscriber.active)
         during = await health_doc(daemon)
+        # A new user whose master is down is accepted anyway, and told once it is back.
+        late = late_user(cluster, victim)
+        with trio.fail_after(5):
+            late_ws = await daemon.connect(late, nursery=nursery)
+        late_inbox = Inbox()
+        tasks.start_soon(late_inbox.collect, late_ws)
         await wait_until(lambda: owner(cluster, channel) is not victim, FAILOVER_WITHIN)
         await wait_until(lambda: app.subscriber.active, FAILOVER_WITHIN)
         t_back = trio.current_time()
@@ -314,6 +331,7 @@ async def test_a_master_killed_while_messages_flow_fails_over_to_its_replica(
         tasks.cancel_scope.cancel()
     check_one_resync(users.hit, t_fault)
     assert users.other.resyncs() == [], "a user on another master is not disturbed"
+    assert [doc["type"] for _, doc in late_inbox.frames] == ["resync"]
     assert app.counters.redis_reconnects == 1
     # While the killed master owned the slot: 503, naming it as down.
     assert during["http_status"] == 503 and during["subscriber"]["active"] is False
@@ -332,3 +350,37 @@ async def test_a_master_killed_while_messages_flow_fails_over_to_its_replica(
     assert len(restored) == 1 and f"redis={new_owner} " in restored[0], restored
     print(f"master killed -> resubscribed on its promoted replica: {restored[0]}")
     await check_accounting(daemon)
+
+
+async def test_a_fixed_broadcast_channel_is_subscribed_on_its_owner_from_start(
+    cluster: Cluster, nursery: trio.Nursery
+) -> None:
+    daemon = await start_sharded(nursery, cluster, CHANNELS="user_noti:{user},notices")
+    await wait_until(lambda: shard_subscribers(cluster, "notices") == 1)
+    sockets = [
+        await daemon.connect(user, nursery=nursery) for user in users_on_each_master(cluster)
+    ]
+    receivers = await trio.to_thread.run_sync(spublish, cluster, "notices", json.dumps(MARKER))
+    assert receivers == 1
+    for ws in sockets:
+        with trio.fail_after(10):
+            assert json.loads(await ws.get_message())["payload"] == "end"
+    await check_accounting(daemon)
+
+
+async def test_no_node_answers_health_says_which_and_why(nursery: trio.Nursery) -> None:
+    ports = [free_port(), free_port()]
+    nodes = ",".join(f"127.0.0.1:{p}" for p in ports)
+    daemon = await start_daemon(nursery, nodes, **SHARDED)
+    await wait_until(lambda: daemon.app.subscriber.attempts >= 2)
+    doc = await health_doc(daemon)
+    assert doc["http_status"] == 503 and doc["subscriber"]["state"] == "starting"
+    error = doc["subscriber"]["last_error"]
+    assert "NodeNotFound" in error and all(f"127.0.0.1:{p}" in error for p in ports), error
+    assert doc["cluster"] == {
+        "node": None,
+        "pubsub": "sharded",
+        "nodes": 0,
+        "down": [],
+        "shards": [],
+    }
