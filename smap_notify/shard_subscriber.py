@@ -35,11 +35,13 @@ from .metrics import Counters
 from .shards import Placement, ShardNode, SlotMap, channel_slot, slot_batches
 from .subscriber import (
     DEAD_AFTER,
+    MAX_BATCH,
     POLL_SECONDS,
     PROBE_AFTER,
     REDIS_FAILURES,
     SOCKET_TIMEOUT,
     STALLED_AFTER,
+    Coalescer,
     Replies,
     SubscriberState,
     SubscriptionDead,
@@ -130,6 +132,7 @@ class ShardWorker:
         # per node the channels back after a loss with since when they were not held.
         self._confirmed: list[Subscription] = []
         self._restored: dict[NodeAddress, list[tuple[str, float]]] = defaultdict(list)
+        self.coalescer = Coalescer()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -261,17 +264,20 @@ class ShardWorker:
             elif (link := by_fd[fd]) not in ready:
                 ready.append(link)
         batch: list[RawMessage] = []
-        for link in ready:
-            try:
-                link.replies.read(partial(self._take, link), batch)
-            except (*REDIS_FAILURES, SubscriptionDead) as exc:
-                self._lose_link(link, exc)
-            else:
-                link.last_rx = time.monotonic()
-                link.alive_at = time.time()
+        self._read(ready, batch)
         if batch:
+            # Under a steady stream, linger briefly for the next messages (as the classic
+            # subscriber does): every hand-over costs both threads a wake-up.
+            now = time.monotonic()
+            full = any(link.replies.more for link in ready)
+            linger = self.coalescer.linger(now, MAX_BATCH if full else len(batch))
+            if linger:
+                time.sleep(linger)
+                more = {fd for fd, _ in poll.poll(0)}
+                self._read([link for fd, link in by_fd.items() if fd in more], batch)
             self.state.last_message_at = datetime.now(UTC)
             self.inbox.put_from_thread(batch, self._waiting)
+            self.coalescer.handed_over(time.monotonic(), len(batch))
         del batch
         if self._confirmed:
             self.requests.confirmed(self._confirmed)
@@ -279,6 +285,18 @@ class ShardWorker:
             self.changed = True
         if self._restored:
             self._resync()
+
+    def _read(self, links: list[_Link], batch: list[RawMessage]) -> None:
+        for link in links:
+            if self.links.get(link.address) is not link:
+                continue  # lost meanwhile
+            try:
+                link.replies.read(partial(self._take, link), batch)
+            except (*REDIS_FAILURES, SubscriptionDead) as exc:
+                self._lose_link(link, exc)
+            else:
+                link.last_rx = time.monotonic()
+                link.alive_at = time.time()
 
     def _timeout(self) -> float:
         now = time.monotonic()
