@@ -384,3 +384,25 @@ async def test_no_node_answers_health_says_which_and_why(nursery: trio.Nursery) 
         "down": [],
         "shards": [],
     }
+
+
+async def test_a_first_connection_after_an_unseen_slot_move_is_subscribed_on_the_new_owner(
+    cluster: Cluster, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The slot moves just before the user connects: the daemon's map (read every
+    second) most likely still names the old owner, which answers MOVED; either way the
+    101 is sent only once the new owner confirmed."""
+    caplog.set_level(logging.INFO, logger="smap_notify")
+    daemon = await start_sharded(nursery, cluster)
+    anchor, user, *_ = users_on_each_master(cluster)
+    await daemon.connect(anchor, nursery=nursery)  # the daemon is linked to the target
+    channel = f"user_noti:{user}"
+    source, target = owner(cluster, channel), owner(cluster, f"user_noti:{anchor}")
+    await trio.to_thread.run_sync(move_slot, cluster, key_slot(channel.encode()), source, target)
+    ws = await RawWebSocket.open(daemon.port, user)
+    with redis_publisher(target.port) as publisher:
+        assert publisher.execute_command("SPUBLISH", channel, json.dumps(MARKER)) == 1
+    with trio.fail_after(5):
+        assert json.loads(await ws.next_text())["payload"] == "end"
+    redirected = any("redirected" in r.getMessage() for r in caplog.records)
+    print(f"first connection after an unseen slot move: MOVED answered: {redirected}")
