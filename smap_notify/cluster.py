@@ -4,7 +4,8 @@ A classic ``PUBLISH`` reaches every node of a cluster, so any live node serves t
 subscription. ``NodeLocator.find`` asks the nodes in turn (REDIS_HOST's, then those
 their ``CLUSTER NODES`` names) and takes the first that answers; a thread of its own
 asks another node every ``WATCH_INTERVAL`` how it sees the chosen one, so that a node
-the cluster failed or forgot while it stays up is left too.
+the cluster failed or forgot while it stays up is left too. ``survey`` hands the whole
+view (each master's slots) to the sharded subscriber (shard_subscriber.py).
 """
 
 from __future__ import annotations
