@@ -7,7 +7,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +27,7 @@ from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
+from .shard_subscriber import ShardWorker, run_sharded_subscriber
 from .signals import UNUSED_SIGNALS, take_early_signals
 from .subscriber import (
     SOCKET_TIMEOUT,
@@ -79,12 +80,15 @@ class App:
         counters = Counters()
         state = SubscriberState()
         subscriptions = None
+        sharded = config.redis_pubsub == "sharded"
         if config.redis_subscribe == "user":
             subscriptions = UserSubscriptions(
                 config.channels,
                 config.redis_unsubscribe_grace,
                 Requests(),
-                active=lambda: state.active,
+                # Sharded: the subscriber says which channels are unavailable (their node
+                # is down); a handshake waits only for the others.
+                active=(lambda: True) if sharded else (lambda: state.active),
             )
         hub = Hub(config, counters, notifier or subscriptions)
         locator: Locator | None = None
@@ -171,24 +175,38 @@ class App:
                 if subscriptions is not None:
                     await nursery.start(subscriptions.serve)
                 bound = await nursery.start(self.server.serve, listeners, admin)
-                await nursery.start(
-                    partial(
-                        run_redis_subscriber,
-                        self.config,
-                        inbox,
-                        self.subscriber,
-                        self.counters,
-                        self.patterns,
-                        requests=subscriptions.requests if subscriptions is not None else None,
-                        locator=self.locator,
-                    )
-                )
+                await nursery.start(self._subscriber(inbox))
                 nursery.start_soon(self._report_status)
                 nursery.start_soon(self._report_suppressed)
                 task_status.started(bound)
         finally:
             if subscriptions is not None:
                 subscriptions.requests.close()  # the subscriber thread has ended
+
+    def _subscriber(self, inbox: Inbox[Batch]) -> Callable[..., Awaitable[None]]:
+        """The Redis subscriber REDIS_PUBSUB and REDIS_SUBSCRIBE ask for, to be started."""
+        subscriptions = self.user_subscriptions
+        if self.config.redis_pubsub == "sharded":
+            assert subscriptions is not None and isinstance(self.locator, NodeLocator)
+            worker = ShardWorker(
+                self.config,
+                inbox,
+                self.subscriber,
+                self.counters,
+                subscriptions.requests,
+                self.locator,
+            )
+            return partial(run_sharded_subscriber, worker)
+        return partial(
+            run_redis_subscriber,
+            self.config,
+            inbox,
+            self.subscriber,
+            self.counters,
+            self.patterns,
+            requests=subscriptions.requests if subscriptions is not None else None,
+            locator=self.locator,
+        )
 
     async def shutdown(self, *, keep_backlog: bool = False) -> None:
         """Refuse new upgrades, close connections spread over the drain window.

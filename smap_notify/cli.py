@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sentinel sentinel_master={config.redis_sentinel_master}"
         f" sentinels={','.join(config.redis_sentinels)}"
         if config.redis_sentinels
-        else f"cluster nodes={config.redis_host}"
+        else f"cluster nodes={config.redis_host} pubsub={config.redis_pubsub}"
         if config.redis_cluster
         else config.redis_host,
         # Socket activation's sockets, if any, win over WS_HOST and WS_PORT.

@@ -4,14 +4,15 @@ A classic ``PUBLISH`` reaches every node of a cluster, so any live node serves t
 subscription. ``NodeLocator.find`` asks the nodes in turn (REDIS_HOST's, then those
 their ``CLUSTER NODES`` names) and takes the first that answers; a thread of its own
 asks another node every ``WATCH_INTERVAL`` how it sees the chosen one, so that a node
-the cluster failed or forgot while it stays up is left too.
+the cluster failed or forgot while it stays up is left too. ``survey`` hands the whole
+view (each master's slots) to the sharded subscriber (shard_subscriber.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
@@ -53,6 +54,7 @@ class Node:
     id: str
     address: NodeAddress | None  # None: the node has no address yet (noaddr, handshake)
     flags: frozenset[str]
+    slots: tuple[tuple[int, int], ...] = ()  # the ranges it serves (first, last), a master's
 
     @property
     def failed(self) -> bool:
@@ -82,8 +84,19 @@ def parse_nodes(text: str) -> list[Node]:
         address = None
         if (hostname or host) and port.isdigit() and int(port) and not flags & _NO_ADDRESS:
             address = NodeAddress(hostname or host.strip("[]"), int(port), parts[0])
-        nodes.append(Node(parts[0], address, flags))
+        nodes.append(Node(parts[0], address, flags, _slot_ranges(parts[8:])))
     return nodes
+
+
+def _slot_ranges(fields: list[str]) -> tuple[tuple[int, int], ...]:
+    """``0-5460`` or ``5461``; a slot being imported or migrated (``[93->-id]``) is still
+    served by the node that lists it plainly."""
+    out = []
+    for field in fields:
+        first, _, last = field.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            out.append((int(first), int(last or first)))
+    return tuple(out)
 
 
 _NO_ADDRESS: Final = frozenset({"noaddr", "handshake"})
@@ -123,8 +136,24 @@ class NodeLocator:
 
         Raises ``NodeNotFound`` naming each node's error when none answers.
         """
+        chosen, _ = self.survey(between)
+        with self._lock:
+            self._chosen = self._current = chosen
+            self._why = ""
+        return chosen
+
+    def survey(
+        self, between: Callable[[], None] = lambda: None, prefer: Iterable[NodeAddress] = ()
+    ) -> tuple[NodeAddress, list[Node]]:
+        """The first node that answers ``CLUSTER NODES`` (those in ``prefer`` first), with
+        its id, and the cluster as it sees it.
+
+        Raises ``NodeNotFound`` naming each node's error when none answers.
+        """
         errors: list[str] = []
-        for candidate in self._candidates():
+        candidates = self._candidates()
+        first = [a for a in prefer if a in candidates]
+        for candidate in dict.fromkeys([*first, *candidates]):
             between()
             try:
                 nodes = self._ask(candidate)
@@ -135,12 +164,9 @@ class NodeLocator:
             if me is None:
                 errors.append(f"{candidate}: not in its own CLUSTER NODES")
                 continue
-            chosen = attrs.evolve(candidate, id=me.id)
             with self._lock:
                 self._learn(nodes)
-                self._chosen = self._current = chosen
-                self._why = ""
-            return chosen
+            return attrs.evolve(candidate, id=me.id), nodes
         raise NodeNotFound(f"no Redis Cluster node answered ({'; '.join(errors)})")
 
     def probe_address(self) -> NodeAddress:

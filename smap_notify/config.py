@@ -26,6 +26,7 @@ DEV_SUBNETS: Final = ("172.16.21.0/24", "172.16.19.0/24", "192.168.1.0/24")
 LOG_LEVELS: Final = ("debug", "info", "warn", "warning", "error")
 OVERFLOW_POLICIES: Final = ("drop", "disconnect")
 SUBSCRIBE_MODES: Final = ("pattern", "user")
+PUBSUB_KINDS: Final = ("classic", "sharded")
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 section 3.2: at least the hash size, 256 bits for HS256
 SECRET_FIELDS: Final = frozenset(
     {"jwt_secret_key", "jwt_previous_secret_key", "redis_password", "redis_sentinel_password"}
@@ -47,6 +48,7 @@ RESTART_FIELDS: Final = frozenset(
         "redis_sentinel_master",
         "redis_sentinel_password",
         "redis_subscribe",
+        "redis_pubsub",
     }
 )
 
@@ -309,6 +311,11 @@ class Config:
     redis_subscribe: str = attrs.field(
         default="pattern", converter=_lower, validator=_one_of(SUBSCRIBE_MODES)
     )
+    # classic: (P)SUBSCRIBE on one node, for PUBLISH; sharded: SSUBSCRIBE each user's
+    # channel on the master owning its slot, for SPUBLISH (a cluster in user mode only).
+    redis_pubsub: str = attrs.field(
+        default="classic", converter=_lower, validator=_one_of(PUBSUB_KINDS)
+    )
     # user mode: how long a channel stays subscribed after its user's last connection.
     redis_unsubscribe_grace: Duration = attrs.field(default=Duration(5), validator=_positive)
     ws_ping_interval: Duration = attrs.field(default=Duration(30), validator=_positive)
@@ -341,7 +348,11 @@ class Config:
         return self.env.strip().lower() in ("", "production")
 
     def __attrs_post_init__(self) -> None:
-        if problems := cluster_problems(self.redis_host, self.redis_cluster, self.redis_db):
+        problems = cluster_problems(self.redis_host, self.redis_cluster, self.redis_db)
+        problems += pubsub_problems(
+            self.redis_pubsub, self.redis_cluster, self.redis_subscribe, self.channels
+        )
+        if problems:
             raise ValueError("; ".join(problems))
 
     @property
@@ -598,6 +609,35 @@ def cluster_problems(redis_host: str, cluster: bool, db: int) -> list[str]:
     return out
 
 
+def pubsub_problems(pubsub: str, cluster: bool, subscribe: str, channels: Channels) -> list[str]:
+    """What REDIS_PUBSUB=sharded cannot serve: it needs a cluster, per-user subscriptions,
+    and a channel (no pattern) for every template, since SSUBSCRIBE has no pattern form."""
+    if pubsub != "sharded":
+        return []
+    out = []
+    if not cluster:
+        out.append("REDIS_PUBSUB=sharded needs REDIS_CLUSTER=true: sharded Pub/Sub is a cluster's")
+    if subscribe != "user":
+        out.append(
+            "REDIS_PUBSUB=sharded needs REDIS_SUBSCRIBE=user: each user's channel is"
+            " subscribed on the node owning its slot, and there is no sharded pattern"
+        )
+    for template in channels.templates:
+        if template.has_user and template.topic is not None:
+            out.append(
+                f"REDIS_PUBSUB=sharded cannot serve CHANNELS template {template.spec!r}: a"
+                f" connection without a {template.topic} filter needs a pattern subscription,"
+                " and sharded Pub/Sub has none"
+            )
+        elif not template.has_user and template.fields:
+            out.append(
+                f"REDIS_PUBSUB=sharded cannot serve CHANNELS template {template.spec!r}: a"
+                " broadcast template with placeholders needs a pattern subscription, and"
+                " sharded Pub/Sub has none"
+            )
+    return out
+
+
 def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> Config:
     """Build the configuration from the environment, then the file (the file wins).
 
@@ -642,6 +682,10 @@ def load_config(environ: Mapping[str, str], config_file: Path | None = None) -> 
     if "redis_host" in kwargs and "redis_db" in kwargs:
         cluster = kwargs.get("redis_cluster", False)
         problems += cluster_problems(kwargs["redis_host"], cluster, kwargs["redis_db"])
+        if "redis_subscribe" in kwargs and "redis_pubsub" in kwargs and "channels" in kwargs:
+            problems += pubsub_problems(
+                kwargs["redis_pubsub"], cluster, kwargs["redis_subscribe"], kwargs["channels"]
+            )
         if cluster and kwargs.get("redis_sentinels"):
             problems.append(
                 "REDIS_CLUSTER and REDIS_SENTINELS exclude each other: a cluster fails over"

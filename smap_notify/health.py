@@ -159,7 +159,20 @@ def health_document(
     if sentinel_master:
         # The master subscribed to, as the sentinels named it; null while none is.
         doc["sentinel"] = {"master_name": sentinel_master, "master": subscriber.master}
-    if cluster:
+    if cluster and subscriber.shards is not None:
+        # Sharded Pub/Sub: every master subscribed on (up), or owning wanted channels and
+        # not answering (down); "node" is null, there is no single one.
+        doc["cluster"] = {
+            "node": None,
+            "pubsub": "sharded",
+            "nodes": len(subscriber.shards),
+            "down": [s.node for s in subscriber.shards if not s.up],
+            "shards": [
+                {"node": s.node, "up": s.up, "channels": s.channels, "error": s.error or None}
+                for s in subscriber.shards
+            ],
+        }
+    elif cluster:
         # The cluster node subscribed on; null while none is.
         doc["cluster"] = {"node": subscriber.master}
     return (200 if status == "healthy" else 503), doc

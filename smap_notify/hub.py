@@ -49,6 +49,9 @@ class Resync:
 
     reason: str
     since: str | None
+    # Only the users of these channels may have missed messages (sharded Pub/Sub: one
+    # node's channels); None: everyone.
+    channels: frozenset[str] | None = None
 
 
 Batch = list[RawMessage] | Resync
@@ -344,7 +347,7 @@ class Hub:
         timestamp = format_timestamp()
         frame = text_frame(resync_envelope(resync.reason, resync.since, timestamp))
         sent = full = 0
-        for conn in self.connections():
+        for conn in self._resync_audience(resync.channels):
             if not conn.writable:
                 continue
             if conn.push(frame):
@@ -367,6 +370,22 @@ class Hub:
             resync.reason,
             f" queues_full={full} (told once they catch up)" if full else "",
         )
+
+    def _resync_audience(self, channels: frozenset[str] | None) -> Iterable[Connection]:
+        """The connections of the users of ``channels`` (all of them: None, or a broadcast
+        channel among them)."""
+        if channels is None:
+            return self.connections()
+        users = set()
+        for channel in channels:
+            match = self.config.channels.match(channel)
+            if isinstance(match, str):
+                continue  # a channel no template routes: no connection reads it
+            user = match[1]
+            if user is None:
+                return self.connections()
+            users.add(user)
+        return [conn for user in users for conn in self.users.get(user, ())]
 
     # Publishers' text in these lines is cut (a channel, so a user id, can be megabytes):
     # the reason and detail must fit in a line (logs cut lines at 4,096 characters).

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import hiredis
@@ -38,6 +38,9 @@ from .inbox import Inbox
 from .memory import LARGE
 from .metrics import Counters
 from .subscriptions import Requests, Subscription, batches
+
+if TYPE_CHECKING:
+    from .shards import ShardNode
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,8 @@ class SubscriberState:
     channels: int = 0  # channels and patterns held, as Redis last counted them
     # With sentinels or a cluster: the server subscribed on (host:port), None while none is.
     master: str | None = None
+    # REDIS_PUBSUB=sharded: each master subscribed on or down; None in classic Pub/Sub.
+    shards: tuple[ShardNode, ...] | None = None
 
 
 @attrs.define
@@ -872,6 +877,15 @@ class Replies:
         """Let ``wait`` also end when ``fd`` becomes readable (the plan changed)."""
         self._wake_fd = fd
         self._poll.register(fd, select.POLLIN)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def buffered(self) -> bool:
+        """Replies may be waiting without the socket being readable."""
+        return self._more or (self._tls and self._sock.pending() > 0)
 
     @property
     def more(self) -> bool:

@@ -181,6 +181,7 @@ class Requests:
         self.held: set[Subscription] = set()  # what the instance is to hold
         self._changes: dict[Subscription, bool] = {}  # True: subscribe, False: unsubscribe
         self._confirmed: list[Subscription] = []
+        self._unavailable: list[Subscription] = []
         self._lost = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
@@ -213,12 +214,14 @@ class Requests:
             except BlockingIOError:  # a byte is waiting already
                 pass
 
-    def take_confirmed(self) -> tuple[list[Subscription], bool]:
-        """What Redis confirmed since, and whether the subscription was lost meanwhile."""
+    def take_confirmed(self) -> tuple[list[Subscription], list[Subscription], bool]:
+        """What Redis confirmed since, what became unavailable (its node is down), and
+        whether the whole subscription was lost meanwhile."""
         with self._lock:
             confirmed, self._confirmed = self._confirmed, []
+            unavailable, self._unavailable = self._unavailable, []
             lost, self._lost = self._lost, False
-        return confirmed, lost
+        return confirmed, unavailable, lost
 
     # -- the subscriber thread's side -------------------------------------------------
 
@@ -244,19 +247,32 @@ class Requests:
     def confirmed(self, subs: list[Subscription]) -> None:
         """Record Redis's confirmations; the event loop is told once per take."""
         with self._lock:
-            tell = not self._confirmed and not self._lost
+            tell = self._untold()
             self._confirmed += subs
+        if tell:
+            self.tell()
+
+    def unavailable(self, subs: list[Subscription]) -> None:
+        """These are not held and cannot be for now (sharded: their node is down): a
+        handshake must not wait for them. A later confirmation makes them held again."""
+        with self._lock:
+            tell = self._untold()
+            self._unavailable += subs
         if tell:
             self.tell()
 
     def lost(self) -> None:
         """The subscription is gone: nothing confirmed holds any more."""
         with self._lock:
-            tell = not self._confirmed and not self._lost
+            tell = self._untold()
             self._confirmed = []
+            self._unavailable = []
             self._lost = True
         if tell:
             self.tell()
+
+    def _untold(self) -> bool:
+        return not self._confirmed and not self._unavailable and not self._lost
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -280,6 +296,7 @@ class UserSubscriptions:
         requests.tell = self._thread_told
         self._active = active  # whether the subscription is live (the subscriber's state)
         self._confirmed: set[Subscription] = set()
+        self._unavailable: set[Subscription] = set()  # not held, not to be waited for
         self._waiters: dict[Subscription, list[_Waiter]] = {}
         self._replanned = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -294,7 +311,11 @@ class UserSubscriptions:
             self.requests.change(added, ())
         if not self._active():
             return None  # Redis is down: accepted anyway, the resync covers the outage
-        missing = {s for s in self.plan.wanted(user_id) if s not in self._confirmed}
+        missing = {
+            s
+            for s in self.plan.wanted(user_id)
+            if s not in self._confirmed and s not in self._unavailable
+        }
         if not missing:
             return None
         waiter = _Waiter(missing)
@@ -328,15 +349,21 @@ class UserSubscriptions:
             self._token.run_sync_soon(self._take_confirmed)
 
     def _take_confirmed(self) -> None:
-        confirmed, lost = self.requests.take_confirmed()
+        confirmed, unavailable, lost = self.requests.take_confirmed()
+        for sub in unavailable:
+            self._confirmed.discard(sub)
+            self._unavailable.add(sub)
+            self._release(sub)  # accepted anyway: the resync covers the outage
         if lost:
             self._confirmed.clear()
+            self._unavailable.clear()
             for waiters in self._waiters.values():
                 for waiter in waiters:
                     waiter.event.set()
             self._waiters.clear()
         held = self.plan.held
         for sub in confirmed:
+            self._unavailable.discard(sub)
             # A confirmation of something released meanwhile says nothing of now.
             if sub in held:
                 self._confirmed.add(sub)
@@ -360,6 +387,7 @@ class UserSubscriptions:
             expired = self.plan.expire(trio.current_time())
             if expired:
                 self._confirmed.difference_update(expired)
+                self._unavailable.difference_update(expired)
                 for sub in expired:
                     self._release(sub)  # its handshakes have ended: nobody waits
                 self.requests.change((), expired)

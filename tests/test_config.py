@@ -873,3 +873,39 @@ def test_check_config_shows_the_sentinel_settings(check_config: CheckConfig) -> 
     assert lines["REDIS_SENTINEL_MASTER"] == "mymaster"
     assert lines["REDIS_SENTINEL_PASSWORD"] == "***"
     assert "sentinel-cli-password" not in out + err
+
+
+SHARDED = {"JWT_SECRET_KEY": "s" * 32, "REDIS_PUBSUB": "sharded", "REDIS_HOST": "10.0.0.1:7000"}
+
+
+def test_sharded_pubsub_needs_a_cluster_and_per_user_subscriptions() -> None:
+    assert load_config(VALID).redis_pubsub == "classic"
+    with pytest.raises(ConfigError) as error:
+        load_config(SHARDED)
+    assert error.value.problems == [
+        "REDIS_PUBSUB=sharded needs REDIS_CLUSTER=true: sharded Pub/Sub is a cluster's",
+        "REDIS_PUBSUB=sharded needs REDIS_SUBSCRIBE=user: each user's channel is subscribed"
+        " on the node owning its slot, and there is no sharded pattern",
+    ]
+    config = load_config({**SHARDED, "REDIS_CLUSTER": "true", "REDIS_SUBSCRIBE": "user"})
+    assert config.redis_pubsub == "sharded"
+    with pytest.raises(ConfigError, match="REDIS_PUBSUB must be one of"):
+        load_config({**SHARDED, "REDIS_PUBSUB": "spublish"})
+    assert "redis_pubsub" in RESTART_FIELDS
+
+
+def test_sharded_pubsub_refuses_templates_that_need_a_pattern_naming_them() -> None:
+    env = {**SHARDED, "REDIS_CLUSTER": "true", "REDIS_SUBSCRIBE": "user"}
+    load_config({**env, "CHANNELS": "user_noti:{user},notices"})  # a channel each: served
+    with pytest.raises(ConfigError) as error:
+        load_config({**env, "CHANNELS": "user_noti:{user},t:{user}:{kind},region:{region}"})
+    problems = error.value.problems
+    assert len(problems) == 2
+    assert "'t:{user}:{kind}'" in problems[0] and "without a kind filter" in problems[0]
+    assert "'region:{region}'" in problems[1] and "broadcast template" in problems[1]
+
+
+def test_check_config_names_a_sharded_pubsub_problem(check_config: CheckConfig) -> None:
+    status, _, err = check_config(JWT_SECRET_KEY="s" * 32, REDIS_PUBSUB="sharded")
+    assert status == 78
+    assert "REDIS_PUBSUB=sharded needs REDIS_CLUSTER=true" in err

@@ -14,6 +14,7 @@ import trio.testing
 
 from smap_notify.config import load_config
 from smap_notify.health import RedisHealth, RedisProbe, health_document
+from smap_notify.shards import ShardNode
 from smap_notify.subscriber import SubscriberState
 from tests.support.daemon import SECRET
 from tests.support.redis import RedisServer
@@ -257,3 +258,30 @@ async def test_concurrent_checks_share_one_ping() -> None:
             nursery.start_soon(check)
     assert answers == [DOWN] * 100 and probe.pings == 1
     probe.close()
+
+
+def test_sharded_pubsub_lists_each_master_and_the_ones_down() -> None:
+    shards = (
+        ShardNode("127.0.0.1:7000", True, 12, ""),
+        ShardNode("127.0.0.1:7001", False, 0, "ConnectionError: refused"),
+    )
+    status, doc = document(
+        sub=subscriber(active=False, channels=12, shards=shards), cluster=True, mode="user"
+    )
+    assert status == 503
+    assert doc["subscriber"]["mode"] == "user" and doc["subscriber"]["channels"] == 12
+    assert doc["cluster"] == {
+        "node": None,
+        "pubsub": "sharded",
+        "nodes": 2,
+        "down": ["127.0.0.1:7001"],
+        "shards": [
+            {"node": "127.0.0.1:7000", "up": True, "channels": 12, "error": None},
+            {
+                "node": "127.0.0.1:7001",
+                "up": False,
+                "channels": 0,
+                "error": "ConnectionError: refused",
+            },
+        ],
+    }

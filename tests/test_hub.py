@@ -423,3 +423,15 @@ async def test_a_drain_spreads_the_closes_over_its_window(
     assert trio.current_time() - started <= 3.0
     for _ours, theirs in pairs:
         theirs.close()
+
+
+async def test_a_resync_naming_channels_goes_to_their_users_only(nursery: trio.Nursery) -> None:
+    config = Config(jwt_secret_key="x" * 32)
+    hub = await start_hub(nursery, config)
+    a, a2, b = connection("a"), connection("a"), connection("b")
+    register(hub, a, a2, b)
+    hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
+    since = "2026-11-30T17:00:00.000000+00:00"
+    hub.broadcast_resync(Resync("redis_reconnected", since, frozenset({"user_noti:a", "x"})))
+    assert len(a.pending) == len(a2.pending) == 1 and b.pending == []
+    assert hub.counters.resyncs_sent == 2

@@ -154,3 +154,32 @@ async def test_a_handshake_waits_for_the_confirmation_and_a_loss_lets_it_go(
             nursery.cancel_scope.cancel()
     finally:
         requests.close()
+
+
+async def test_an_unavailable_channel_lets_its_handshakes_go_and_is_not_waited_for_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Sharded: the channel's master is down; other users still wait for theirs."""
+    requests = Requests()
+    subs = UserSubscriptions(parse_channels("user_noti:{user}"), 5, requests, lambda: True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subs.serve)
+            down, up = subs.on_user_connected("d"), subs.on_user_connected("u")
+            assert down is not None and up is not None
+            requests.unavailable([ch("user_noti:d")])  # as the thread does
+            await trio.testing.wait_all_tasks_blocked()
+            assert down.is_set() and not up.is_set()
+            assert subs.on_user_connected("d") is None  # a second tab: no wait either
+            requests.confirmed([ch("user_noti:d"), ch("user_noti:u")])  # the node is back
+            await trio.testing.wait_all_tasks_blocked()
+            assert up.is_set()
+            assert subs.on_user_connected("d") is None
+            requests.unavailable([ch("user_noti:d")])
+            await trio.testing.wait_all_tasks_blocked()
+            subs.on_user_disconnected("d", True)
+            waiting = subs.on_user_connected("d")  # held by the other tab: still no wait
+            assert waiting is None
+            nursery.cancel_scope.cancel()
+    finally:
+        requests.close()

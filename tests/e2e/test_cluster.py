@@ -11,133 +11,42 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import redis
 import trio
 from trio_websocket import WebSocketConnection
 
-from smap_notify.app import App
 from smap_notify.cluster import NodeAddress, parse_nodes
 from smap_notify.config import ConfigError, load_config
-from tests.support.daemon import SECRET, Daemon, DaemonProcess, wait_until
+from tests.support.cluster import (
+    Cluster,
+    address,
+    own_flags,
+    publish_on,
+    running_cluster,
+    start_daemon,
+)
+from tests.support.daemon import SECRET, DaemonProcess, wait_until
 from tests.support.observe import (
     PublishFlow,
     check_accounting,
     check_one_failover,
     get_health,
     one_restored,
-    publish_at,
     run_fault,
     start_line,
 )
 from tests.support.redis import RedisServer, free_port
 
-NODE_TIMEOUT_MS = 1000
-READY_WITHIN = 60.0  # the cluster's own convergence, not the daemon's part
-
-
-def address(server: RedisServer) -> str:
-    return f"127.0.0.1:{server.port}"
-
-
-@attrs.define
-class Cluster:
-    nodes: list[RedisServer]
-
-    def live(self) -> list[RedisServer]:
-        return [n for n in self.nodes if n.proc is not None]
-
-    def by_address(self, text: str) -> RedisServer:
-        return next(n for n in self.nodes if address(n) == text)
-
-    def ready(self) -> bool:
-        """Every live node sees the cluster ok and every other live node connected."""
-        live = self.live()
-        for node in live:
-            try:
-                with node.client() as client:
-                    info = client.execute_command("CLUSTER", "INFO")
-                    text = client.execute_command("CLUSTER", "NODES")
-            except redis.RedisError:
-                return False
-            info = info.decode() if isinstance(info, bytes) else str(info)
-            if "cluster_state:ok" not in info:
-                return False
-            text = text.decode() if isinstance(text, bytes) else str(text)
-            if len([n for n in parse_nodes(text) if not n.failed]) < len(live):
-                return False
-        return True
-
-
-def wait_ready(cluster: Cluster, timeout: float = READY_WITHIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not cluster.ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the cluster did not converge")
-        time.sleep(0.1)
-
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
-    nodes = []
-    for i in range(6):
-        workdir = tmp_path / f"node{i}"
-        workdir.mkdir()
-        args = [
-            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-            *("--cluster-node-timeout", str(NODE_TIMEOUT_MS)),
-            # The bus port defaults to the port + 10000, past 65535 for most free ports.
-            *("--cluster-port", str(free_port())),
-        ]
-        nodes.append(RedisServer(workdir, args=tuple(args)))
-    cluster = Cluster(nodes)
-    try:
-        for node in nodes:
-            node.start()
-        subprocess.run(
-            [cli, "--cluster", "create", *map(address, nodes)]
-            + ["--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=60,
-        )
-        wait_ready(cluster)
+    with running_cluster(tmp_path) as cluster:
         yield cluster
-    finally:
-        for node in nodes:
-            node.kill()
-
-
-async def start_daemon(nursery: trio.Nursery, redis_host: str, **env: str) -> Daemon:
-    environ = {
-        "JWT_SECRET_KEY": SECRET,
-        "ENV": "dev",
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": "0",
-        "REDIS_CLUSTER": "true",
-        "REDIS_HOST": redis_host,
-        **env,
-    }
-    app = App.create(load_config(environ), environ=environ)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(app.serve, listeners)
-    return Daemon(app, listeners[0].socket.getsockname()[1], RedisServer(Path()))
-
-
-def publish_on(node: RedisServer, channel: str, data: str) -> int | None:
-    return publish_at("127.0.0.1", node.port, channel, data)
 
 
 def cluster_flow(cluster: Cluster, user: str) -> PublishFlow:
@@ -269,13 +178,6 @@ async def expect_resync_then_delivery(ws: WebSocketConnection, node: RedisServer
     assert [f["type"] for f in frames] == ["resync", "alert"]
 
 
-def own_flags(node: RedisServer) -> frozenset[str]:
-    with node.client() as client:
-        text = client.execute_command("CLUSTER", "NODES")
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return next(n.flags for n in parse_nodes(text) if "myself" in n.flags)
-
-
 async def test_no_node_answers_health_says_which_and_why(nursery: trio.Nursery) -> None:
     ports = [free_port(), free_port()]
     daemon = await start_daemon(nursery, ",".join(f"127.0.0.1:{p}" for p in ports))
@@ -301,7 +203,7 @@ def test_the_start_line_names_the_cluster_nodes(
 ) -> None:
     nodes = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
     daemon = daemon_process(REDIS_CLUSTER="true", REDIS_HOST=nodes)
-    assert f"redis=cluster nodes={nodes} " in start_line(daemon)
+    assert f"redis=cluster nodes={nodes} pubsub=classic " in start_line(daemon)
     assert daemon.stop() == 0
 
 

@@ -1,0 +1,137 @@
+"""A real Redis Cluster for the tests: redis-server processes on free loopback ports,
+joined by ``redis-cli --cluster create``, killed by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+import redis
+import trio
+
+from smap_notify.app import App
+from smap_notify.cluster import parse_nodes
+from smap_notify.config import load_config
+from tests.support.daemon import SECRET, Daemon
+from tests.support.observe import publish_at
+from tests.support.redis import RedisServer, free_port
+
+NODE_TIMEOUT_MS = 1000
+READY_WITHIN = 60.0  # the cluster's own convergence, not the daemon's part
+
+
+def address(server: RedisServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@attrs.define
+class Cluster:
+    nodes: list[RedisServer]
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def by_address(self, text: str) -> RedisServer:
+        return next(n for n in self.nodes if address(n) == text)
+
+    def ready(self) -> bool:
+        """Every live node sees the cluster ok and every other live node connected, and
+        every replica has its master's data (a replica that never synced is never
+        promoted: its data is too old for a failover)."""
+        live = self.live()
+        for node in live:
+            try:
+                with node.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    text = client.execute_command("CLUSTER", "NODES")
+                    replication = client.info("replication")
+            except redis.RedisError:
+                return False
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+            info = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in info:
+                return False
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            if len([n for n in parse_nodes(text) if not n.failed]) < len(live):
+                return False
+        return True
+
+
+def wait_ready(cluster: Cluster, timeout: float = READY_WITHIN) -> None:
+    deadline = time.monotonic() + timeout
+    while not cluster.ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not converge")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path, masters: int = 3) -> Iterator[Cluster]:
+    """``masters`` masters, each with one replica."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
+    nodes = []
+    for i in range(2 * masters):
+        workdir = tmp_path / f"node{i}"
+        workdir.mkdir()
+        args = [
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", str(NODE_TIMEOUT_MS)),
+            # The bus port defaults to the port + 10000, past 65535 for most free ports.
+            *("--cluster-port", str(free_port())),
+            # A replica's first sync starts at once (default: 5 s later).
+            *("--repl-diskless-sync-delay", "0"),
+        ]
+        nodes.append(RedisServer(workdir, args=tuple(args)))
+    cluster = Cluster(nodes)
+    try:
+        for node in nodes:
+            node.start()
+        subprocess.run(
+            [cli, "--cluster", "create", *map(address, nodes)]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        wait_ready(cluster)
+        yield cluster
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+async def start_daemon(nursery: trio.Nursery, redis_host: str, **env: str) -> Daemon:
+    environ = {
+        "JWT_SECRET_KEY": SECRET,
+        "ENV": "dev",
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": "0",
+        "REDIS_CLUSTER": "true",
+        "REDIS_HOST": redis_host,
+        **env,
+    }
+    app = App.create(load_config(environ), environ=environ)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(app.serve, listeners)
+    return Daemon(app, listeners[0].socket.getsockname()[1], RedisServer(Path()))
+
+
+def publish_on(node: RedisServer, channel: str, data: str) -> int | None:
+    return publish_at("127.0.0.1", node.port, channel, data)
+
+
+def own_flags(node: RedisServer) -> frozenset[str]:
+    with node.client() as client:
+        text = client.execute_command("CLUSTER", "NODES")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return next(n.flags for n in parse_nodes(text) if "myself" in n.flags)
