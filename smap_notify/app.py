@@ -25,17 +25,12 @@ from .inbox import Inbox
 from .listen import listener_address, open_admin_listeners, open_listeners
 from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
+from .redis_client import SOCKET_TIMEOUT, Locator
 from .sentinel import MasterLocator
 from .server import FD_HEADROOM, Server
 from .shard_subscriber import ShardWorker, run_sharded_subscriber
 from .signals import UNUSED_SIGNALS, take_early_signals
-from .subscriber import (
-    SOCKET_TIMEOUT,
-    Locator,
-    Patterns,
-    SubscriberState,
-    run_redis_subscriber,
-)
+from .subscriber import Patterns, SubscriberState, run_redis_subscriber
 from .subscriptions import Requests, UserSubscriptions
 
 logger = logging.getLogger(__name__)

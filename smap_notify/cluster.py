@@ -20,7 +20,7 @@ import redis
 import trio
 
 from .config import Config
-from .subscriber import REDIS_FAILURES, fail_fast_client, reconnect_delay, sleep_in_thread
+from .redis_client import REDIS_FAILURES, fail_fast_client, reconnect_delay, sleep_in_thread
 
 logger = logging.getLogger(__name__)
 

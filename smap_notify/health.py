@@ -13,7 +13,8 @@ import trio
 from .breaker import CircuitBreaker
 from .channels import DEFAULT
 from .config import Config
-from .subscriber import REDIS_FAILURES, Address, Locator, SubscriberState, make_client, not_redis
+from .redis_client import REDIS_FAILURES, Address, Locator, make_client, not_redis
+from .subscriber import SubscriberState
 
 PING_TIMEOUT: Final = 1.0
 

@@ -19,14 +19,8 @@ import redis
 import trio
 
 from .config import Config
-from .subscriber import (
-    DEAD_AFTER,
-    PROBE_AFTER,
-    REDIS_FAILURES,
-    fail_fast_client,
-    reconnect_delay,
-    sleep_in_thread,
-)
+from .redis_client import REDIS_FAILURES, fail_fast_client, reconnect_delay, sleep_in_thread
+from .subscriber import DEAD_AFTER, PROBE_AFTER
 
 logger = logging.getLogger(__name__)
 

@@ -32,22 +32,23 @@ from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
 from .metrics import Counters
-from .shards import Placement, ShardNode, SlotMap, channel_slot, slot_batches
-from .subscriber import (
-    DEAD_AFTER,
-    MAX_BATCH,
-    POLL_SECONDS,
-    PROBE_AFTER,
+from .redis_client import (
     REDIS_FAILURES,
     SOCKET_TIMEOUT,
-    STALLED_AFTER,
-    Coalescer,
-    Replies,
-    SubscriberState,
     SubscriptionDead,
     error_reply,
     fail_fast_client,
     reconnect_delay,
+)
+from .resp import MAX_BATCH, Replies
+from .shards import Placement, ShardNode, SlotMap, channel_slot, slot_batches
+from .subscriber import (
+    DEAD_AFTER,
+    POLL_SECONDS,
+    PROBE_AFTER,
+    STALLED_AFTER,
+    Coalescer,
+    SubscriberState,
 )
 from .subscriptions import Requests, Subscription
 

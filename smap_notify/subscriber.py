@@ -9,34 +9,37 @@ back, in order with the messages.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import random
-import select
-import socket
-import ssl
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import hiredis
 import redis
 import trio
-from redis._parsers import _RESP2Parser
-from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
-from .memory import LARGE
 from .metrics import Counters
+from .redis_client import (
+    CLOSED_BY_REDIS,
+    FLAP_WITHIN,
+    REDIS_FAILURES,
+    Address,
+    Locator,
+    MasterMoved,
+    SubscriptionDead,
+    error_reply,
+    make_client,
+    not_redis,
+    reconnect_delay,
+)
+from .resp import (
+    MAX_BATCH,
+    Replies,
+)
 from .subscriptions import Requests, Subscription, batches
 
 if TYPE_CHECKING:
@@ -48,40 +51,33 @@ POLL_SECONDS: Final = 0.25
 PROBE_AFTER: Final = 1.0  # silence after which the subscription is probed with PING
 DEAD_AFTER: Final = 3.0  # silence after which the subscription is declared dead
 STALLED_AFTER: Final = 1.0  # a longer gap between two turns of the loop: this thread stalled
-BACKOFF_BASE: Final = 0.1
-BACKOFF_CAP: Final = 1.0
-MAX_BATCH: Final = 256
-# A batch also ends at this many bytes of message data: with few large messages (a
-# publisher's 1 MB reports) 256 of them would hold hundreds of megabytes in flight.
-MAX_BATCH_BYTES: Final = 4 << 20
-READ_SIZE: Final = 65536
 # Before handing a batch over, the thread lingers for more messages when the stream is
-# steady: every hand-over costs both threads a wake-up (150-300 µs of CPU on a slow VM,
-# whatever the batch holds), so fewer, larger batches cost less per message, for at most
-# MAX_LINGER of latency. The rate is measured over RATE_WINDOW. Measured on a VM half as
-# fast as the one of the earlier benchmark tables, the daemon on a core of its own:
-#   - Slower than STEADY_RATE: no linger (most messages would wait for nothing).
-#   - From STEADY_RATE: about one gap between messages (2,000 msg/s: 0.5 ms; 54% -> 40% of
-#     a core, p99 0.85 -> 1.5 ms).
-#   - From FAST_RATE: LONG_LINGER, and from 9,000 msg/s 0.1 ms more per 1,000 msg/s, up to
-#     MAX_LINGER (4,000 msg/s: 41% of a core; 29,758 msg/s, 80% of the daemon's maximum
-#     there: 0.3 ms batches of about 8 kept it at 99% of a core with p99 8-60 ms, 0.9 ms
-#     at 98-99% and 10-60 ms, 3 ms of about 90 messages at 80% and 7 ms).
+# steady: every hand-over costs both threads a wake-up whatever the batch holds, so fewer,
+# larger batches cost less per message, for at most MAX_LINGER of latency. Slower than
+# STEADY_RATE (measured over RATE_WINDOW) nothing lingers: most messages would wait for
+# nothing. From STEADY_RATE about one gap between messages; from FAST_RATE LONG_LINGER,
+# growing with the rate up to MAX_LINGER. bench/profile-notes.rst has the measurements
+# behind these figures.
 STEADY_RATE: Final = 1500.0
 FAST_RATE: Final = 3000.0
 LONG_LINGER: Final = 0.0009
 LINGER_PER_RATE: Final = 1e-7  # seconds of linger per message/s
 MAX_LINGER: Final = 0.003
 RATE_WINDOW: Final = 0.01
-SOCKET_TIMEOUT: Final = 2.0
+_COMMANDS: Final = {
+    ("subscribe", True): "SUBSCRIBE",
+    ("subscribe", False): "UNSUBSCRIBE",
+    ("psubscribe", True): "PSUBSCRIBE",
+    ("psubscribe", False): "PUNSUBSCRIBE",
+}
+
+
+# Tuples, not sets: a reply's first element need not be hashable (a peer that is not Redis).
+_SUBSCRIBED: Final = (b"subscribe", b"psubscribe")
+_UNSUBSCRIBED: Final = (b"unsubscribe", b"punsubscribe")
+_PONG: Final = (b"pong", b"PONG")  # subscribed, or holding nothing yet
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
 BEHIND_WITHIN: Final = 2.0
-# A subscription lost sooner than FLAP_WITHIN after it was made is a flap (a peer that
-# subscribes, then breaks the protocol; a Redis that keeps cutting us): the wait before
-# the next attempt then grows with each flap, up to FLAP_CAP, instead of starting again
-# from BACKOFF_BASE (every cycle costs a warning pair and a resync to every client).
-FLAP_WITHIN: Final = 10.0
-FLAP_CAP: Final = 5.0
 
 
 @attrs.define
@@ -110,57 +106,6 @@ class Patterns:
     re-subscribes."""
 
     wanted: tuple[str, ...]
-
-
-class Address(Protocol):
-    """A server a ``Locator`` names; ``str()`` is its ``host:port``."""
-
-    @property
-    def pair(self) -> tuple[str, int]: ...
-
-
-class Locator(Protocol):
-    """Where to subscribe when REDIS_HOST alone does not say it: Sentinel's master
-    (sentinel.py), a live node of a Redis Cluster (cluster.py). Thread-safe."""
-
-    def find(self, between: Callable[[], None] = ...) -> Address:
-        """Ask for the server to subscribe on (before each connect); ``between`` runs
-        before each question."""
-
-    def current(self) -> Address | None:
-        """The server to be on now: the subscriber leaves its own when this changes."""
-
-    def moved(self, named: Address | None) -> str:
-        """Why the subscriber must leave its server, ``current()`` being ``named``."""
-
-    def describe(self, address: Address | None) -> str:
-        """The ``redis=`` of the log lines."""
-
-    def probe_address(self) -> Address:
-        """The server the /health PING goes to."""
-
-    def watch(self) -> None:
-        """Follow changes until cancelled (a thread of its own)."""
-
-    def close(self) -> None: ...
-
-
-class SubscriptionDead(Exception):
-    pass
-
-
-class MasterMoved(SubscriptionDead):
-    """The locator names another server than the one subscribed to (the sentinels'
-    new master; another node for one the cluster failed or forgot)."""
-
-
-# The error when Redis ends the subscription's connection (end of stream).
-CLOSED_BY_REDIS: Final = "redis closed the connection"
-
-
-# What talking to Redis may raise when Redis, or whatever answers on REDIS_HOST, fails:
-# ValueError is redis-py's parser on a reply that is not Redis's (":abc").
-REDIS_FAILURES: Final = (redis.RedisError, OSError, ValueError)
 
 
 @attrs.define
@@ -194,181 +139,6 @@ class Coalescer:
             self.window_count = 0
 
 
-def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with jitter (half to full of the capped delay)."""
-    capped = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt, 16)))
-    return capped * (0.5 + 0.5 * (rng or random).random())
-
-
-def reconnect_delay(attempt: int, flaps: int, rng: random.Random | None = None) -> float:
-    """The wait before the next attempt: the backoff, or after ``flaps`` subscriptions
-    in a row that were lost within FLAP_WITHIN, at least one that doubles with each."""
-    delay = backoff_delay(attempt, rng)
-    if flaps:
-        delay = max(delay, min(FLAP_CAP, BACKOFF_BASE * (2 ** min(flaps, 16))))
-    return delay
-
-
-def sleep_in_thread(seconds: float) -> None:
-    """Sleep ``seconds`` in a worker thread, ending early when its Trio call is cancelled."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        trio.from_thread.check_cancelled()
-        time.sleep(min(left, 0.1))
-
-
-class _Lookup:
-    """One ``getaddrinfo`` in a daemon thread of its own: the C library's resolver takes
-    no deadline and cannot be interrupted (with unreachable name servers a lookup lasts
-    30 s or more), and a thread stuck in it must not hold up anything else."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.done = threading.Event()
-        self.addresses: list[str] = []
-        self.error: OSError | None = None
-        threading.Thread(target=self._run, args=(host, port), name="redis-dns", daemon=True).start()
-
-    def _run(self, host: str, port: int) -> None:
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            self.addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        except OSError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-class LookupTimeout(OSError):
-    pass
-
-
-_lookups: dict[tuple[str, int], _Lookup] = {}
-_lookups_lock = threading.Lock()
-
-
-def resolve(host: str, port: int, timeout: float) -> list[str]:
-    """The addresses of ``host``, waiting at most ``timeout`` seconds for the resolver.
-
-    One lookup per name at a time: a caller that gives up leaves the lookup running, and
-    the next caller waits for that one (or takes its answer) instead of starting another,
-    so a resolver that hangs costs one thread, not one per retry.
-    """
-    try:  # an address literal needs no lookup
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-        return [str(infos[0][4][0])]
-    except socket.gaierror:
-        pass
-    key = (host, port)
-    with _lookups_lock:
-        lookup = _lookups.get(key)
-        if lookup is None:
-            try:
-                lookup = _Lookup(host, port)
-            except RuntimeError as exc:  # no thread to be had (TasksMax): like an outage
-                raise OSError(f"DNS lookup of {host} not started: {exc}") from None
-            _lookups[key] = lookup
-    if not lookup.done.wait(timeout):
-        raise LookupTimeout(f"DNS lookup of {host} did not answer within {timeout:g}s")
-    with _lookups_lock:
-        if _lookups.get(key) is lookup:
-            del _lookups[key]
-    if lookup.error is not None:
-        raise lookup.error
-    if not lookup.addresses:
-        raise OSError(f"DNS lookup of {host} returned no address")
-    return lookup.addresses
-
-
-def _connect_resolved(conn: Any, connect: Callable[[], Any]) -> Any:
-    """redis-py's plain socket connect, to each address of ``conn.host`` in turn, with the
-    name looked up by ``resolve`` (bounded by the connect timeout) instead of inside it."""
-    host = conn.host
-    try:
-        addresses = resolve(host, conn.port, conn.socket_connect_timeout or SOCKET_TIMEOUT)
-    except LookupTimeout as exc:
-        # As is: redis-py words an OSError as "Error <it> connecting to <host>".
-        raise redis.ConnectionError(str(exc)) from None
-    error: OSError | None = None
-    for address in addresses:
-        conn.host = address
-        try:
-            return connect()
-        except OSError as exc:
-            error = exc
-        finally:
-            conn.host = host
-    assert error is not None
-    raise error
-
-
-class BoundedConnection(redis.Connection):
-    def _connect(self) -> Any:
-        return _connect_resolved(self, super()._connect)
-
-
-class BoundedSSLConnection(redis.SSLConnection):
-    def _connect(self) -> Any:
-        # The TCP connect to the looked-up address; TLS checks the name in REDIS_HOST.
-        sock = _connect_resolved(self, lambda: redis.Connection._connect(self))
-        try:
-            return self._wrap_socket_with_ssl(sock)
-        except (OSError, redis.RedisError):
-            sock.close()
-            raise
-
-
-def make_client(
-    config: Config,
-    *,
-    socket_timeout: float = SOCKET_TIMEOUT,
-    address: tuple[str, int] | None = None,
-) -> redis.Redis:
-    """A client of ``address`` (by default REDIS_HOST's) that fails fast: reconnecting is
-    the caller's job."""
-    host, port = address or config.redis_address
-    return fail_fast_client(
-        host,
-        port,
-        db=config.redis_db,
-        password=config.redis_password,
-        tls=config.redis_use_tls,
-        socket_timeout=socket_timeout,
-    )
-
-
-def fail_fast_client(
-    host: str, port: int, *, password: str, tls: bool, socket_timeout: float, db: int = 0
-) -> redis.Redis:
-    """A client without retries, with bounded connects and name lookups."""
-    client = redis.Redis(
-        host=host,
-        port=port,
-        db=db,
-        password=password or None,
-        ssl=tls,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        # RESP2: Pub/Sub messages are plain replies (RESP3 pushes bypass read_response).
-        protocol=2,
-        # No CLIENT SETINFO or maintenance-notification handshake: one round trip per connect.
-        driver_info=None,
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
-    )
-    # redis-py's hiredis parser takes a fresh TLS 1.3 connection for a dirty one when the
-    # server's session tickets arrive just after the handshake (the raw socket is
-    # readable, no reply is): 2-4% of connects failed with "Connection not ready".
-    # The pure-Python parser reads through the SSL object and sees no data. It only
-    # parses the connect handshake and PINGs here; Replies reads the messages.
-    client.connection_pool.connection_kwargs["parser_class"] = _RESP2Parser
-    # Host names are looked up with a deadline (resolve), not inside redis-py's connect.
-    pool = client.connection_pool
-    pool.connection_class = BoundedSSLConnection if tls else BoundedConnection
-    return client
-
-
 async def run_redis_subscriber(
     config: Config,
     inbox: Inbox[Batch],
@@ -399,21 +169,6 @@ def _error_kind(exc: Exception) -> str:
     ``Error 111`` of "Error 111 connecting to ...", ``redis`` of "redis closed the ...")."""
     words = str(exc).split(" ", 2)
     return f"{type(exc).__name__}:{' '.join(words[:2] if words[0] == 'Error' else words[:1])}"
-
-
-def not_redis(exc: Exception) -> redis.InvalidResponse:
-    """Something else answers on REDIS_HOST (an HTTP or SSH port, a TLS-only Redis)."""
-    return redis.InvalidResponse(
-        f"not a Redis reply ({exc}): is REDIS_HOST a Redis server and REDIS_USE_TLS right?"
-    )
-
-
-def error_reply(reply: Exception) -> redis.RedisError:
-    """An error reply read off the subscribed connection, as redis-py would raise it."""
-    text = str(reply)
-    if text.startswith(("NOAUTH", "WRONGPASS")):
-        return redis.AuthenticationError(text)
-    return redis.ResponseError(text)
 
 
 class _Worker:
@@ -834,140 +589,3 @@ class _Worker:
         state.state = "subscribed"
         state.attempts = 0
         state.last_error = ""
-
-
-_COMMANDS: Final = {
-    ("subscribe", True): "SUBSCRIBE",
-    ("subscribe", False): "UNSUBSCRIBE",
-    ("psubscribe", True): "PSUBSCRIBE",
-    ("psubscribe", False): "PUNSUBSCRIBE",
-}
-# Tuples, not sets: a reply's first element need not be hashable (a peer that is not Redis).
-_SUBSCRIBED: Final = (b"subscribe", b"psubscribe")
-_UNSUBSCRIBED: Final = (b"unsubscribe", b"punsubscribe")
-_PONG: Final = (b"pong", b"PONG")  # subscribed, or holding nothing yet
-
-
-class Replies:
-    """RESP2 replies read straight off the subscribed connection's socket.
-
-    redis-py's ``can_read``/``read_response`` cost six system calls per wake-up (two polls
-    for readability, a peek for a closed socket, a poll before each timed ``recv``); this
-    costs one ``poll`` and, on a plain socket, one ``readv`` per wake-up, with redis-py's
-    own connection still doing everything else (connect, AUTH, SELECT, PSUBSCRIBE, PING).
-    The socket's private ``_sock`` is pinned by ``tests/test_internals.py``.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        sock = conn._sock
-        if sock is None:
-            raise redis.ConnectionError("redis connection is not open")
-        self._sock: Any = sock  # socket.socket or ssl.SSLSocket
-        self._fd = sock.fileno()
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        self._reader = hiredis.Reader()
-        self._buf = bytearray(READ_SIZE)
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
-        self._more = False  # complete replies may be buffered (a batch filled up)
-        self._batch_bytes = 0  # message data in the batch being read
-        self._wake_fd: int | None = None
-
-    def wake_on(self, fd: int) -> None:
-        """Let ``wait`` also end when ``fd`` becomes readable (the plan changed)."""
-        self._wake_fd = fd
-        self._poll.register(fd, select.POLLIN)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def buffered(self) -> bool:
-        """Replies may be waiting without the socket being readable."""
-        return self._more or (self._tls and self._sock.pending() > 0)
-
-    @property
-    def more(self) -> bool:
-        """The last read filled its batch: complete replies may be waiting already."""
-        return self._more
-
-    def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` (whole milliseconds: ``poll``'s unit) for a reply."""
-        if self._more or (self._tls and self._sock.pending()):
-            return True
-        ready = self._poll.poll(seconds * 1000)
-        if self._wake_fd is None:
-            return bool(ready)
-        readable = False
-        for fd, _ in ready:
-            if fd == self._fd:
-                readable = True
-            else:  # woken: the caller's next turn issues the changes
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(fd, 4096):
-                        pass
-        return readable
-
-    def linger(self, seconds: float) -> bool:
-        """Sleep ``seconds`` whatever arrives meanwhile, then say whether a reply is waiting.
-
-        A ``poll`` would return at the first message, and counts whole milliseconds
-        (0.3 ms would be 1 ms); ``select`` fails on descriptors past 1023, which a
-        reconnect among thousands of clients can get.
-        """
-        time.sleep(seconds)
-        return self.wait(0)
-
-    def read(
-        self, take: Callable[[Any, list[RawMessage]], int | None], batch: list[RawMessage]
-    ) -> None:
-        """Read what has arrived and ``take`` each complete reply, up to ``MAX_BATCH``
-        messages or ``MAX_BATCH_BYTES`` (``take`` returns the bytes it added to ``batch``).
-        Afterwards ``more`` says whether the batch is full."""
-        reader = self._reader
-        self._more = False
-        if not batch:
-            self._batch_bytes = 0
-        unread = True  # the socket may hold more than has been read
-        large = False
-        try:
-            while True:
-                reply = reader.gets()
-                while reply is not False:
-                    added = take(reply, batch)
-                    if added:
-                        self._batch_bytes += added
-                        large = large or added >= LARGE
-                    if len(batch) >= MAX_BATCH or self._batch_bytes >= MAX_BATCH_BYTES:
-                        self._more = True
-                        return
-                    reply = reader.gets()
-                if not unread:
-                    return
-                unread = self._fill()
-        except hiredis.ProtocolError as exc:
-            raise not_redis(exc) from None
-        finally:
-            # hiredis keeps its buffer at the largest reply's size until the next read: a
-            # large message would stay in memory as long as Redis stays quiet.
-            if large and not reader.has_data():
-                self._reader = hiredis.Reader()
-
-    def _fill(self) -> bool:
-        """One read from the socket; True when more may be waiting (the buffer filled up)."""
-        try:
-            if self._tls:
-                if not self._sock.pending() and not self._poll.poll(0):
-                    return False
-                n = self._sock.recv_into(self._buf)
-            else:
-                n = os.readv(self._fd, (self._buf,))
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return False
-        if n == 0:
-            raise redis.ConnectionError(CLOSED_BY_REDIS)
-        self._reader.feed(self._buf, 0, n)  # type: ignore[arg-type]  # any buffer works
-        # A short read took all there was; what comes later, the next wait sees. Over TLS a
-        # read returns one record (16 KB at most): the next call looks for more, cheaply.
-        return self._tls or n == len(self._buf)

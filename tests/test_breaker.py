@@ -9,16 +9,14 @@ from typing import Final
 import pytest
 
 from smap_notify.breaker import CircuitBreaker
-from smap_notify.subscriber import (
+from smap_notify.redis_client import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    DEAD_AFTER,
     FLAP_CAP,
-    POLL_SECONDS,
-    PROBE_AFTER,
     backoff_delay,
     reconnect_delay,
 )
+from smap_notify.subscriber import DEAD_AFTER, POLL_SECONDS, PROBE_AFTER
 
 # The contract: a dead or wedged subscription is noticed within DETECT_TARGET seconds, and
 # delivery resumes within RECOVER_TARGET of Redis answering again. bench/faults.py

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from smap_notify.resp import MAX_BATCH
 from smap_notify.subscriber import (
     FAST_RATE,
     LONG_LINGER,
-    MAX_BATCH,
     MAX_LINGER,
     RATE_WINDOW,
     STEADY_RATE,

@@ -24,11 +24,12 @@ from redis._parsers import _RESP2Parser
 from trio_websocket import _impl
 from wsproto.handshake import H11Handshake
 
-from smap_notify import subscriber
+from smap_notify import resp
 from smap_notify.config import Config
 from smap_notify.connection import ConnStream
+from smap_notify.redis_client import make_client
+from smap_notify.resp import MAX_BATCH, Replies
 from smap_notify.server import _FINISHED_HANDSHAKE, release_handshake_state
-from smap_notify.subscriber import MAX_BATCH, Replies, make_client
 
 
 def test_trio_websocket_writes_only_through_send_under_its_stream_lock() -> None:
@@ -136,7 +137,7 @@ def test_replies_end_a_batch_of_large_messages_at_max_batch_bytes(
     """256 messages of 1 MB made one batch: 256 MB in flight per batch, two batches queued
     for the hub and a third being read. (A smaller bound here, so that the socket holds
     several batches' worth.)"""
-    monkeypatch.setattr(subscriber, "MAX_BATCH_BYTES", 35_000)
+    monkeypatch.setattr(resp, "MAX_BATCH_BYTES", 35_000)
     a, b = socket.socketpair()
     a.setblocking(False)
     payloads = [bytes([65 + i]) * 10_000 for i in range(12)]

@@ -22,13 +22,8 @@ import trio
 
 from smap_notify.config import Config
 from smap_notify.metrics import Counters
-from smap_notify.subscriber import (
-    SOCKET_TIMEOUT,
-    SubscriberState,
-    _error_kind,
-    _Worker,
-    resolve,
-)
+from smap_notify.redis_client import SOCKET_TIMEOUT, resolve
+from smap_notify.subscriber import SubscriberState, _error_kind, _Worker
 from tests.support.daemon import Daemon, http_request, wait_until
 from tests.support.redis import RedisServer
 

@@ -1,6 +1,6 @@
 """REDIS_USE_TLS=true against a real redis-server that speaks only TLS.
 
-The subscriber reads the subscribed connection's socket itself (``subscriber.Replies``),
+The subscriber reads the subscribed connection's socket itself (``resp.Replies``),
 with a separate branch for TLS that reads through the SSL object, one record of up to
 16 KB at a time. These tests run that branch end to end, with messages spread over many
 records, and show what an operator sees when the server's certificate is not trusted.
@@ -23,7 +23,7 @@ import trio
 import trustme
 
 from smap_notify.config import load_config
-from smap_notify.subscriber import make_client
+from smap_notify.redis_client import make_client
 from tests.support.daemon import Daemon, http_request, wait_until
 from tests.support.redis import RedisServer, TlsFiles
 

@@ -25,7 +25,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-from smap_notify import subscriber
+from smap_notify import resp
 from smap_notify.app import SUBSCRIBER_STALE, App
 from tests.support.daemon import (
     REPO,
@@ -200,7 +200,7 @@ async def test_no_watchdog_while_the_subscriber_thread_hangs(
     hung = threading.Event()
     release = threading.Event()
 
-    original = subscriber.Replies.wait
+    original = resp.Replies.wait
 
     def wait(self: Any, seconds: float) -> bool:
         """Blocks while ``hang`` is set: no heartbeat, no progress."""
@@ -211,7 +211,7 @@ async def test_no_watchdog_while_the_subscriber_thread_hangs(
                 time.sleep(0.02)
         return original(self, seconds)
 
-    monkeypatch.setattr(subscriber.Replies, "wait", wait)
+    monkeypatch.setattr(resp.Replies, "wait", wait)
     app = await start_in_process(start_daemon, notify_socket)
 
     await wait_until(lambda: app.subscriber.active)
