@@ -15,7 +15,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """bench/run.py with its folder (RESULTS.rst, profile-notes.rst) in ``tmp_path``."""
-    monkeypatch.syspath_prepend(str(BENCH))
+    # Not syspath_prepend: it calls pkg_resources, which another test's plugin may have
+    # replaced by a module without it.
+    monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])
     monkeypatch.delitem(sys.modules, "run", raising=False)
     import run as module
 
