@@ -57,7 +57,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 from run import stop_pid  # noqa: E402  (bench/run.py)
 
-from smap_notify.subscriber import FLAP_WITHIN  # noqa: E402
+from smap_notify.outage import FLAP_WITHIN  # noqa: E402
 from tests.support.daemon import (  # noqa: E402
     DaemonProcess,
     daemon_env,

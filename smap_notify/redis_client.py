@@ -25,11 +25,8 @@ BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 1.0
 SOCKET_TIMEOUT: Final = 2.0
 
-# A subscription lost sooner than FLAP_WITHIN after it was made is a flap (a peer that
-# subscribes, then breaks the protocol; a Redis that keeps cutting us): the wait before
-# the next attempt then grows with each flap, up to FLAP_CAP, instead of starting again
-# from BACKOFF_BASE (every cycle costs a warning pair and a resync to every client).
-FLAP_WITHIN: Final = 10.0
+# After flaps (outage.FLAP_WITHIN) the wait before the next attempt grows with each, up
+# to FLAP_CAP, instead of starting again from BACKOFF_BASE.
 FLAP_CAP: Final = 5.0
 
 
@@ -91,7 +88,7 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
 
 def reconnect_delay(attempt: int, flaps: int, rng: random.Random | None = None) -> float:
     """The wait before the next attempt: the backoff, or after ``flaps`` subscriptions
-    in a row that were lost within FLAP_WITHIN, at least one that doubles with each."""
+    in a row that were lost soon after they were made (``outage.FLAP_WITHIN``), at least one that doubles with each."""
     delay = backoff_delay(attempt, rng)
     if flaps:
         delay = max(delay, min(FLAP_CAP, BACKOFF_BASE * (2 ** min(flaps, 16))))

@@ -23,9 +23,9 @@ from .config import Config
 from .hub import Batch, RawMessage, Resync
 from .inbox import Inbox
 from .metrics import Counters
+from .outage import Outage, Report
 from .redis_client import (
     CLOSED_BY_REDIS,
-    FLAP_WITHIN,
     REDIS_FAILURES,
     Address,
     Locator,
@@ -76,8 +76,6 @@ _COMMANDS: Final = {
 _SUBSCRIBED: Final = (b"subscribe", b"psubscribe")
 _UNSUBSCRIBED: Final = (b"unsubscribe", b"punsubscribe")
 _PONG: Final = (b"pong", b"PONG")  # subscribed, or holding nothing yet
-# A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
-BEHIND_WITHIN: Final = 2.0
 
 
 @attrs.define
@@ -199,63 +197,45 @@ class _Worker:
         self._confirmed: list[Subscription] = []
         self.subscribed_patterns: tuple[str, ...] = ()  # asked for on this connection
         self.unconfirmed = 0  # PSUBSCRIBE confirmations before the subscription is made
-        self.lost_at: datetime | None = None
         self.alive_at: float | None = None  # wall clock of the last reply from Redis
-        self.ever_subscribed = False
-        self.behind_at: float | None = None  # when it was last behind at a hand-over
-        # Wall clock of the first hand-over that found the subscriber behind (a full batch,
-        # or the hub still busy) since it last kept up for BEHIND_WITHIN.
-        self.behind_since: float | None = None
-        self.subscribed_at: float | None = None  # time.monotonic() of the last subscription
-        self.flaps = 0  # subscriptions in a row lost within FLAP_WITHIN
+        self.outage = Outage()
         # The last look at the socket found it empty: delivery had caught up. A cut that
         # comes then is not Redis's output limit at work, however recent a backlog was.
         self.kept_up = True
 
     def run(self) -> None:
         state = self.state
-        kinds: set[str] = set()  # the kinds of failure logged during this outage
         while True:
             trio.from_thread.check_cancelled()
             try:
                 self._session()
             except (*REDIS_FAILURES, SubscriptionDead) as exc:
-                if state.active:
-                    subscribed_at = self.subscribed_at
-                    # Moving to the master the sentinels name is no fault of Redis's.
-                    flapped = (
-                        subscribed_at is not None
-                        and time.monotonic() - subscribed_at < FLAP_WITHIN
-                        and not isinstance(exc, MasterMoved)
-                    )
-                    self.flaps = self.flaps + 1 if flapped else 0
                 behind = self._behind_hint(exc)
                 error = f"{type(exc).__name__}: {exc}" + (
                     behind or self._closed_hint(exc) or self._connect_hint(exc)
                 )
                 state.last_error = error
-                kind = _error_kind(exc)
-                if state.active or state.state == "starting":
-                    kinds = {kind}
-                    # A wedged connection was lost when it went silent, not when noticed.
-                    lost = self.alive_at or time.time()
-                    if behind and self.behind_since is not None:
-                        # Cut for falling behind: what Redis dropped was published after
-                        # the backlog began, and the backlog that did arrive was read up
-                        # to the cut. The resync's since must not be later than the loss.
-                        lost = min(lost, self.behind_since)
-                    self.lost_at = self.lost_at or datetime.fromtimestamp(lost, UTC)
+                report = self.outage.failed(
+                    monotonic=time.monotonic(),
+                    wall=time.time(),
+                    active=state.active,
+                    starting=state.state == "starting",
+                    moved=isinstance(exc, MasterMoved),
+                    alive_at=self.alive_at,
+                    behind=bool(behind),
+                    kind=_error_kind(exc),
+                    attempts=state.attempts,
+                )
+                if report is Report.LOST:
+                    flaps = self.outage.flaps
                     logger.warning(
                         "redis subscription %s, retrying redis=%s error=%s%s",
                         "lost" if state.active else "unavailable",
                         self._where(),
                         error,
-                        f" flaps={self.flaps}" if state.active and self.flaps else "",
+                        f" flaps={flaps}" if state.active and flaps else "",
                     )
-                elif state.attempts % 30 == 0 or kind not in kinds:
-                    # Every 30th attempt, and at once when Redis's answer is new (it came
-                    # back, now asking for a password).
-                    kinds.add(kind)
+                elif report is Report.STILL_DOWN:
                     logger.warning(
                         "redis still unavailable redis=%s attempts=%d error=%s",
                         self._where(),
@@ -270,7 +250,7 @@ class _Worker:
                 state.channels = 0
                 if self.requests is not None:
                     self.requests.lost()
-            delay = reconnect_delay(state.attempts, self.flaps)
+            delay = reconnect_delay(state.attempts, self.outage.flaps)
             state.attempts += 1
             self._sleep(delay)
 
@@ -302,13 +282,11 @@ class _Worker:
         Redis cuts a subscriber whose unsent replies pass its output limit; the daemon then
         reads the backlog that reached its socket, in full batches, up to the close.
         """
-        behind_at = self.behind_at
         if (
             isinstance(exc, redis.ConnectionError | ConnectionError)
             and self.state.active
             and not self.kept_up
-            and behind_at is not None
-            and time.monotonic() - behind_at < BEHIND_WITHIN
+            and self.outage.was_behind(time.monotonic())
         ):
             return (
                 " (delivery was behind the publishers: Redis may have closed the"
@@ -482,13 +460,8 @@ class _Worker:
         handed_at = time.monotonic()
         now = time.time()
         waited = self.inbox.put_from_thread(batch, self._waiting)
-        if full or waited:  # more was waiting in the socket, or the hub was still busy
-            if self.behind_since is None:
-                self.behind_since = now
-            self.behind_at = handed_at
-        elif self.behind_at is not None and handed_at - self.behind_at > BEHIND_WITHIN:
-            # Caught up a while ago (the last batch before a cut is seldom full).
-            self.behind_since = None
+        # More was waiting in the socket, or the hub was still busy: Redis buffers meanwhile.
+        self.outage.handed_over(handed_at, now, behind=full or waited)
         return handed_at
 
     def _take(self, reply: Any, batch: list[RawMessage]) -> int:
@@ -555,33 +528,32 @@ class _Worker:
 
     def _subscribed(self) -> None:
         state = self.state
-        lost_at = self.lost_at
-        self.subscribed_at = time.monotonic()
-        if lost_at is None:
+        restored = self.outage.subscribed(time.monotonic(), time.time())
+        if restored is None:
             logger.info(
                 "redis subscribed pattern=%s redis=%s",
                 ",".join(self.subscribed_patterns),
                 self._where(),
             )
         else:
-            outage = (datetime.now(UTC) - lost_at).total_seconds()
-            if self.ever_subscribed:
+            if restored.reconnected:
                 self.counters.redis_reconnects += 1
             logger.warning(
                 "redis subscription %s pattern=%s redis=%s outage=%.1fs attempts=%d",
-                "restored" if self.ever_subscribed else "established",
+                "restored" if restored.reconnected else "established",
                 ",".join(self.subscribed_patterns),
                 self._where(),
-                outage,
+                restored.outage,
                 state.attempts,
             )
             # Clients connected during the outage may have missed messages: tell them.
             # redis_connected: nothing was delivered before, so nothing was missed since.
-            reason = "redis_reconnected" if self.ever_subscribed else "redis_connected"
-            since = lost_at.isoformat(timespec="microseconds") if self.ever_subscribed else None
-            self.inbox.put_from_thread(Resync(reason, since), self._waiting)
-        self.ever_subscribed = True
-        self.lost_at = None
+            if restored.since is None:
+                resync = Resync("redis_connected", None)
+            else:
+                since = datetime.fromtimestamp(restored.since, UTC)
+                resync = Resync("redis_reconnected", since.isoformat(timespec="microseconds"))
+            self.inbox.put_from_thread(resync, self._waiting)
         self.alive_at = time.time()
         state.subscriptions += 1
         state.master = None if self.master is None else str(self.master)
