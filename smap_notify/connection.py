@@ -4,9 +4,9 @@ trio-websocket owns the handshake, the reading and the close handshake. Outbound
 notification frames bypass its per-message ``send_message`` (one ``send_all``, lock and
 task switch per frame): the hub queues ready-made frames and, after each Redis batch,
 writes everything a connection has pending in one non-blocking write. Only when the
-socket cannot take it all does a flush task wait for writability. Every byte that
-trio-websocket itself sends (handshake, pongs, close frames) goes through ``ConnStream``,
-which serialises it with our writes on one lock so frames never interleave.
+socket cannot take it all does a flush task wait for writability. trio-websocket's own
+writes (pongs, close frames) come here through ``ConnStream.send_all`` and wait for the
+frames queued before them.
 """
 
 from __future__ import annotations
@@ -14,40 +14,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
 import trio_websocket
 
+from .frames import PING_FRAME, PROTOCOL_FAILURES, close_frame, is_close_frame
+from .websocket import ConnStream
+
 logger = logging.getLogger(__name__)
 
-PING_FRAME: Final = b"\x89\x00"  # FIN + ping, no payload, unmasked (server side)
 # Frames joined for one write at most (a larger frame goes alone, uncopied): the copy
 # each connection makes of what it sends.
 WRITE_CHUNK: Final = 64 * 1024
-_OPCODE_CLOSE: Final = 0x8
-PROTOCOL_FAILURES: Final = frozenset({1002, 1007})  # close codes of a client's protocol error
 _ids = itertools.count(1)
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete unmasked server-to-client text frame (RFC 6455 5.2)."""
-    return text_frame_of([payload])
-
-
-def text_frame_of(parts: list[bytes]) -> bytes:
-    """The text frame of the payload ``parts`` make, joined in one copy: a large message
-    is held as its frame, not also as the payload it was framed from."""
-    n = sum(map(len, parts))
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = b"\x81\x7e" + n.to_bytes(2, "big")
-    else:
-        header = b"\x81\x7f" + n.to_bytes(8, "big")
-    return b"".join([header, *parts])
 
 
 def _wholly_sent(frames: Sequence[bytes | memoryview], sent: int) -> tuple[int, int]:
@@ -59,70 +40,6 @@ def _wholly_sent(frames: Sequence[bytes | memoryview], sent: int) -> tuple[int, 
             return i, end
         end += len(frame)
     return len(frames), end
-
-
-class ConnStream(trio.abc.Stream):
-    """The socket stream handed to trio-websocket.
-
-    It replays the request head we already read, records when anything last arrived
-    (pongs and data alike keep a connection alive), and makes trio-websocket's writes
-    wait for our pending frames so the two never interleave on the wire.
-    """
-
-    # Bytes that came with the request head (a client that sent frames without waiting
-    # for the 101): held back until ``upgraded`` is set, because wsproto's server-side
-    # handshake drops whatever follows the request. Class attributes: most connections
-    # never have any, and an idle connection's memory counts.
-    after_upgrade = b""
-    upgraded: trio.Event | None = None
-
-    def __init__(self, raw: trio.SocketStream) -> None:
-        self.raw = raw
-        self.prefix = b""
-        self.last_receive = trio.current_time()
-        self.conn: Connection | None = None
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            await trio.lowlevel.checkpoint()
-            return data
-        if self.after_upgrade and self.upgraded is not None:
-            await self.upgraded.wait()
-            data, self.after_upgrade = self.after_upgrade, b""
-            return data
-        data = await self.raw.receive_some(max_bytes)
-        self.last_receive = trio.current_time()
-        return bytes(data)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        # trio-websocket calls this holding its stream lock, which is also Connection.lock.
-        conn = self.conn
-        if conn is None:  # the handshake: its own deadline covers it
-            await self.raw.send_all(data)
-            return
-        if data and data[0] & 0x0F == _OPCODE_CLOSE:
-            # No notification frame may follow our close frame.
-            conn.close_sent = True
-        await conn.flush_pending_locked()
-        # Pongs and close frames are bounded like notifications: a client that sends pings
-        # and never reads would otherwise hold trio-websocket's reader in this write.
-        await conn.send_bounded(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.raw.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        # trio-websocket closes the stream right after failing the connection on a client's
-        # protocol error; the server's handler may not have run yet to send the close frame.
-        conn = self.conn
-        if conn is not None and conn.ws is not None and conn.ws.closed is not None:
-            conn.send_failure_close(conn.ws.closed.code)
-        await self.raw.aclose()
-
-    def abort(self) -> None:
-        """Close the socket at once, without a close frame (browsers see 1006, unclean)."""
-        self.raw.socket.close()
 
 
 class Connection:
@@ -201,7 +118,7 @@ class Connection:
         self.ws: trio_websocket.WebSocketConnection | None = None
         # Topic field -> value asked for with ?{field}Id= (None: no filter at all).
         self.filters = filters
-        stream.conn = self
+        stream.owner = self
 
     def __repr__(self) -> str:
         return f"<Connection conn={self.id} user={self.user_id}>"
@@ -234,16 +151,14 @@ class Connection:
         if self.lock.locked():
             self._start_flush(nursery)
             return
-        fd = self.stream.raw.socket.fileno()
-        if fd < 0:  # trio-websocket closed the stream after a close handshake
+        stream = self.stream
+        if not stream.socket_open:  # trio-websocket closed it after a close handshake
             return
         pending = self.pending
         while True:
             n, data = self._next_write()
             try:
-                written = os.write(fd, data)
-            except BlockingIOError:
-                written = 0
+                written = stream.write_nowait(data)
             except OSError as exc:
                 self.abort("write_error", exc.strerror or str(exc))
                 return
@@ -347,22 +262,30 @@ class Connection:
 
     async def _send_some(self, data: bytes | memoryview) -> int:
         """Send what the socket takes of ``data``; drop the connection when it takes
-        nothing for WS_WRITE_WAIT. The caller holds ``lock``.
+        nothing for WS_WRITE_WAIT. The caller holds ``lock``."""
+        sent = await self.stream.send_some(data, self.write_wait)
+        if sent is None:
+            self.abort("write_timeout")
+            raise trio.BrokenResourceError("write timed out")
+        return sent
 
-        The wait is for progress, not for the whole of ``data``: a client that keeps
-        reading keeps its connection whatever the frame's size. trio's ``send_all``
-        forgets how much it sent when cancelled, so the socket's ``send`` is called
-        here: a cancellation reaches it only while it waits, before it sends anything."""
-        sock = self.stream.raw.socket
-        try:
-            with trio.move_on_after(self.write_wait):
-                return await sock.send(data)
-        except OSError as exc:
-            if sock.fileno() == -1:
-                raise trio.ClosedResourceError("socket was already closed") from exc
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        self.abort("write_timeout")
-        raise trio.BrokenResourceError("write timed out")
+    async def send_locked(self, data: bytes | bytearray | memoryview) -> None:
+        """trio-websocket's frame (a pong, a close frame), after every frame queued
+        before it; trio-websocket holds ``lock``."""
+        if is_close_frame(data):
+            # No notification frame may follow our close frame.
+            self.close_sent = True
+        await self.flush_pending_locked()
+        # Pongs and close frames are bounded like notifications: a client that sends pings
+        # and never reads would otherwise hold trio-websocket's reader in this write.
+        await self.send_bounded(data)
+
+    def stream_closing(self) -> None:
+        """trio-websocket closes the stream right after failing the connection on a
+        client's protocol error; the server's handler may not have run yet to send the
+        close frame."""
+        if self.ws is not None and self.ws.closed is not None:
+            self.send_failure_close(self.ws.closed.code)
 
     def send_failure_close(self, code: int) -> None:
         """After a client's protocol error (1002, 1007), write a close frame with ``code``
@@ -374,15 +297,12 @@ class Connection:
         client what it did wrong."""
         if code not in PROTOCOL_FAILURES or self.close_sent or self.closed:
             return
-        if self.flushing or self.lock.locked():
-            return
-        fd = self.stream.raw.socket.fileno()
-        if fd < 0:
+        if self.flushing or self.lock.locked() or not self.stream.socket_open:
             return
         self.close_sent = True
         self._clear()
         with contextlib.suppress(OSError):
-            os.write(fd, b"\x88\x02" + code.to_bytes(2, "big"))
+            self.stream.write_nowait(close_frame(code))
 
     def abort(self, reason: str, detail: str = "") -> None:
         """Drop the connection uncleanly, so the browser's reconnect logic engages.

@@ -13,7 +13,8 @@ import trio
 
 from .channels import wants
 from .config import Config
-from .connection import PING_FRAME, Connection, text_frame, text_frame_of
+from .connection import Connection
+from .frames import PING_FRAME, text_frame, text_frame_of
 from .inbox import Inbox
 from .keepalive import PING_SLICE, Schedule
 from .logs import LimitedLogger

@@ -10,21 +10,22 @@ import re
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Final
 
 import h11
 import trio
 import trio_websocket
-import wsproto.utilities
 
 from .channels import FILTER_SUFFIX
 from .config import Config
-from .connection import PROTOCOL_FAILURES, Connection, ConnStream
+from .connection import Connection
+from .frames import PROTOCOL_FAILURES
 from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
 from .hub import Hub
 from .logs import LimitedLogger
+from .websocket import ConnStream, ReaderNursery, accept_websocket, write_lock
 
 logger = logging.getLogger(__name__)
 
@@ -220,55 +221,6 @@ OUT_OF_DESCRIPTORS_RESPONSE: Final = http_response(
 )
 
 
-def release_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
-    """Drop what an open connection no longer needs: the upgrade's h11 state and the
-    request headers (which include the token's cookie). About 2 KB per connection.
-
-    Private attributes of wsproto and trio-websocket, pinned in pyproject.toml and checked
-    by tests/test_internals.py.
-    """
-    ws._wsproto.handshake = _FINISHED_HANDSHAKE  # type: ignore[assignment]
-    ws._handshake_headers = ()
-
-
-class _FinishedHandshake:
-    """Stands in for wsproto's H11Handshake once the connection is open: wsproto then only
-    asks it for (no more) events."""
-
-    def events(self) -> Iterator[object]:
-        return iter(())
-
-
-_FINISHED_HANDSHAKE: Final = _FinishedHandshake()
-
-
-class _ReaderNursery:
-    """Runs trio-websocket's reader tasks in the server's connection nursery, so that a
-    connection needs no nursery of its own; a reader that fails is logged, not fatal."""
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-
-    def start_soon(self, fn: Callable[[], Awaitable[None]], name: object = None) -> None:
-        self._nursery.start_soon(_guarded, fn)
-
-
-async def _guarded(fn: Callable[[], Awaitable[None]]) -> None:
-    try:
-        await fn()
-    except trio_websocket.ConnectionClosed as exc:
-        # Its answer to a client's protocol error could not be written (the client does
-        # not read, WS_WRITE_WAIT): the connection is gone, as it would have been.
-        logger.debug("websocket reader stopped: %s", exc)
-    except wsproto.utilities.LocalProtocolError as exc:
-        # A client's ping that crossed our close frame: trio-websocket answers it, which
-        # wsproto refuses once we are closing (python-trio/trio-websocket#184). Nothing
-        # is wrong with the daemon; the close ends by its grace period.
-        logger.debug("websocket reader stopped by a frame after our close: %s", exc)
-    except Exception:
-        logger.exception("websocket reader failed")
-
-
 class Server:
     """Accepts connections; answers HTTP; upgrades /ws and runs each WebSocket."""
 
@@ -284,7 +236,7 @@ class Server:
         self.endpoints = endpoints
         self.draining = False
         self._accept_scope = trio.CancelScope()
-        self._readers: _ReaderNursery | None = None
+        self._readers: ReaderNursery | None = None
         self._log = LimitedLogger(logger, burst=10)
         # A shortage of descriptors (or of room for request heads) lasts: say so once,
         # then every 10 s with the count.
@@ -311,7 +263,7 @@ class Server:
         self._take_spare()
         try:
             async with trio.open_nursery() as connections:
-                self._readers = _ReaderNursery(connections)
+                self._readers = ReaderNursery(connections)
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
@@ -630,25 +582,17 @@ class Server:
                 # message published once the client sees the 101 reaches it.
                 await self.hub.admit(accept.user_id, accept.filters)
                 assert self._readers is not None, "Server.serve is not running"
-                request = await trio_websocket.wrap_server_stream(
-                    self._readers,  # type: ignore[arg-type]  # only start_soon is used
-                    stream,
-                    message_queue_size=4,
-                    max_message_size=config.ws_max_message_size,
+                ws = await accept_websocket(
+                    self._readers, stream, max_message_size=config.ws_max_message_size
                 )
-                ws = await request.accept()
-                if stream.upgraded is not None:
-                    stream.upgraded.set()
             if scope.cancelled_caught:
                 self._handshake_timed_out("upgrade")
                 stream.abort()
                 return
-            del request
-            release_handshake_state(ws)
             conn = Connection(
                 accept.user_id,
                 stream,
-                ws._stream_lock,
+                write_lock(ws),
                 expires_at=accept.expires_at,
                 max_messages=config.ws_send_buffer,
                 max_bytes=config.ws_send_buffer_bytes,
@@ -703,7 +647,7 @@ class Server:
                 # Connection and ConnStream refer to each other: without this the pair,
                 # with trio-websocket's objects behind it, would wait for the cyclic
                 # collector, which runs rarely here (collector.py raises its thresholds).
-                stream.conn = None
+                stream.owner = None
                 conn.ws = None
         finally:
             if not registered:

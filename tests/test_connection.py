@@ -13,7 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from smap_notify.connection import PING_FRAME, WRITE_CHUNK, Connection, ConnStream, text_frame
+from smap_notify.connection import WRITE_CHUNK, Connection
+from smap_notify.frames import PING_FRAME, text_frame
+from smap_notify.websocket import ConnStream
 
 
 async def slow_connection(

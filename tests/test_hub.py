@@ -13,10 +13,12 @@ import pytest
 import trio
 
 from smap_notify.config import Config, Duration
-from smap_notify.connection import PING_FRAME, Connection
+from smap_notify.connection import Connection
+from smap_notify.frames import PING_FRAME
 from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
+from smap_notify.websocket import ConnStream
 
 
 def connection(
@@ -94,7 +96,7 @@ async def start_pinging_hub(
         conn = connection("u")
         conn.stream = SimpleNamespace(
             last_receive=trio.current_time(),
-            raw=SimpleNamespace(socket=SimpleNamespace(fileno=lambda: -1)),
+            socket_open=False,
             abort=lambda: None,
         )
         register(hub, conn)
@@ -207,22 +209,11 @@ async def test_a_long_user_id_does_not_push_the_reason_out_of_the_line(
     assert hub.counters.dropped == {"no_connection": 1}
 
 
-class SocketStream:
-    """The part of ConnStream a Connection writes through, over a real socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.raw = SimpleNamespace(socket=sock)
-        self.conn: Connection | None = None
-
-    def abort(self) -> None:
-        self.raw.socket.close()
-
-
 def socket_connection(user: str, sock: socket.socket, max_messages: int = 4) -> Connection:
     """A connection of ``user`` that writes to ``sock``."""
     return Connection(
         user,
-        SocketStream(sock),  # type: ignore[arg-type]
+        ConnStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock))),
         trio.Lock(),
         expires_at=time.time() + 3600,
         max_messages=max_messages,

@@ -7,11 +7,14 @@ dependencies").
 
 from __future__ import annotations
 
+import ast
 import fcntl
+import importlib
 import inspect
 import os
 import resource
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,12 +27,101 @@ from redis._parsers import _RESP2Parser
 from trio_websocket import _impl
 from wsproto.handshake import H11Handshake
 
+import smap_notify
 from smap_notify import resp
 from smap_notify.config import Config
-from smap_notify.connection import ConnStream
 from smap_notify.redis_client import make_client
 from smap_notify.resp import MAX_BATCH, Replies
-from smap_notify.server import _FINISHED_HANDSHAKE, release_handshake_state
+from smap_notify.websocket import _FINISHED_HANDSHAKE, ConnStream, release_handshake_state
+
+# -- which modules may touch which library's private parts --------------------------------
+
+PACKAGE = Path(smap_notify.__file__).parent
+
+# Library -> (the modules that may use its private names, the modules checked). A module
+# split out of an owner joins its row.
+PRIVATE_PARTS: dict[str, tuple[set[str], set[str] | None]] = {
+    "trio_websocket": ({"websocket.py"}, None),  # None: every module is checked
+    "wsproto": ({"websocket.py"}, None),
+    # redis-py's belong to the subscriber side; checked here on the WebSocket side only.
+    "redis": (
+        {"redis_client.py", "resp.py", "shard_subscriber.py", "subscriber.py"},
+        {"websocket.py", "frames.py", "outbound.py", "connection.py", "hub.py", "server.py"},
+    ),
+}
+
+
+def private_names(library: str) -> set[str]:
+    """Names of ``library``'s private attributes: ``self._x`` it assigns or defines."""
+    names: set[str] = set()
+    package = importlib.import_module(library)
+    for path in Path(package.__file__ or "").parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                name = node.attr
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = node.name
+            else:
+                continue
+            if name.startswith("_") and not name.endswith("__"):
+                names.add(name)
+    return names
+
+
+def private_uses(tree: ast.AST, library: str, names: set[str]) -> list[str]:
+    """Where ``tree`` imports a private module or name of ``library``, or reads one of
+    its private ``names`` off something other than ``self``."""
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            imported = [module] if module else []
+            imported += [alias.name for alias in node.names]
+            if module.split(".")[0] == library or any(
+                name.split(".")[0] == library for name in imported
+            ):
+                if any(part.startswith("_") for name in imported for part in name.split(".")):
+                    uses.append(f"line {node.lineno}: import {', '.join(imported)}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in names
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            uses.append(f"line {node.lineno}: .{node.attr}")
+    return uses
+
+
+@pytest.mark.parametrize("library", sorted(PRIVATE_PARTS))
+def test_private_parts_of_a_library_are_used_in_its_one_module(library: str) -> None:
+    owners, checked = PRIVATE_PARTS[library]
+    names = private_names(library)
+    found = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name in owners or (checked is not None and path.name not in checked):
+            continue
+        uses = private_uses(ast.parse(path.read_text()), library, names)
+        if uses:
+            found[path.name] = uses
+    assert found == {}, f"private parts of {library} outside {sorted(owners)}"
+
+
+def test_the_private_names_check_sees_the_uses_it_guards_against() -> None:
+    names = private_names("trio_websocket") | private_names("wsproto")
+    tree = ast.parse(
+        "from trio_websocket._impl import WebSocketConnection\n"
+        "import wsproto._x\n"
+        "lock = ws._stream_lock\n"
+        "ws._wsproto.handshake = None\n"
+        "self._stream_lock = None\n"
+    )
+    uses = private_uses(tree, "trio_websocket", names) + private_uses(tree, "wsproto", names)
+    assert "line 1: import trio_websocket._impl, WebSocketConnection" in uses
+    assert "line 2: import wsproto._x" in uses
+    assert {"line 3: ._stream_lock", "line 4: ._wsproto"} <= set(uses)
+    assert not any(use.startswith("line 5") for use in uses)
+    owners = PRIVATE_PARTS["trio_websocket"][0]
+    assert private_uses(ast.parse((PACKAGE / "websocket.py").read_text()), "trio_websocket", names)
+    assert owners == {"websocket.py"}
 
 
 def test_trio_websocket_writes_only_through_send_under_its_stream_lock() -> None:
