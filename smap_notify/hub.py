@@ -13,7 +13,7 @@ import trio
 
 from .channels import wants
 from .config import Config
-from .connection import Connection
+from .connection import CloseReason, Connection
 from .frames import PING_FRAME, text_frame, text_frame_of
 from .inbox import Inbox
 from .keepalive import PING_SLICE, Schedule
@@ -158,7 +158,7 @@ class Hub:
         self._schedule.add(conn, trio.current_time(), time.time(), self.config.ws_pong_wait)
         self.counters.handshakes_accepted += 1
 
-    def unregister(self, conn: Connection, reason: str) -> None:
+    def unregister(self, conn: Connection, reason: CloseReason) -> None:
         conns = self.users.get(conn.user_id)
         if conns is None or conn not in conns:
             return
@@ -167,8 +167,8 @@ class Hub:
         if not conns:
             del self.users[conn.user_id]
         self.connection_count -= 1
-        if conn.pending_messages:
-            self.counters.frames_dropped["connection_closed"] += conn.pending_messages
+        if conn.queue.messages:
+            self.counters.frames_dropped["connection_closed"] += conn.queue.messages
         self.counters.connections_closed[conn.close_reason or reason] += 1
         has_other = bool(conns) or conn.user_id in self._reserved
         self._notify(self.notifier.on_user_disconnected, conn.user_id, has_other, conn.filters)
@@ -184,11 +184,10 @@ class Hub:
             logger.exception("notifier failed user=%s", args[0])
             return None
 
-    def _on_abort(self, conn: Connection, reason: str, detail: str = "") -> None:
-        if conn.pending_messages:
-            self.counters.frames_dropped[reason] += conn.pending_messages
-            conn.pending_messages = 0
-        if reason == "shutdown":  # drain() says how many, once
+    def _on_abort(self, conn: Connection, reason: CloseReason, detail: str = "") -> None:
+        if conn.queue.messages:
+            self.counters.frames_dropped[reason] += conn.queue.messages
+        if reason is CloseReason.SHUTDOWN:  # drain() says how many, once
             logger.debug(
                 "closing connection reason=%s conn=%d user=%s", reason, conn.id, conn.user_id
             )
@@ -266,10 +265,10 @@ class Hub:
                 if not conn.writable:
                     closing += 1
                     continue
-                if not conn.push(frame):
+                if not conn.queue.push(frame):
                     # Full of frames from this batch? Write them now, then look again.
                     conn.write_nowait(nursery)
-                    if not conn.push(frame):
+                    if not conn.queue.push(frame):
                         self._overflow(conn, overflow_disconnect, timestamp)
                         continue
                 queued += 1
@@ -295,19 +294,17 @@ class Hub:
     def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
         self.counters.frames_dropped["queue_full"] += 1
         if disconnect:
-            conn.abort("queue_full")
+            conn.abort(CloseReason.QUEUE_FULL)
         else:
-            if not conn.missed:
-                conn.missed_since = timestamp
-            conn.missed += 1
+            conn.queue.miss(timestamp)
             self._log.log(
                 logging.WARNING,
                 "overflow",
                 "outbound queue full, frame dropped conn=%d user=%s pending=%d bytes=%d",
                 conn.id,
                 conn.user_id,
-                conn.pending_messages,
-                conn.pending_bytes,
+                conn.queue.messages,
+                conn.queue.size,
             )
 
     def _queue_write(self, conn: Connection) -> None:
@@ -325,12 +322,11 @@ class Hub:
     def _on_drained(self, conn: Connection) -> None:
         """``conn`` caught up after frames were dropped for it: one ``resync`` says so, so
         that the client refetches what it missed instead of missing it unawares."""
-        missed, since = conn.missed, conn.missed_since
-        conn.missed = 0
+        missed, since = conn.queue.take_missed()
         if not self.config.resync_on_drop:
             return
         frame = text_frame(resync_envelope("frames_dropped", since, format_timestamp(), missed))
-        if conn.push(frame):
+        if conn.queue.push(frame):
             self.counters.resyncs_sent += 1
             conn.write_nowait(self._nursery_or_fail())
             self._log.log(
@@ -351,7 +347,7 @@ class Hub:
         for conn in self._resync_audience(resync.channels):
             if not conn.writable:
                 continue
-            if conn.push(frame):
+            if conn.queue.push(frame):
                 sent += 1
                 if not conn.dirty:
                     self._queue_write(conn)
@@ -360,9 +356,7 @@ class Hub:
                 # frames_dropped resync it gets once it has caught up covers the outage.
                 full += 1
                 self.counters.frames_dropped["queue_full"] += 1
-                if not conn.missed:
-                    conn.missed_since = resync.since or timestamp
-                conn.missed += 1
+                conn.queue.miss(resync.since or timestamp)
         self.counters.resyncs_sent += sent
         self.flush()
         logger.info(
@@ -513,14 +507,13 @@ class Hub:
             grace = min(interval, pong_wait - interval) / 2
             silent, expired = schedule.due(now, wall, resumed, pong_wait)
             for conn in silent:
-                conn.abort("pong_timeout")
+                conn.abort(CloseReason.PONG_TIMEOUT)
             for conn in expired:
-                conn.close_reason = "token_expired"
-                conn.closing = trio.Event()
+                conn.begin_close(CloseReason.TOKEN_EXPIRED)
                 self._nursery_or_fail().start_soon(self._expire, conn)
             for conn in schedule.pings_due(now):
                 if conn.writable and now - conn.opened > grace:
-                    conn.push_control(PING_FRAME)
+                    conn.queue.push_control(PING_FRAME)
                     if not conn.dirty:
                         self._queue_write(conn)
             self.flush()
@@ -541,14 +534,7 @@ class Hub:
             conn.id,
             conn.user_id,
         )
-        assert conn.ws is not None and conn.closing is not None
-        try:
-            with trio.move_on_after(CLOSE_GRACE) as scope:
-                await conn.ws.aclose(TOKEN_EXPIRED_CODE, "token expired")
-            if scope.cancelled_caught:
-                conn.abort("token_expired")
-        finally:
-            conn.closing.set()
+        await conn.close(TOKEN_EXPIRED_CODE, "token expired", CLOSE_GRACE)
 
     async def drain(self, window: float) -> None:
         """Close every connection, spread over ``window`` seconds so reconnects spread too."""
@@ -561,6 +547,6 @@ class Hub:
         per_slice = -(-len(conns) // slices)
         for start in range(0, len(conns), per_slice):
             for conn in conns[start : start + per_slice]:
-                conn.abort("shutdown")
+                conn.abort(CloseReason.SHUTDOWN)
             if start + per_slice < len(conns):
                 await trio.sleep(step)

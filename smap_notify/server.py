@@ -20,7 +20,7 @@ import trio_websocket
 
 from .channels import FILTER_SUFFIX
 from .config import Config
-from .connection import Connection
+from .connection import CloseReason, Connection
 from .frames import PROTOCOL_FAILURES
 from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
 from .hub import Hub
@@ -598,6 +598,7 @@ class Server:
                 max_bytes=config.ws_send_buffer_bytes,
                 write_wait=config.ws_write_wait,
                 filters=accept.filters,
+                ws=ws,
             )
             self.hub.register(conn)
             registered = True
@@ -607,8 +608,7 @@ class Server:
                 conn.user_id,
                 format_filters(accept.filters),
             )
-            conn.ws = ws
-            reason = "closed"
+            reason = CloseReason.CLOSED
             try:
                 # Client messages are read and dropped; this also keeps trio-websocket's
                 # reader answering pings and close frames.
@@ -629,26 +629,16 @@ class Server:
                     )
             finally:
                 self.hub.unregister(conn, reason)
-                if conn.closing is not None:
-                    # The hub is closing it (token expired). trio-websocket ends our
-                    # get_message as soon as its close frame is out, but the socket must
-                    # stay open for the client's close frame, or the client's close frame
-                    # meets a reset and the browser reports an unclean close.
-                    await conn.closing.wait()
-                elif not conn.closed:
-                    conn.closed = True
-                    stream.abort()
+                # trio-websocket ends our get_message as soon as its close frame is out;
+                # during the hub's close handshake the socket stays open for the client's
+                # close frame, which would otherwise meet a reset (an unclean close).
+                await conn.finish()
                 logger.debug(
                     "connection closed conn=%d user=%s reason=%s",
                     conn.id,
                     conn.user_id,
                     conn.close_reason or reason,
                 )
-                # Connection and ConnStream refer to each other: without this the pair,
-                # with trio-websocket's objects behind it, would wait for the cyclic
-                # collector, which runs rarely here (collector.py raises its thresholds).
-                stream.owner = None
-                conn.ws = None
         finally:
             if not registered:
                 if admitted:
@@ -668,15 +658,15 @@ def utf8_size(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _closed_reason(exc: trio_websocket.ConnectionClosed) -> str:
-    """A metric label for how the client's side ended."""
+def _closed_reason(exc: trio_websocket.ConnectionClosed) -> CloseReason:
+    """How the client's side ended."""
     code = exc.reason.code if exc.reason else None
-    return _CLOSE_CODE_REASONS.get(code, "client_closed")  # type: ignore[arg-type]
+    return _CLOSE_CODE_REASONS.get(code, CloseReason.CLIENT_CLOSED)  # type: ignore[arg-type]
 
 
-_CLOSE_CODE_REASONS: Final[dict[int, str]] = {
-    1009: "message_too_big",
-    1006: "connection_lost",
-    1002: "protocol_error",  # a frame the RFC forbids (unmasked, reserved bits or opcode)
-    1007: "invalid_data",  # a text message that is not UTF-8
+_CLOSE_CODE_REASONS: Final[dict[int, CloseReason]] = {
+    1009: CloseReason.MESSAGE_TOO_BIG,
+    1006: CloseReason.CONNECTION_LOST,
+    1002: CloseReason.PROTOCOL_ERROR,  # a frame the RFC forbids (unmasked, reserved bits or opcode)
+    1007: CloseReason.INVALID_DATA,  # a text message that is not UTF-8
 }

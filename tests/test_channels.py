@@ -307,7 +307,7 @@ async def test_the_hub_queues_each_message_for_the_connections_that_want_it(
             (b"project:p3:u9", b'{"status":"PROCESSING"}'),
         ]
     )
-    assert [conn.pending_messages for conn in (dash, on_p1, on_j1, other)] == [6, 5, 5, 1]
+    assert [conn.queue.messages for conn in (dash, on_p1, on_j1, other)] == [6, 5, 5, 1]
     c = hub.counters
     assert (c.received, c.delivered, c.dropped["no_connection"]) == (7, 6, 1)
     assert c.by_channel == {
@@ -317,7 +317,7 @@ async def test_the_hub_queues_each_message_for_the_connections_that_want_it(
         "system:{event}": 2,
     }
     assert c.by_type["project_update"] == 3 and c.by_type["job_update"] == 1
-    assert on_p1.pending[0] == b"\x81\x17" + b'{"status":"PROCESSING"}'
+    assert on_p1.queue.frames[0] == b"\x81\x17" + b'{"status":"PROCESSING"}'
 
 
 # -- the topic era's payloads -----------------------------------------------------------------

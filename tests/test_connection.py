@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from smap_notify.connection import WRITE_CHUNK, Connection
-from smap_notify.frames import PING_FRAME, text_frame
+from smap_notify.connection import CloseReason, Connection, State
+from smap_notify.frames import PING_FRAME, close_frame, text_frame
+from smap_notify.outbound import WRITE_CHUNK
 from smap_notify.websocket import ConnStream
 
 
@@ -47,20 +48,20 @@ async def test_slow_connections_of_one_user_share_its_frames_instead_of_copying_
     frames = [text_frame(bytes([65 + n % 26]) * 60_000) for n in range(40)]
     for frame in frames:
         for conn, _ in conns:
-            assert conn.push(frame)
+            assert conn.queue.push(frame)
     for conn, _ in conns:
         conn.write_nowait(nursery)  # writes what the socket takes, keeps the rest
-    held = {id(piece): len(piece) for conn, _ in conns for piece in conn.pending}
+    held = {id(piece): len(piece) for conn, _ in conns for piece in conn.queue.frames}
     shared = sum(len(frame) for frame in frames)
-    assert all(conn.pending for conn, _ in conns)  # the clients did not read it all
+    assert all(conn.queue.frames for conn, _ in conns)  # the clients did not read it all
     assert sum(held.values()) <= shared + len(conns) * (WRITE_CHUNK + len(frames[0]))
     # A frame cut by a partial write stays the shared one, with an offset into it.
-    assert all(any(conn.pending[0] is frame for frame in frames) for conn, _ in conns)
-    assert any(conn.offset for conn, _ in conns)
+    assert all(any(conn.queue.frames[0] is frame for frame in frames) for conn, _ in conns)
+    assert any(conn.queue.offset for conn, _ in conns)
     # The queue's accounting still covers what is left, frame by frame.
     for conn, _ in conns:
-        assert conn.pending_bytes == sum(len(piece) for piece in conn.pending) - conn.offset
-        assert conn.pending_messages == len(conn.pending)
+        assert conn.queue.size == sum(len(piece) for piece in conn.queue.frames) - conn.queue.offset
+        assert conn.queue.messages == len(conn.queue.frames)
 
 
 async def test_a_slow_but_steady_reader_is_not_taken_for_a_stalled_one(
@@ -72,7 +73,7 @@ async def test_a_slow_but_steady_reader_is_not_taken_for_a_stalled_one(
     conn, client = await slow_connection(write_wait=10.0)
     frame = text_frame(b"x" * 300_000)
     for _ in range(24):
-        assert conn.push(frame)
+        assert conn.queue.push(frame)
     conn.write_nowait(nursery)
     received = 0
     while received < 24 * len(frame):
@@ -91,7 +92,7 @@ async def test_a_steady_reader_keeps_a_frame_it_needs_many_write_waits_to_read(
     for the whole frame closed it."""
     conn, client = await slow_connection(write_wait=2.0, buffer=16 * 1024)
     frame = text_frame(b"z" * 1_500_000)
-    assert conn.push(frame)
+    assert conn.queue.push(frame)
     conn.write_nowait(nursery)
     received = bytearray()
     while len(received) < len(frame):
@@ -100,7 +101,7 @@ async def test_a_steady_reader_keeps_a_frame_it_needs_many_write_waits_to_read(
         assert not conn.closed, f"dropped after {len(received)} bytes ({conn.close_reason})"
     assert received == frame
     assert trio.current_time() > 3 * 2.0  # it did need several write-waits
-    assert (conn.pending, conn.pending_bytes, conn.pending_messages) == ([], 0, 0)
+    assert (conn.queue.frames, conn.queue.size, conn.queue.messages) == ([], 0, 0)
 
 
 async def test_a_client_that_stops_reading_is_still_dropped_after_write_wait(
@@ -109,7 +110,7 @@ async def test_a_client_that_stops_reading_is_still_dropped_after_write_wait(
     conn, client = await slow_connection(write_wait=10.0)
     frame = text_frame(b"x" * 300_000)
     for _ in range(4):
-        assert conn.push(frame)
+        assert conn.queue.push(frame)
     conn.write_nowait(nursery)
     await client.recv(30_000)
     await trio.sleep(10.5)
@@ -124,10 +125,10 @@ async def test_frames_of_a_write_cut_short_by_write_wait_are_counted_as_dropped(
     when the wait ran out were neither (256 and 42 in an outside audit)."""
     conn, client = await slow_connection(write_wait=10.0, buffer=16 * 1024)
     dropped: list[int] = []
-    conn.on_abort = lambda c, reason, detail: dropped.append(c.pending_messages)
+    conn.on_abort = lambda c, reason, detail: dropped.append(c.queue.messages)
     frame = text_frame(b"y" * 997)
     for _ in range(256):
-        assert conn.push(frame)
+        assert conn.queue.push(frame)
     conn.write_nowait(nursery)
     await trio.sleep(10.5)
     assert (conn.closed, conn.close_reason) == (True, "write_timeout")
@@ -147,11 +148,11 @@ async def test_frames_of_a_write_that_fails_are_counted_as_dropped(
     to what was queued."""
     conn, client = await slow_connection(buffer=16 * 1024)
     dropped: list[tuple[str, int]] = []
-    conn.on_abort = lambda c, reason, detail: dropped.append((reason, c.pending_messages))
+    conn.on_abort = lambda c, reason, detail: dropped.append((reason, c.queue.messages))
     frame = text_frame(b"y" * 997)
-    conn.push_control(PING_FRAME)  # a ping is no message: never counted as dropped
+    conn.queue.push_control(PING_FRAME)  # a ping is no message: never counted as dropped
     for _ in range(256):
-        assert conn.push(frame)
+        assert conn.queue.push(frame)
     conn.write_nowait(nursery)
     await trio.testing.wait_all_tasks_blocked()
     assert conn.flushing  # a chunk in flight, waiting for the client
@@ -175,15 +176,15 @@ async def test_the_queue_bound_covers_the_frames_in_flight(nursery: trio.Nursery
     conn, _client = await slow_connection(buffer=16 * 1024)
     frame = text_frame(b"y" * 997)
     accepted = 0
-    while conn.push(frame):
+    while conn.queue.push(frame):
         accepted += 1
         if accepted % 64 == 0:
             conn.write_nowait(nursery)
             await trio.testing.wait_all_tasks_blocked()
-    unwritten = conn.pending_messages
+    unwritten = conn.queue.messages
     assert unwritten == 256  # max_messages
     assert conn.flushing  # a write waits for the client
-    assert len(conn.pending) == unwritten  # frames in flight stay queued until written
+    assert len(conn.queue.frames) == unwritten  # frames in flight stay queued until written
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 127, 65535, 65536, 70000])
@@ -209,11 +210,34 @@ async def test_the_queue_is_bounded_by_bytes_too() -> None:
         "u", stream, trio.Lock(), expires_at=0, max_messages=100, max_bytes=1000, write_wait=1
     )
     frame = text_frame(b"x" * 596)  # 600 bytes
-    assert conn.push(frame)
-    assert not conn.push(frame)  # 1,200 > 1,000
-    assert conn.push(text_frame(b"x" * 396))  # exactly 1,000
-    assert not conn.push(text_frame(b""))
+    assert conn.queue.push(frame)
+    assert not conn.queue.push(frame)  # 1,200 > 1,000
+    assert conn.queue.push(text_frame(b"x" * 396))  # exactly 1,000
+    assert not conn.queue.push(text_frame(b""))
     alone: Any = Connection(
         "u", stream, trio.Lock(), expires_at=0, max_messages=100, max_bytes=1000, write_wait=1
     )
-    assert alone.push(text_frame(b"x" * 5000))
+    assert alone.queue.push(text_frame(b"x" * 5000))
+
+
+async def test_a_connection_goes_through_its_states_only_by_its_own_methods() -> None:
+    conn, client = await slow_connection()
+    assert (conn.state, conn.writable) == (State.OPEN, True)
+    conn.begin_close(CloseReason.TOKEN_EXPIRED)
+    assert (conn.state, conn.writable) == (State.CLOSING, True)  # queued frames still go
+    await conn.send_locked(close_frame(4001))
+    assert (conn.state, conn.writable) == (State.CLOSE_SENT, False)
+    assert await client.recv(16) == close_frame(4001)
+    conn.abort(CloseReason.WRITE_TIMEOUT)
+    assert (conn.state, conn.close_reason) == (State.CLOSED, CloseReason.TOKEN_EXPIRED)
+
+
+async def test_a_client_protocol_error_gets_its_close_frame_and_no_queued_frame() -> None:
+    conn, client = await slow_connection()
+    assert conn.queue.push(text_frame(b"queued"))
+    conn.send_failure_close(1002)
+    assert conn.state is State.CLOSE_SENT and not conn.queue
+    assert await client.recv(16) == close_frame(1002)
+    conn.send_failure_close(1002)  # once only
+    await conn.finish()
+    assert conn.state is State.CLOSED and conn.stream.owner is None

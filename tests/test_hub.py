@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from smap_notify.config import Config, Duration
-from smap_notify.connection import Connection
-from smap_notify.frames import PING_FRAME
+from smap_notify.connection import CloseReason, Connection, State
+from smap_notify.frames import PING_FRAME, close_frame
 from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
@@ -54,9 +54,11 @@ async def test_message_for_a_user_whose_only_connection_is_closing_is_counted_so
     nursery: trio.Nursery,
 ) -> None:
     hub = await start_hub(nursery)
-    conn = connection("u")
+    ours, _theirs = socket.socketpair()
+    conn = socket_connection("u", ours)
     register(hub, conn)
-    conn.close_sent = True
+    await conn.send_locked(close_frame(1000))  # trio-websocket's close frame
+    assert conn.state is State.CLOSE_SENT
     hub.route_batch([(b"user_noti:u", b'{"type":"alert"}')])
     assert hub.counters.dropped == {"connection_closed": 1}
     assert hub.counters.received == hub.counters.accounted() == 1
@@ -110,18 +112,18 @@ async def test_pings_are_spread_over_the_interval_and_reach_every_connection_onc
     conns = await start_pinging_hub(nursery, 30, 60, 300)
 
     def pinged() -> int:
-        return sum(conn.pending.count(PING_FRAME) for conn in conns)
+        return sum(conn.queue.frames.count(PING_FRAME) for conn in conns)
 
     await trio.sleep(14.5)  # a new connection's grace (half the interval): no pings
     assert pinged() == 0
     await trio.sleep(1.05)  # between two slots
-    first = [conn.pending.count(PING_FRAME) for conn in conns]
+    first = [conn.queue.frames.count(PING_FRAME) for conn in conns]
     per_second = []
     for _ in range(30):  # one interval
         before = pinged()
         await trio.sleep(1)
         per_second.append(pinged() - before)
-    after = [conn.pending.count(PING_FRAME) for conn in conns]
+    after = [conn.queue.frames.count(PING_FRAME) for conn in conns]
     assert [b - a for a, b in zip(first, after, strict=True)] == [1] * 300, "once each"
     # A thirtieth each second, not all at once.
     assert max(per_second) <= 300 // 30 + 1, per_second
@@ -135,7 +137,7 @@ async def test_each_second_of_pings_is_cut_into_small_slices(
     conns = await start_pinging_hub(nursery, 30, 60, 1000)
 
     def pinged() -> int:
-        return sum(conn.pending.count(PING_FRAME) for conn in conns)
+        return sum(conn.queue.frames.count(PING_FRAME) for conn in conns)
 
     await trio.sleep(15.05)
     per_window = []
@@ -154,7 +156,7 @@ async def test_a_silent_new_connection_is_pinged_before_its_pong_wait_runs_out(
     # client that sends nothing must still get a ping to answer before it is dropped.
     conns = await start_pinging_hub(nursery, 30, 33, 60)
     await trio.sleep(32.5)
-    assert all(conn.pending.count(PING_FRAME) >= 1 for conn in conns)
+    assert all(conn.queue.frames.count(PING_FRAME) >= 1 for conn in conns)
     assert not any(conn.closed for conn in conns)
 
 
@@ -165,7 +167,7 @@ async def test_closing_lines_are_rate_limited_and_a_shutdown_logs_none_per_conne
     would hit journald's per-unit rate limit and hide the lines that matter."""
     caplog.set_level(logging.INFO, logger="smap_notify")
     hub = await start_hub(nursery)
-    for reason in ("pong_timeout", "shutdown"):
+    for reason in (CloseReason.PONG_TIMEOUT, CloseReason.SHUTDOWN):
         for n in range(50):
             hub._on_abort(connection(f"u{n}"), reason)
     closing = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
@@ -241,7 +243,7 @@ async def test_a_write_error_is_one_metric_label_and_the_os_error_goes_to_the_lo
     hub, conn = await registered_to_a_closed_peer(nursery)
     hub.route_batch([(b"user_noti:u", b'{"type":"alert","payload":{}}')])
     assert conn.closed
-    hub.unregister(conn, "closed")
+    hub.unregister(conn, CloseReason.CLOSED)
     assert dict(hub.counters.connections_closed) == {"write_error": 1}
     assert dict(hub.counters.frames_dropped) == {"write_error": 1}
     assert "closing connection reason=write_error" in caplog.text
@@ -255,9 +257,9 @@ async def test_a_connection_closed_for_its_token_keeps_that_reason_when_the_clos
     written, and the close was counted as a write error."""
     caplog.set_level(logging.INFO, logger="smap_notify")
     hub, conn = await registered_to_a_closed_peer(nursery)
-    conn.close_reason = "token_expired"  # what the keep-alive sweep sets
-    conn.abort("write_error", "Broken pipe")
-    hub.unregister(conn, "closed")
+    conn.begin_close(CloseReason.TOKEN_EXPIRED)  # what the keep-alive sweep does
+    conn.abort(CloseReason.WRITE_ERROR, "Broken pipe")
+    hub.unregister(conn, CloseReason.CLOSED)
     assert dict(hub.counters.connections_closed) == {"token_expired": 1}
     assert "reason=token_expired" in caplog.text
     assert "detail='write_error: Broken pipe'" in caplog.text
@@ -271,12 +273,12 @@ async def test_a_connection_whose_queue_is_full_misses_the_resync_and_is_told_la
     hub = await start_hub(nursery)
     full, free = connection("slow", max_messages=1), connection("fast")
     register(hub, full, free)
-    assert full.push(b"queued")
+    assert full.queue.push(b"queued")
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets: keep queues as they are
     hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
-    assert free.pending_messages == 1
-    assert full.pending == [b"queued"]
-    assert (full.missed, full.missed_since) == (1, "2026-11-30T17:00:00.000000+00:00")
+    assert free.queue.messages == 1
+    assert full.queue.frames == [b"queued"]
+    assert (full.queue.missed, full.queue.missed_since) == (1, "2026-11-30T17:00:00.000000+00:00")
     assert hub.counters.frames_dropped == {"queue_full": 1}
     assert hub.counters.resyncs_sent == 1
 
@@ -295,17 +297,17 @@ async def test_clients_are_not_dropped_for_the_silence_of_a_stalled_daemon(
         conn.stream.last_receive = trio.current_time()
     autojump_clock.jump(12)  # the event loop stopped for 12 s
     resumed = trio.current_time()
-    pings = {id(conn): len(conn.pending) for conn in conns}
+    pings = {id(conn): len(conn.queue.frames) for conn in conns}
     answered: set[int] = set()
     while trio.current_time() < resumed + 6:
         await trio.sleep(0.1)
         for conn in conns[1:]:  # every client but the first answers each new ping
-            if len(conn.pending) > pings[id(conn)]:
-                pings[id(conn)] = len(conn.pending)
+            if len(conn.queue.frames) > pings[id(conn)]:
+                pings[id(conn)] = len(conn.queue.frames)
                 conn.stream.last_receive = trio.current_time()
                 answered.add(id(conn))
     assert len(answered) == 9, "each was pinged after the stall"
-    assert [conn.close_reason for conn in conns] == ["pong_timeout"] + [""] * 9
+    assert [conn.close_reason for conn in conns] == ["pong_timeout"] + [None] * 9
 
 
 def frames_of(data: bytes) -> list[bytes]:
@@ -335,9 +337,9 @@ async def test_a_client_that_missed_frames_is_told_how_many_since_the_first(
     alert = (b"user_noti:u", b'{"type":"alert","payload":1}')
     hub.route_batch([alert])  # queued
     hub.route_batch([alert])  # dropped: the first
-    first = conn.missed_since
+    first = conn.queue.missed_since
     hub.route_batch([alert, alert])  # dropped too, later
-    assert (conn.missed, conn.missed_since) == (3, first)
+    assert (conn.queue.missed, conn.queue.missed_since) == (3, first)
     conn.flushing = False
     conn.write_nowait(nursery)  # the flush catches up ...
     hub._on_drained(conn)  # ... and says so
@@ -348,7 +350,7 @@ async def test_a_client_that_missed_frames_is_told_how_many_since_the_first(
         assert hub.counters.resyncs_sent == 1
     else:
         assert len(sent) == 1 and hub.counters.resyncs_sent == 0
-    assert conn.missed == 0
+    assert conn.queue.missed == 0
     assert hub.counters.dropped == {"queue_full": 3}  # every connection of the user full
     assert hub.counters.frames_dropped == {"queue_full": 3}
 
@@ -361,7 +363,7 @@ async def test_no_resync_after_an_outage_with_resync_on_reconnect_false(
     register(hub, conn)
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
     hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
-    assert conn.pending == [] and hub.counters.resyncs_sent == 0
+    assert conn.queue.frames == [] and hub.counters.resyncs_sent == 0
 
 
 async def test_frames_left_in_a_closed_connections_queue_are_counted_as_dropped(
@@ -371,8 +373,8 @@ async def test_frames_left_in_a_closed_connections_queue_are_counted_as_dropped(
     conn = connection("u")
     register(hub, conn)
     assert hub.counters.handshakes_accepted == 1
-    assert conn.push(b"one") and conn.push(b"two")
-    hub.unregister(conn, "client_closed")
+    assert conn.queue.push(b"one") and conn.queue.push(b"two")
+    hub.unregister(conn, CloseReason.CLIENT_CLOSED)
     assert hub.counters.frames_dropped == {"connection_closed": 2}
     assert hub.counters.connections_closed == {"client_closed": 1}
 
@@ -385,7 +387,7 @@ async def test_a_drain_closes_every_connection_as_shutdown(nursery: trio.Nursery
     await hub.drain(0.0)
     for conn in list(hub.connections()):
         assert conn.closed
-        hub.unregister(conn, "connection_lost")  # what the reader then sees
+        hub.unregister(conn, CloseReason.CONNECTION_LOST)  # what the reader then sees
     assert hub.counters.connections_closed == {"shutdown": 3}
     assert all(theirs.recv(16) == b"" for _ours, theirs in pairs)
 
@@ -424,5 +426,5 @@ async def test_a_resync_naming_channels_goes_to_their_users_only(nursery: trio.N
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
     since = "2026-11-30T17:00:00.000000+00:00"
     hub.broadcast_resync(Resync("redis_reconnected", since, frozenset({"user_noti:a", "x"})))
-    assert len(a.pending) == len(a2.pending) == 1 and b.pending == []
+    assert len(a.queue.frames) == len(a2.queue.frames) == 1 and b.queue.frames == []
     assert hub.counters.resyncs_sent == 2

@@ -298,9 +298,9 @@ async def test_a_client_that_never_reads_does_not_delay_another_tab(
     assert counters.frames_dropped["queue_full"] > 0
     assert counters.delivered == count
     stalled_conn = next(
-        c for c in daemon.app.hub.connections() if c.stream.raw is not None and c.pending_messages
+        c for c in daemon.app.hub.connections() if c.stream.raw is not None and c.queue.messages
     )
-    assert stalled_conn.pending_messages <= 64
+    assert stalled_conn.queue.messages <= 64
     stalled.close()
 
 
