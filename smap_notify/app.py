@@ -20,7 +20,7 @@ from .cluster import NodeLocator
 from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
 from .health import RedisProbe, health_document
-from .hub import Batch, Hub, Notifier
+from .hub import Hub, InboxItem, Presence
 from .inbox import Inbox
 from .listen import listener_address, open_admin_listeners, open_listeners
 from .messages import format_timestamp
@@ -70,7 +70,7 @@ class App:
         *,
         config_file: Path | None = None,
         environ: dict[str, str] | None = None,
-        notifier: Notifier | None = None,
+        presence: Presence | None = None,
     ) -> App:
         counters = Counters()
         state = SubscriberState()
@@ -85,7 +85,7 @@ class App:
                 # is down); a handshake waits only for the others.
                 active=(lambda: True) if sharded else (lambda: state.active),
             )
-        hub = Hub(config, counters, notifier or subscriptions)
+        hub = Hub(config, counters, presence or subscriptions)
         locator: Locator | None = None
         if config.redis_sentinels:
             locator = MasterLocator(config, socket_timeout=SOCKET_TIMEOUT)
@@ -162,7 +162,7 @@ class App:
     ) -> None:
         """Run until cancelled; ``started`` once the listeners accept. ``admin`` listeners
         serve the HTTP endpoints only."""
-        inbox = Inbox[Batch](INBOX_SIZE)
+        inbox = Inbox[InboxItem](INBOX_SIZE)
         subscriptions = self.user_subscriptions
         try:
             async with trio.open_nursery() as nursery:
@@ -178,7 +178,7 @@ class App:
             if subscriptions is not None:
                 subscriptions.requests.close()  # the subscriber thread has ended
 
-    def _subscriber(self, inbox: Inbox[Batch]) -> Callable[..., Awaitable[None]]:
+    def _subscriber(self, inbox: Inbox[InboxItem]) -> Callable[..., Awaitable[None]]:
         """The Redis subscriber REDIS_PUBSUB and REDIS_SUBSCRIBE ask for, to be started."""
         subscriptions = self.user_subscriptions
         if self.config.redis_pubsub == "sharded":
@@ -320,12 +320,12 @@ async def run(
     *,
     config_file: Path | None = None,
     environ: dict[str, str] | None = None,
-    notifier: Notifier | None = None,
+    presence: Presence | None = None,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT, then drain and return."""
     environ = dict(environ or {})
-    app = App.create(config, config_file=config_file, environ=environ, notifier=notifier)
+    app = App.create(config, config_file=config_file, environ=environ, presence=presence)
     check_open_files(config.ws_max_connections)
     listeners, inherited = await open_listeners(config, environ)
     admin = await open_admin_listeners(config)

@@ -40,8 +40,8 @@ STALL_SLACK: Final = 1.0  # a keep-alive tick this much late: the event loop did
 # 10 s): dry runs are started by hand, so more than this is a publisher's flood.
 DRYRUN_LOG_BURST: Final = 50
 
-# One item from the subscriber: a batch of (channel, data), or a resync marker.
-RawMessage = tuple[bytes, bytes]
+RawMessage = tuple[bytes, bytes]  # (channel, data) as Redis delivered it
+Batch = list[RawMessage]  # the messages the subscriber read at once
 
 
 @attrs.frozen
@@ -55,13 +55,15 @@ class Resync:
     channels: frozenset[str] | None = None
 
 
-Batch = list[RawMessage] | Resync
+# What the subscriber hands the hub: a batch of messages, or a resync marker.
+InboxItem = Batch | Resync
 
 
-class Notifier(Protocol):
-    """The seed's RedisNotifier: told when a user's connection is being accepted (before
-    the upgrade is answered, which waits for the event returned, if any) and when one
-    ended; with the connection's filters, which decide what it needs subscribed."""
+class Presence(Protocol):
+    """Told when a user's connection is being accepted (before the upgrade is answered,
+    which waits for the event returned, if any) and when one ended; with the connection's
+    filters, which decide what it needs subscribed. (The Go seed's RedisNotifier; in
+    user mode, subscriptions.UserSubscriptions.)"""
 
     def on_user_connected(
         self, user_id: str, filters: Mapping[str, str] | None = None
@@ -75,7 +77,9 @@ class Notifier(Protocol):
     ) -> None: ...
 
 
-class LoggingNotifier:
+class LoggingPresence:
+    """Presence when nothing needs to know: debug lines."""
+
     def on_user_connected(
         self, user_id: str, filters: Mapping[str, str] | None = None
     ) -> trio.Event | None:
@@ -97,11 +101,11 @@ class Hub:
     """Connections by user; routes messages, keeps connections alive, drains on shutdown."""
 
     def __init__(
-        self, config: Config, counters: Counters, notifier: Notifier | None = None
+        self, config: Config, counters: Counters, presence: Presence | None = None
     ) -> None:
         self.config = config
         self.counters = counters
-        self.notifier: Notifier = notifier or LoggingNotifier()
+        self.presence: Presence = presence or LoggingPresence()
         self.users: dict[str, set[Connection]] = {}
         self.connection_count = 0
         self._reserved: dict[str, int] = {}
@@ -127,9 +131,9 @@ class Hub:
         return None
 
     async def admit(self, user_id: str, filters: Mapping[str, str] | None) -> None:
-        """A reserved connection is being accepted: tell the notifier, and wait for what
+        """A reserved connection is being accepted: tell ``presence``, and wait for what
         it needs first (in user mode, Redis confirming the user's subscriptions)."""
-        ready = self._notify(self.notifier.on_user_connected, user_id, filters)
+        ready = self._tell(self.presence.on_user_connected, user_id, filters)
         if ready is not None:
             await ready.wait()
 
@@ -137,7 +141,7 @@ class Hub:
         """An admitted connection failed before it opened: release its place."""
         self.release(user_id)
         has_other = user_id in self.users or user_id in self._reserved
-        self._notify(self.notifier.on_user_disconnected, user_id, has_other, filters)
+        self._tell(self.presence.on_user_disconnected, user_id, has_other, filters)
 
     def release(self, user_id: str) -> None:
         left = self._reserved[user_id] - 1
@@ -171,13 +175,13 @@ class Hub:
             self.counters.frames_dropped["connection_closed"] += conn.queue.messages
         self.counters.connections_closed[conn.close_reason or reason] += 1
         has_other = bool(conns) or conn.user_id in self._reserved
-        self._notify(self.notifier.on_user_disconnected, conn.user_id, has_other, conn.filters)
+        self._tell(self.presence.on_user_disconnected, conn.user_id, has_other, conn.filters)
 
     def connections(self) -> Iterable[Connection]:
         for conns in self.users.values():
             yield from conns
 
-    def _notify(self, method: object, *args: object) -> trio.Event | None:
+    def _tell(self, method: object, *args: object) -> trio.Event | None:
         try:
             return method(*args)  # type: ignore[operator]
         except Exception:
@@ -204,7 +208,7 @@ class Hub:
 
     # -- routing ----------------------------------------------------------------
 
-    def route_batch(self, batch: list[RawMessage]) -> None:
+    def route_batch(self, batch: Batch) -> None:
         """Parse and queue a batch of Redis messages, then write each connection once."""
         c = self.counters
         deliver_invalid = self.config.deliver_invalid_payloads
@@ -431,7 +435,7 @@ class Hub:
 
     async def serve(
         self,
-        inbox: Inbox[Batch],
+        inbox: Inbox[InboxItem],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -457,7 +461,7 @@ class Hub:
                     del item
             nursery.cancel_scope.cancel()
 
-    def _handle(self, item: Batch) -> None:
+    def _handle(self, item: InboxItem) -> None:
         if isinstance(item, Resync):
             self.broadcast_resync(item)
         else:

@@ -29,7 +29,7 @@ import trio
 
 from .cluster import WATCH_INTERVAL, NodeAddress, NodeLocator, NodeNotFound
 from .config import Config
-from .hub import Batch, RawMessage, Resync
+from .hub import InboxItem, RawMessage, Resync
 from .inbox import Inbox
 from .metrics import Counters
 from .redis_client import (
@@ -108,7 +108,7 @@ class ShardWorker:
     def __init__(
         self,
         config: Config,
-        inbox: Inbox[Batch],
+        inbox: Inbox[InboxItem],
         state: SubscriberState,
         counters: Counters,
         requests: Requests,

@@ -20,7 +20,7 @@ import redis
 import trio
 
 from .config import Config
-from .hub import Batch, RawMessage, Resync
+from .hub import InboxItem, RawMessage, Resync
 from .inbox import Inbox
 from .metrics import Counters
 from .outage import Outage, Report
@@ -139,7 +139,7 @@ class Coalescer:
 
 async def run_redis_subscriber(
     config: Config,
-    inbox: Inbox[Batch],
+    inbox: Inbox[InboxItem],
     state: SubscriberState,
     counters: Counters,
     patterns: Patterns | None = None,
@@ -173,7 +173,7 @@ class _Worker:
     def __init__(
         self,
         config: Config,
-        inbox: Inbox[Batch],
+        inbox: Inbox[InboxItem],
         state: SubscriberState,
         counters: Counters,
         patterns: Patterns | None = None,

@@ -268,7 +268,7 @@ async def test_notifier_hears_connects_and_disconnects(
         ) -> None:
             calls.append(("disconnected", user_id, has_other_connections))
 
-    daemon.app.hub.notifier = Recorder()
+    daemon.app.hub.presence = Recorder()
     first = await daemon.connect("u", nursery=nursery)
     second = await daemon.connect("u", nursery=nursery)
     await daemon.wait_connections(2)
