@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Final, Protocol
@@ -16,7 +15,7 @@ from .config import Config
 from .connection import CloseReason, Connection
 from .frames import PING_FRAME, text_frame, text_frame_of
 from .inbox import Inbox
-from .keepalive import PING_SLICE, Schedule
+from .keepalive import KeepAlive, Schedule
 from .logs import LimitedLogger
 from .memory import LARGE, Trimmer
 from .messages import (
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 TOKEN_EXPIRED_CODE: Final = 4001
 CLOSE_GRACE: Final = 2.0
-STALL_SLACK: Final = 1.0  # a keep-alive tick this much late: the event loop did not run
 # Dry-run results logged at once before the rate limit holds them back (refilled over
 # 10 s): dry runs are started by hand, so more than this is a publisher's flood.
 DRYRUN_LOG_BURST: Final = 50
@@ -469,60 +467,24 @@ class Hub:
 
     async def _keepalive(self) -> None:
         """One timer for every connection: pings, closing the silent ones, and closing
-        those whose token has expired; each tick visits only the connections due.
-
-        Pings are spread over the interval: each tick pings one slot of connections, in
-        turn, every connection once per interval. Pinging all at once would answer with a
-        storm of pongs (10,000 connections: about half a second of work in one go), a
-        latency spike for every message behind it; ticks of PING_SLICE keep each slice of
-        pongs to a few. A new connection waits out a grace first (half the interval, less
-        when WS_PONG_WAIT leaves less room), as it would with a timer of its own:
-        short-lived clients are not pinged at all, and some client libraries fail on a
-        ping that crosses their own close frame.
-        """
-        schedule = self._schedule
-        pong_wait = self.config.ws_pong_wait
-        wake = resumed = trio.current_time()
-        schedule.rebase(wake)
+        those whose token has expired; each tick visits only the connections due."""
+        keepalive = KeepAlive(self._schedule, trio.current_time(), self.config.ws_pong_wait)
         while True:
-            interval = self.config.ws_ping_interval
-            # A turn: the connections pinged in one second (less with short intervals),
-            # cut into slots of at most PING_SLICE, one after the other; the timer wakes
-            # for the slots that hold a connection, and at least once a turn.
-            turn = min(1.0, interval / 2, self.config.ws_pong_wait / 4)
-            slices = math.ceil(turn / PING_SLICE)
-            # Rounded down: each connection's ping comes at least once per interval.
-            tick = turn / slices
-            schedule.set_slots(int(interval / turn), slices, tick)
+            # The configuration is read afresh each tick: a reload may change it.
+            wake = keepalive.plan(self.config.ws_ping_interval, self.config.ws_pong_wait)
             await trio.sleep_until(wake)
-            now = trio.current_time()
-            # The event loop itself did not run (the process stopped, the VM paused, a
-            # long block): what the clients sent meanwhile waits unread, and most of them
-            # have not been pinged since. Their silence counts from now on, so each gets
-            # its ping and a whole WS_PONG_WAIT to answer it.
-            if now - wake > STALL_SLACK:
-                resumed = now
-                schedule.rebase(now)
-            wall = time.time()
-            if self.config.ws_pong_wait != pong_wait:
-                pong_wait = self.config.ws_pong_wait
-                schedule.reschedule(now, wall, pong_wait)
-            # A silent client's first ping comes within grace + interval < pong_wait.
-            grace = min(interval, pong_wait - interval) / 2
-            silent, expired = schedule.due(now, wall, resumed, pong_wait)
-            for conn in silent:
+            tick = keepalive.tick(trio.current_time(), time.time(), self.config.ws_pong_wait)
+            for conn in tick.silent:
                 conn.abort(CloseReason.PONG_TIMEOUT)
-            for conn in expired:
+            for conn in tick.expired:
                 conn.begin_close(CloseReason.TOKEN_EXPIRED)
                 self._nursery_or_fail().start_soon(self._expire, conn)
-            for conn in schedule.pings_due(now):
-                if conn.writable and now - conn.opened > grace:
-                    conn.queue.push_control(PING_FRAME)
-                    if not conn.dirty:
-                        self._queue_write(conn)
+            for conn in tick.ping:
+                conn.queue.push_control(PING_FRAME)
+                if not conn.dirty:
+                    self._queue_write(conn)
             self.flush()
             self._trimmer.trim_if_wanted()
-            wake = max(schedule.next_wake(), now + tick)
 
     def _nursery_or_fail(self) -> trio.Nursery:
         assert self._nursery is not None, "Hub.serve is not running"
@@ -546,11 +508,16 @@ class Hub:
         if not conns:
             return
         logger.info("closing connections count=%d window=%.1fs", len(conns), window)
-        slices = max(1, min(len(conns), int(window * 10)))
-        step = window / slices
-        per_slice = -(-len(conns) // slices)
+        per_slice, step = drain_plan(len(conns), window)
         for start in range(0, len(conns), per_slice):
             for conn in conns[start : start + per_slice]:
                 conn.abort(CloseReason.SHUTDOWN)
             if start + per_slice < len(conns):
                 await trio.sleep(step)
+
+
+def drain_plan(count: int, window: float) -> tuple[int, float]:
+    """How to close ``count`` connections over ``window`` seconds: so many at a time, so
+    many seconds apart (at most ten slices a second)."""
+    slices = max(1, min(count, int(window * 10)))
+    return -(-count // slices), window / slices

@@ -1,5 +1,5 @@
-"""Keep-alive bookkeeping: which connections are due for a ping, a silence check or an
-expired token, found without visiting the others.
+"""Keep-alive decisions: which connections are due for a ping, a silence check or an
+expired token, found without visiting the others, and when to look next.
 
 Pure logic, no Trio: times are passed in. Pings go round a wheel of slots, one slot per
 keep-alive tick, so that each tick pings a small slice; silence and token deadlines wait
@@ -9,13 +9,19 @@ in a heap keyed by the earliest moment either could fall due.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Final, Generic, Protocol, TypeVar
+
+import attrs
 
 # The time between two ping slots: a ping interval is cut into slices this long, and the
 # pongs of one slice come back together (16,000 connections, 30 s: about 53 per slice,
 # a few milliseconds of work). Shorter slices cost more CPU, not less delay: at 20 ms the
 # pongs of 16,000 idle connections took 11-12% of a core instead of 8.5%.
 PING_SLICE: Final = 0.1
+# A tick this much late: the event loop itself did not run (the process stopped, the VM
+# paused, a long block).
+STALL_SLACK: Final = 1.0
 
 
 class Received(Protocol):
@@ -157,3 +163,86 @@ class Schedule(Generic[C]):
         self._heap = []
         for conn in self._conns.values():
             self._push(conn, now, wall, conn.stream.last_receive + pong_wait)
+
+
+class Pinged(KeptAlive, Protocol):
+    """What the keep-alive timer reads of a connection besides the schedule's part."""
+
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def opened(self) -> float: ...
+
+
+P = TypeVar("P", bound=Pinged)
+
+
+@attrs.frozen
+class Tick(Generic[P]):
+    """What one keep-alive tick does: close the silent, close the expired, ping."""
+
+    silent: list[P]
+    expired: list[P]
+    ping: list[P]
+
+
+class KeepAlive(Generic[P]):
+    """The keep-alive timer's decisions: when to wake, and what is due then.
+
+    Pings are spread over the interval: each tick pings one slot of connections, every
+    connection once per interval, so that pongs come back a few at a time and never as
+    one storm behind which every message waits. A new connection waits out a grace first
+    (half the interval, less when WS_PONG_WAIT leaves less room), as it would with a
+    timer of its own: short-lived clients are not pinged at all, and a client's own close
+    frame is not crossed by a ping.
+    """
+
+    def __init__(self, schedule: Schedule[P], now: float, pong_wait: float) -> None:
+        self.schedule = schedule
+        self.wake = now
+        # Silence counts from here at the earliest: the daemon's own stall is not the
+        # clients' silence.
+        self.resumed = now
+        self.pong_wait = pong_wait
+        self._interval = 1.0
+        self._tick = 1.0
+        schedule.rebase(now)
+
+    def plan(self, interval: float, pong_wait: float) -> float:
+        """Lay out the ping slots for ``interval``; the moment to wake for the next tick.
+
+        A turn is the connections pinged in one second (less with short intervals), cut
+        into slots of at most PING_SLICE, one after the other; the timer wakes for the
+        slots that hold a connection, and at least once a turn."""
+        turn = min(1.0, interval / 2, pong_wait / 4)
+        slices = math.ceil(turn / PING_SLICE)
+        # Rounded down: each connection's ping comes at least once per interval.
+        self._tick = turn / slices
+        self._interval = interval
+        self.schedule.set_slots(int(interval / turn), slices, self._tick)
+        return self.wake
+
+    def tick(self, now: float, wall: float, pong_wait: float) -> Tick[P]:
+        """What is due at ``now`` (``wall`` on the wall clock, for token expiry), with
+        WS_PONG_WAIT ``pong_wait``; sets ``wake`` for the next tick."""
+        schedule = self.schedule
+        if now - self.wake > STALL_SLACK:
+            # What the clients sent meanwhile waits unread, and most of them have not
+            # been pinged since: each gets its ping and a whole pong wait to answer it.
+            self.resumed = now
+            schedule.rebase(now)
+        if pong_wait != self.pong_wait:
+            self.pong_wait = pong_wait
+            schedule.reschedule(now, wall, pong_wait)
+        interval = self._interval
+        # A silent client's first ping comes within grace + interval < pong_wait.
+        grace = min(interval, pong_wait - interval) / 2
+        silent, expired = schedule.due(now, wall, self.resumed, pong_wait)
+        dropped = {conn.id for conn in silent}
+        ping = [
+            conn
+            for conn in schedule.pings_due(now)
+            if conn.writable and conn.id not in dropped and now - conn.opened > grace
+        ]
+        self.wake = max(schedule.next_wake(), now + self._tick)
+        return Tick(silent, expired, ping)

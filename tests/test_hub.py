@@ -15,7 +15,7 @@ import trio
 from smap_notify.config import Config, Duration
 from smap_notify.connection import CloseReason, Connection, State
 from smap_notify.frames import PING_FRAME, close_frame
-from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync
+from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync, drain_plan
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 from smap_notify.websocket import ConnStream
@@ -428,3 +428,10 @@ async def test_a_resync_naming_channels_goes_to_their_users_only(nursery: trio.N
     hub.broadcast_resync(Resync("redis_reconnected", since, frozenset({"user_noti:a", "x"})))
     assert len(a.queue.frames) == len(a2.queue.frames) == 1 and b.queue.frames == []
     assert hub.counters.resyncs_sent == 2
+
+
+def test_a_drain_spreads_its_closes_over_the_window_ten_slices_a_second_at_most() -> None:
+    assert drain_plan(1000, 10.0) == (10, 0.1)
+    assert drain_plan(3, 10.0) == (1, 10.0 / 3)
+    assert drain_plan(5, 0.0) == (5, 0.0)
+    assert drain_plan(1001, 10.0) == (11, 0.1)

@@ -7,7 +7,7 @@ from collections import Counter
 import attrs
 import pytest
 
-from smap_notify.keepalive import Schedule
+from smap_notify.keepalive import STALL_SLACK, KeepAlive, Schedule
 
 
 @attrs.define
@@ -29,6 +29,8 @@ class Conn:
     stream: Stream
     expires_at: float = 10_000.0
     close_reason: str = ""
+    writable: bool = True
+    opened: float = 0.0
 
 
 def conns(count: int, first: int = 1000) -> list[Conn]:
@@ -169,3 +171,69 @@ def test_a_removed_connection_is_never_reported() -> None:
     s.discard(members[0])
     assert s.due(now=61.0, wall=61.0, resumed=0.0, pong_wait=60.0) == ([members[1]], [])
     assert members[0].stream.reads == 0
+
+
+# -- the timer's decisions, with values for clocks -----------------------------------------
+
+
+def timer(members: list[Conn], interval: float = 30.0, pong_wait: float = 60.0) -> KeepAlive[Conn]:
+    keepalive = KeepAlive(schedule(members, pong_wait), now=0.0, pong_wait=pong_wait)
+    keepalive.plan(interval, pong_wait)
+    return keepalive
+
+
+def ticks_until(keepalive: KeepAlive[Conn], end: float) -> list[tuple[float, int]]:
+    """Tick as the hub does, each at its wake time, until ``end``: (when, id) pinged."""
+    pinged: list[tuple[float, int]] = []
+    while (now := keepalive.plan(30.0, 60.0)) < end:
+        pinged += [(now, conn.id) for conn in keepalive.tick(now, now, 60.0).ping]
+    return pinged
+
+
+def test_new_connections_are_pinged_after_a_grace_then_once_per_interval() -> None:
+    members = conns(300)
+    keepalive = timer(members)
+    pinged = ticks_until(keepalive, 80.0)
+    first = {cid: when for when, cid in reversed(pinged)}
+    assert sorted(first) == [c.id for c in members]
+    # Grace: half the 30 s interval; then the slot's turn, within one interval.
+    assert all(15.0 < when <= 45.0 + 0.1 for when in first.values())
+    times: dict[int, list[float]] = {}
+    for when, cid in pinged:
+        times.setdefault(cid, []).append(when)
+    gaps = {round(b - a, 6) for t in times.values() for a, b in zip(t, t[1:], strict=False)}
+    assert gaps == {30.0}  # then once per interval
+
+
+def test_a_tick_pings_no_connection_it_drops_as_silent_nor_one_that_cannot_be_written() -> None:
+    members = conns(40)
+    members[0].writable = False
+    keepalive = timer(members, interval=30.0, pong_wait=60.0)
+    now = 0.0
+    silent: list[Conn] = []
+    pinged: list[Conn] = []
+    while now < 61.0:
+        now = keepalive.plan(30.0, 60.0)
+        tick = keepalive.tick(now, now, 60.0)
+        silent += tick.silent
+        assert not {c.id for c in tick.silent} & {c.id for c in tick.ping}
+        pinged += tick.ping
+    assert {c.id for c in silent} == {c.id for c in members}  # nothing ever arrived
+    assert members[0] not in pinged
+
+
+def test_after_a_stall_silence_counts_from_the_end_of_it() -> None:
+    members = conns(10)
+    keepalive = timer(members, interval=2.0, pong_wait=5.0)
+    late = keepalive.plan(2.0, 5.0) + STALL_SLACK + 12.0
+    tick = keepalive.tick(late, late, 5.0)
+    assert tick.silent == [] and keepalive.resumed == late
+
+
+def test_expired_tokens_are_reported_by_the_wall_clock() -> None:
+    members = conns(3)
+    members[1].expires_at = 20.0
+    keepalive = timer(members)
+    keepalive.plan(30.0, 60.0)
+    assert keepalive.tick(19.0, 19.0, 60.0).expired == []
+    assert keepalive.tick(21.0, 100.0, 60.0).expired == [members[1]]
