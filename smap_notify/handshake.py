@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import ipaddress
 import json
 import math
@@ -81,10 +82,36 @@ class Accept:
     filters: dict[str, str] | None = attrs.field(default=None, eq=False)
 
 
+class Rejection(enum.StrEnum):
+    """Why a connection was refused before the upgrade: the label of
+    smap_notify_handshake_rejections."""
+
+    # The request head (server.py).
+    NO_FILE_DESCRIPTORS = "no_file_descriptors"
+    TOO_MANY_HEADS = "too_many_heads"
+    HEAD_CROWDED_OUT = "head_crowded_out"
+    HEAD_TOO_LARGE = "head_too_large"
+    BAD_REQUEST = "bad_request"
+    CLOSED_BEFORE_HEAD = "closed_before_head"  # not counted: nothing to answer
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    # The handshake (decide), in the order it is checked.
+    DRAINING = "draining"
+    ORIGIN_MISSING = "origin_missing"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    MISSING_TOKEN = "missing_token"
+    INVALID_TOKEN = "invalid_token"
+    INVALID_FILTER = "invalid_filter"
+    NOT_WEBSOCKET = "not_websocket"
+    BAD_WEBSOCKET_VERSION = "bad_websocket_version"
+    # Capacity (the hub).
+    MAX_CONNECTIONS = "max_connections"
+    MAX_CONNECTIONS_PER_USER = "max_connections_per_user"
+
+
 @attrs.frozen
 class Reject:
     status: int
-    reason: str  # metric label
+    reason: Rejection
     body: bytes
     detail: str = ""  # for the log line; never contains the token
     content_type: str = "application/json"
@@ -237,41 +264,43 @@ def decide(request: HandshakeRequest, config: Config, now: float) -> Accept | Re
     if not origin_allowed(origin, config):
         return Reject(
             403,
-            "origin_missing" if not origin else "origin_not_allowed",
+            Rejection.ORIGIN_MISSING if not origin else Rejection.ORIGIN_NOT_ALLOWED,
             json_error("origin not allowed"),
             f"origin={origin[:200]!r}" if origin else "no Origin header",
         )
     token, in_query = find_token(request, config.cookie_name)
     if not token:
-        return Reject(401, "missing_token", MISSING_TOKEN, _no_token(request, config.cookie_name))
+        return Reject(
+            401, Rejection.MISSING_TOKEN, MISSING_TOKEN, _no_token(request, config.cookie_name)
+        )
     try:
         claims = verify_token(token, (config.jwt_secret_key, config.jwt_previous_secret_key), now)
     except TokenError as exc:
-        return Reject(401, "invalid_token", INVALID_TOKEN, str(exc))
+        return Reject(401, Rejection.INVALID_TOKEN, INVALID_TOKEN, str(exc))
     params = parse_qs(request.query)
     filters, bad = parse_filters(params, config.channels.filter_fields)
     if bad is not None:
         value = params[bad][0]
         return Reject(
             400,
-            "invalid_filter",
+            Rejection.INVALID_FILTER,
             json_error(f"invalid {bad}: only alphanumeric, underscore, and hyphen allowed"),
             f"{bad}={value[:60]!r} user={claims.user_id}",
         )
     if not request.is_websocket_upgrade:
         return Reject(
             400,
-            "not_websocket",
+            Rejection.NOT_WEBSOCKET,
             json_error("not a websocket request"),
             "missing Upgrade: websocket, Connection: upgrade or Sec-WebSocket-Key",
         )
     if problem := upgrade_problem(request):
-        return Reject(400, "not_websocket", json_error("not a websocket request"), problem)
+        return Reject(400, Rejection.NOT_WEBSOCKET, json_error("not a websocket request"), problem)
     version = request.headers.get("sec-websocket-version", "")
     if version.strip() != "13":
         return Reject(
             426,
-            "bad_websocket_version",
+            Rejection.BAD_WEBSOCKET_VERSION,
             json_error("unsupported websocket version"),
             f"version={version[:20]!r}",
             extra_headers=(("Sec-WebSocket-Version", "13"),),

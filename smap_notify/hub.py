@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -14,6 +15,7 @@ from .channels import wants
 from .config import Config
 from .connection import CloseReason, Connection
 from .frames import PING_FRAME, text_frame, text_frame_of
+from .handshake import Rejection
 from .inbox import Inbox
 from .keepalive import KeepAlive, Schedule
 from .logs import LimitedLogger
@@ -40,6 +42,29 @@ DRYRUN_LOG_BURST: Final = 50
 
 RawMessage = tuple[bytes, bytes]  # (channel, data) as Redis delivered it
 Batch = list[RawMessage]  # the messages the subscriber read at once
+
+
+class Dropped(enum.StrEnum):
+    """Why a message (smap_notify_messages_dropped) or a frame
+    (smap_notify_frames_dropped, besides the CloseReason of a connection that ended with
+    frames queued) was not delivered."""
+
+    NO_CONNECTION = "no_connection"  # messages only
+    QUEUE_FULL = "queue_full"
+    CONNECTION_CLOSED = "connection_closed"
+
+
+class OverflowPolicy(enum.Enum):
+    """WS_OVERFLOW_POLICY: what a frame for a full queue does."""
+
+    DROP = "drop"  # it is dropped, and the client told once it has caught up
+    DISCONNECT = "disconnect"  # the connection is dropped
+
+
+class ResyncReason(enum.StrEnum):
+    """The ``reason`` of a resync frame the hub itself sends."""
+
+    FRAMES_DROPPED = "frames_dropped"
 
 
 @attrs.frozen
@@ -117,13 +142,13 @@ class Hub:
 
     # -- registry ---------------------------------------------------------------
 
-    def try_reserve(self, user_id: str) -> tuple[int, str] | None:
+    def try_reserve(self, user_id: str) -> tuple[int, Rejection] | None:
         """Hold a place for a connection about to upgrade; (status, reason) when full."""
         if self.connection_count + self._reserved_total >= self.config.ws_max_connections:
-            return 503, "max_connections"
+            return 503, Rejection.MAX_CONNECTIONS
         held = len(self.users.get(user_id, ())) + self._reserved.get(user_id, 0)
         if held >= self.config.ws_max_connections_per_user:
-            return 429, "max_connections_per_user"
+            return 429, Rejection.MAX_CONNECTIONS_PER_USER
         self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
         self._reserved_total += 1
         return None
@@ -170,7 +195,7 @@ class Hub:
             del self.users[conn.user_id]
         self.connection_count -= 1
         if conn.queue.messages:
-            self.counters.frames_dropped["connection_closed"] += conn.queue.messages
+            self.counters.frames_dropped[Dropped.CONNECTION_CLOSED] += conn.queue.messages
         self.counters.connections_closed[conn.close_reason or reason] += 1
         has_other = bool(conns) or conn.user_id in self._reserved
         self._tell(self.presence.on_user_disconnected, conn.user_id, has_other, conn.filters)
@@ -211,7 +236,7 @@ class Hub:
         c = self.counters
         deliver_invalid = self.config.deliver_invalid_payloads
         channels = self.config.channels
-        overflow_disconnect = self.config.ws_overflow_policy == "disconnect"
+        overflow = OverflowPolicy(self.config.ws_overflow_policy)
         timestamp = format_timestamp()
         users = self.users
         nursery = self._nursery_or_fail()
@@ -253,7 +278,7 @@ class Hub:
             else:
                 conns = self._audience(result.user_id, topic, result.value)
             if not conns:
-                c.dropped["no_connection"] += 1
+                c.dropped[Dropped.NO_CONNECTION] += 1
                 continue
             raw = result.raw
             framed = (
@@ -271,7 +296,7 @@ class Hub:
                     # Full of frames from this batch? Write them now, then look again.
                     conn.write_nowait(nursery)
                     if not conn.queue.push(frame):
-                        self._overflow(conn, overflow_disconnect, timestamp)
+                        self._overflow(conn, overflow, timestamp)
                         continue
                 queued += 1
                 if not conn.dirty:
@@ -280,9 +305,9 @@ class Hub:
                 c.delivered += 1
                 c.frames_sent += queued
             elif closing == len(conns):
-                c.dropped["connection_closed"] += 1
+                c.dropped[Dropped.CONNECTION_CLOSED] += 1
             else:
-                c.dropped["queue_full"] += 1
+                c.dropped[Dropped.QUEUE_FULL] += 1
         self.flush()
 
     def _audience(self, user: str | None, topic: str | None, value: str) -> list[Connection]:
@@ -293,9 +318,10 @@ class Hub:
             candidates = self.users.get(user, ())
         return [conn for conn in candidates if wants(conn.filters, topic, value)]
 
-    def _overflow(self, conn: Connection, disconnect: bool, timestamp: str) -> None:
-        self.counters.frames_dropped["queue_full"] += 1
-        if disconnect:
+    def _overflow(self, conn: Connection, policy: OverflowPolicy, timestamp: str) -> None:
+        """``conn``'s queue is full even after a write: WS_OVERFLOW_POLICY decides."""
+        self.counters.frames_dropped[Dropped.QUEUE_FULL] += 1
+        if policy is OverflowPolicy.DISCONNECT:
             conn.abort(CloseReason.QUEUE_FULL)
         else:
             conn.queue.miss(timestamp)
@@ -327,7 +353,9 @@ class Hub:
         missed, since = conn.queue.take_missed()
         if not self.config.resync_on_drop:
             return
-        frame = text_frame(resync_envelope("frames_dropped", since, format_timestamp(), missed))
+        frame = text_frame(
+            resync_envelope(ResyncReason.FRAMES_DROPPED, since, format_timestamp(), missed)
+        )
         if conn.queue.push(frame):
             self.counters.resyncs_sent += 1
             conn.write_nowait(self._nursery_or_fail())
@@ -357,7 +385,7 @@ class Hub:
                 # Its queue is full: it misses this resync like a message, and the
                 # frames_dropped resync it gets once it has caught up covers the outage.
                 full += 1
-                self.counters.frames_dropped["queue_full"] += 1
+                self.counters.frames_dropped[Dropped.QUEUE_FULL] += 1
                 conn.queue.miss(resync.since or timestamp)
         self.counters.resyncs_sent += sent
         self.flush()

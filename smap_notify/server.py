@@ -22,7 +22,7 @@ from .channels import FILTER_SUFFIX
 from .config import Config
 from .connection import CloseReason, Connection
 from .frames import PROTOCOL_FAILURES
-from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, decide, json_error
+from .handshake import WS_PATH, Accept, HandshakeRequest, Reject, Rejection, decide, json_error
 from .hub import Hub
 from .logs import LimitedLogger
 from .websocket import ConnStream, ReaderNursery, accept_websocket, write_lock
@@ -51,7 +51,7 @@ Endpoint = Callable[[HandshakeRequest], Awaitable[tuple[int, str, bytes]]]
 
 
 class HeadError(Exception):
-    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+    def __init__(self, status: int, reason: Rejection, detail: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -78,14 +78,18 @@ async def read_head(stream: ConnStream, limit: int) -> bytes:
     # the square of its length (a 26 KB head: 4.7 s of CPU).
     while (end := head_end(buf, scanned)) is None:
         if len(buf) > limit:
-            raise HeadError(431, "head_too_large", f"over {limit} bytes (HTTP_MAX_HEADER_SIZE)")
+            raise HeadError(
+                431, Rejection.HEAD_TOO_LARGE, f"over {limit} bytes (HTTP_MAX_HEADER_SIZE)"
+            )
         chunk = await stream.raw.receive_some(4096)
         if not chunk:
-            raise HeadError(0, "closed_before_head")
+            raise HeadError(0, Rejection.CLOSED_BEFORE_HEAD)
         scanned = max(0, len(buf) - 3)
         buf += chunk
     if end > limit:
-        raise HeadError(431, "head_too_large", f"{end} bytes, over {limit} (HTTP_MAX_HEADER_SIZE)")
+        raise HeadError(
+            431, Rejection.HEAD_TOO_LARGE, f"{end} bytes, over {limit} (HTTP_MAX_HEADER_SIZE)"
+        )
     return bytes(buf)
 
 
@@ -113,9 +117,9 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     except h11.RemoteProtocolError as exc:
         # The log line says what was wrong, never the request text itself.
         detail = _QUOTED_REQUEST_TEXT.split(str(exc), 1)[0]
-        raise HeadError(exc.error_status_hint, "bad_request", detail) from None
+        raise HeadError(exc.error_status_hint, Rejection.BAD_REQUEST, detail) from None
     if not isinstance(event, h11.Request):
-        raise HeadError(400, "bad_request", "no complete request")
+        raise HeadError(400, Rejection.BAD_REQUEST, "no complete request")
     fields: dict[str, list[str]] = {}
     for name, value in event.headers:
         fields.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
@@ -352,7 +356,7 @@ class Server:
                     stream = await listener.accept()
                 if waiting.cancelled_caught:
                     break
-                self.counters.handshake_rejections["no_file_descriptors"] += 1
+                self.counters.handshake_rejections[Rejection.NO_FILE_DESCRIPTORS] += 1
                 await _refuse(stream)
                 if _descriptor_free():
                     break  # the shortage is over: serve the next ones
@@ -399,7 +403,7 @@ class Server:
         if not self._make_room(now):
             # Too many heads, all younger than HEAD_CROWDED_AFTER (a burst of silent
             # connections): refused at once, before they take every descriptor.
-            self.counters.handshake_rejections["too_many_heads"] += 1
+            self.counters.handshake_rejections[Rejection.TOO_MANY_HEADS] += 1
             await stream.raw.send_all(OUT_OF_DESCRIPTORS_RESPONSE)
             return None
         scope = trio.CancelScope()
@@ -442,7 +446,7 @@ class Server:
                 return False
             del heads[stream]
             scope.cancel()
-            self.counters.handshake_rejections["head_crowded_out"] += 1
+            self.counters.handshake_rejections[Rejection.HEAD_CROWDED_OUT] += 1
             self._shortage_log.log(
                 logging.WARNING,
                 "head_crowded_out",
@@ -458,7 +462,7 @@ class Server:
         return True
 
     def _handshake_timed_out(self, phase: str) -> None:
-        self.counters.handshake_rejections["handshake_timeout"] += 1
+        self.counters.handshake_rejections[Rejection.HANDSHAKE_TIMEOUT] += 1
         self._log.log(logging.INFO, "timeout", "handshake timed out phase=%s", phase)
 
     async def _answer_request(self, stream: ConnStream, admin: bool) -> Accept | None:
@@ -471,7 +475,7 @@ class Server:
                 return None
             request = parse_head(head, config.http_max_header_size)
         except HeadError as exc:
-            if exc.reason != "closed_before_head":
+            if exc.reason is not Rejection.CLOSED_BEFORE_HEAD:
                 self.counters.handshake_rejections[exc.reason] += 1
             if exc.status:
                 self._log.log(
@@ -522,7 +526,7 @@ class Server:
         if self.draining:
             return Reject(
                 503,
-                "draining",
+                Rejection.DRAINING,
                 b'{"error":"shutting down"}',
                 "the daemon is shutting down",
                 extra_headers=(("Retry-After", "1"),),

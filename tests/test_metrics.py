@@ -12,6 +12,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from smap_notify.connection import CloseReason
+from smap_notify.handshake import Rejection
+from smap_notify.hub import Dropped
 from smap_notify.metrics import Counters, Gauges, make_registry, render, stats_document
 
 # Copied from the contract (shared/spec/samples) so the tests run from any checkout.
@@ -204,3 +207,15 @@ def test_stats_document_values() -> None:
         "connections": {"active": 1, "total_unique_users": 1},
         "messages": {"received_from_redis": 20, "sent_to_clients": 14, "failed": 3},
     }
+
+
+def test_the_reason_enums_are_the_documented_metric_labels() -> None:
+    """The labels are a contract (README.rst, GET /metrics): an enum member's value is the
+    label, so renaming a member changes nothing and changing a value is seen here."""
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    # Never counted (closed_before_head), or a fallback no client has been seen to reach.
+    undocumented = {Rejection.CLOSED_BEFORE_HEAD, CloseReason.CLOSED}
+    labels = [*CloseReason, *Rejection, *Dropped]
+    assert [
+        label for label in labels if label not in undocumented and f"``{label}``" not in readme
+    ] == []
