@@ -136,19 +136,6 @@ def parse_head(data: bytes, limit: int) -> HandshakeRequest:
     )
 
 
-def upgrade_request(request: HandshakeRequest) -> bytes:
-    """The request head trio-websocket's handshake reads: the client's key and what makes
-    it an upgrade. The client's own head was parsed and checked already (origin, cookie,
-    version); its other headers, the token's cookie among them, would only be parsed a
-    second time, by wsproto's h11, and kept in memory for the connection's life."""
-    key = request.headers["sec-websocket-key"]
-    return (
-        f"GET {WS_PATH} HTTP/1.1\r\nHost: smap-notify\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}"
-        "\r\n\r\n"
-    ).encode("latin-1")
-
-
 def http_response(
     status: int,
     body: bytes,
@@ -504,11 +491,9 @@ class Server:
                 )
             )
             return None
-        stream.prefix = upgrade_request(request)
-        rest = head[head_end(head) or len(head) :]
-        if rest:
-            stream.after_upgrade = rest
-            stream.upgraded = trio.Event()
+        stream.replay_upgrade(
+            request.headers["sec-websocket-key"], head[head_end(head) or len(head) :]
+        )
         return decision
 
     async def _on_client_message(

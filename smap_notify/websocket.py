@@ -18,6 +18,8 @@ import trio
 import trio_websocket
 import wsproto.utilities
 
+from .handshake import WS_PATH
+
 logger = logging.getLogger(__name__)
 
 # Client messages trio-websocket buffers before its reader waits for ours.
@@ -54,6 +56,23 @@ class ConnStream(trio.abc.Stream):
         self.prefix = b""
         self.last_receive = trio.current_time()
         self.owner: StreamOwner | None = None
+
+    def replay_upgrade(self, key: str, early: bytes) -> None:
+        """Have trio-websocket's handshake read an upgrade request with the client's
+        ``key``, and then the bytes that came after the client's head (``early``) once
+        the upgrade is answered.
+
+        The client's own head was parsed and checked already (origin, cookie, version);
+        its other headers, the token's cookie among them, would only be parsed a second
+        time, by wsproto's h11, and kept in memory for the connection's life."""
+        self.prefix = (
+            f"GET {WS_PATH} HTTP/1.1\r\nHost: smap-notify\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}"
+            "\r\n\r\n"
+        ).encode("latin-1")
+        if early:
+            self.after_upgrade = early
+            self.upgraded = trio.Event()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.prefix:

@@ -40,13 +40,14 @@ async def test_the_request_head_is_replayed_first_and_held_back_bytes_after_the_
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     stream, client = stream_pair()
-    stream.prefix = b"HEAD"
-    stream.after_upgrade = b"EARLY"
-    stream.upgraded = trio.Event()
-    assert await stream.receive_some() == b"HEAD"
+    stream.replay_upgrade("dGhlIHNhbXBsZSBub25jZQ==", b"EARLY")
+    head = await stream.receive_some()
+    assert head.startswith(b"GET /ws HTTP/1.1\r\n") and head.endswith(b"\r\n\r\n")
+    assert b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" in head
     with trio.move_on_after(1.0) as scope:
         await stream.receive_some()
     assert scope.cancelled_caught  # not before the upgrade is answered
+    assert stream.upgraded is not None
     stream.upgraded.set()
     assert await stream.receive_some() == b"EARLY"
     await client.send(b"LATER")

@@ -1,7 +1,7 @@
 """An echo server on smap-notify's own WebSocket code path, for the Autobahn TestSuite.
 
 It is ``smap_notify.server.Server`` unchanged up to the upgrade (request head reading and
-parsing, ``ConnStream``, ``trio_websocket.wrap_server_stream``, registration in the hub),
+parsing, ``ConnStream``, ``websocket.accept_websocket``, registration in the hub),
 with two things swapped: every handshake is accepted (no origin or token: the suite sends
 neither), and each client message is echoed instead of dropped.
 
