@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -44,6 +45,27 @@ FD_HEADROOM: Final = 64
 MAX_PENDING_HEADS: Final = 1024
 MIN_PENDING_HEADS: Final = 16
 HEAD_CROWDED_AFTER: Final = 1.0
+
+
+def head_cap(soft_limit: int, websockets: int) -> int:
+    """How many request heads may be read at once: what the open-files limit leaves
+    beside the open WebSockets, between MIN_PENDING_HEADS and MAX_PENDING_HEADS."""
+    if soft_limit == resource.RLIM_INFINITY:
+        return MAX_PENDING_HEADS
+    room = soft_limit - FD_HEADROOM - websockets
+    return max(MIN_PENDING_HEADS, min(MAX_PENDING_HEADS, room))
+
+
+def heads_to_close(since: Sequence[float], now: float, cap: int) -> tuple[int, bool]:
+    """For a new request head, with heads being read since ``since`` (oldest first):
+    how many of the oldest to close, and whether the new one then has room. Only heads
+    older than HEAD_CROWDED_AFTER are closed: a browser sends its head at once."""
+    close = 0
+    while close < len(since) and len(since) - close >= cap:
+        if now - since[close] < HEAD_CROWDED_AFTER:
+            return close, False
+        close += 1
+    return close, True
 
 
 # An HTTP endpoint: (request, remote) -> (status, content type, body).
@@ -410,27 +432,10 @@ class Server:
         if len(heads) < MIN_PENDING_HEADS:
             return True
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        cap = MAX_PENDING_HEADS
-        if soft != resource.RLIM_INFINITY:
-            room = soft - FD_HEADROOM - self.hub.connection_count
-            cap = max(MIN_PENDING_HEADS, min(cap, room))
-        while len(heads) >= cap:
-            stream, (since, scope) = next(iter(heads.items()))
-            if now - since < HEAD_CROWDED_AFTER:
-                self._shortage_log.log(
-                    logging.WARNING,
-                    "too_many_heads",
-                    "refused a connection (503): %d request heads being read, all under"
-                    " %.0fs old (at most %d with the open files limit %d and %d WebSockets"
-                    " open)",
-                    len(heads),
-                    HEAD_CROWDED_AFTER,
-                    cap,
-                    soft,
-                    self.hub.connection_count,
-                )
-                return False
-            del heads[stream]
+        cap = head_cap(soft, self.hub.connection_count)
+        close, room = heads_to_close([since for since, _ in heads.values()], now, cap)
+        for stream in list(itertools.islice(heads, close)):
+            since, scope = heads.pop(stream)
             scope.cancel()
             self.counters.handshake_rejections[Rejection.HEAD_CROWDED_OUT] += 1
             self._shortage_log.log(
@@ -445,7 +450,20 @@ class Server:
                 soft,
                 self.hub.connection_count,
             )
-        return True
+        if not room:
+            self._shortage_log.log(
+                logging.WARNING,
+                "too_many_heads",
+                "refused a connection (503): %d request heads being read, all under"
+                " %.0fs old (at most %d with the open files limit %d and %d WebSockets"
+                " open)",
+                len(heads),
+                HEAD_CROWDED_AFTER,
+                cap,
+                soft,
+                self.hub.connection_count,
+            )
+        return room
 
     def _handshake_timed_out(self, phase: str) -> None:
         self.counters.handshake_rejections[Rejection.HANDSHAKE_TIMEOUT] += 1
