@@ -16,6 +16,7 @@ import enum
 import itertools
 import logging
 from collections.abc import Callable
+from typing import Final
 
 import trio
 import trio_websocket
@@ -56,7 +57,7 @@ class CloseReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
 
 
-_WRITABLE = (State.OPEN, State.CLOSING)
+_WRITABLE: Final = frozenset({State.OPEN, State.CLOSING})
 
 
 class Connection:
@@ -73,6 +74,7 @@ class Connection:
         "flushing",
         "dirty",
         "_state",
+        "writable",
         "close_reason",
         "_hub_close",
         "opened",
@@ -106,6 +108,9 @@ class Connection:
         self.flushing = False  # a flush task waits for the socket
         self.dirty = False  # the hub will write it at its next flush
         self._state = State.OPEN
+        # Whether frames may still be queued and written: read for every frame routed,
+        # so kept as a field, set with the state by _enter.
+        self.writable = True
         self.close_reason: CloseReason | None = None
         # Set once the hub's close handshake is over (state CLOSING, then CLOSE_SENT).
         self._hub_close: trio.Event | None = None
@@ -126,13 +131,12 @@ class Connection:
         return self._state
 
     @property
-    def writable(self) -> bool:
-        """Whether frames may still be queued and written."""
-        return self._state in _WRITABLE
-
-    @property
     def closed(self) -> bool:
         return self._state is State.CLOSED
+
+    def _enter(self, state: State) -> None:
+        self._state = state
+        self.writable = state in _WRITABLE
 
     # -- writing -------------------------------------------------------------------
 
@@ -140,23 +144,24 @@ class Connection:
         """Write what is pending without waiting; start a flush task for what is left."""
         self.dirty = False
         queue = self.queue
-        if not queue or self.flushing or not self.writable:
+        frames = queue.frames
+        if not frames or self.flushing or not self.writable:
             return
         if self.lock.locked():
             self._start_flush(nursery)
             return
-        stream = self.stream
-        if not stream.socket_open:  # trio-websocket closed it after a close handshake
-            return
+        write = self.stream.write_nowait
         while True:
             _, data = queue.next_write()
             try:
-                written = stream.write_nowait(data)
+                written = write(data)
             except OSError as exc:
                 self.abort(CloseReason.WRITE_ERROR, exc.strerror or str(exc))
                 return
+            if written is None:  # trio-websocket closed it after a close handshake
+                return
             queue.advance(written)
-            if not queue:
+            if not frames:
                 return
             if written < len(data):
                 self._start_flush(nursery)
@@ -182,7 +187,7 @@ class Connection:
     async def flush_pending_locked(self) -> None:
         """Send everything pending as the socket takes it; the caller holds ``lock``."""
         queue = self.queue
-        while queue and self._state is not State.CLOSED:
+        while queue.frames and self._state is not State.CLOSED:
             _, data = queue.next_write()
             queue.advance(await self._send_some(data))
 
@@ -208,7 +213,7 @@ class Connection:
         """trio-websocket's frame (a pong, a close frame), after every frame queued
         before it; trio-websocket holds ``lock``."""
         if is_close_frame(data) and self._state is not State.CLOSED:
-            self._state = State.CLOSE_SENT
+            self._enter(State.CLOSE_SENT)
         await self.flush_pending_locked()
         # Pongs and close frames are bounded like notifications: a client that sends pings
         # and never reads would otherwise hold trio-websocket's reader in this write.
@@ -235,7 +240,7 @@ class Connection:
             return
         if self.flushing or self.lock.locked() or not self.stream.socket_open:
             return
-        self._state = State.CLOSE_SENT
+        self._enter(State.CLOSE_SENT)
         self.queue.clear()
         with contextlib.suppress(OSError):
             self.stream.write_nowait(close_frame(code))
@@ -243,7 +248,7 @@ class Connection:
     def begin_close(self, reason: CloseReason) -> None:
         """The hub will close this connection with a close handshake (``close``)."""
         self.close_reason = reason
-        self._state = State.CLOSING
+        self._enter(State.CLOSING)
         self._hub_close = trio.Event()
 
     async def close(self, code: int, text: str, grace: float) -> None:
@@ -264,7 +269,7 @@ class Connection:
         if self._hub_close is not None:
             await self._hub_close.wait()
         elif self._state is not State.CLOSED:
-            self._state = State.CLOSED
+            self._enter(State.CLOSED)
             self.stream.abort()
         # Connection and ConnStream refer to each other: without this the pair, with
         # trio-websocket's objects behind it, would wait for the cyclic collector, which
@@ -281,7 +286,7 @@ class Connection:
         """
         if self._state is State.CLOSED:
             return
-        self._state = State.CLOSED
+        self._enter(State.CLOSED)
         if self.close_reason and self.close_reason != reason:
             detail = f"{reason}: {detail}" if detail else str(reason)
         self.close_reason = self.close_reason or reason

@@ -120,7 +120,8 @@ class Outbound:
         it, and ``offset`` says how far into the next one the socket got."""
         frames = self.frames
         if written == self.size:  # all of it: the write of every delivered message
-            self.clear()
+            frames.clear()
+            self.offset = self.messages = self.size = 0
             return
         count, size = wholly_sent(frames, self.offset + written)
         messages = sum(frame is not PING_FRAME for frame in frames[:count])

@@ -2,9 +2,11 @@
 
 Every use of trio-websocket's and wsproto's private parts is in this module (checked by
 tests/test_internals.py against the locked versions, and that no other module has any).
-Every byte of a WebSocket frame reaches the socket through ``ConnStream``: queued frames
-with ``write_nowait`` and ``send_some``, trio-websocket's own (pongs, close frames) with
-``send_all``, which its stream lock serialises with ours so frames never interleave.
+Every byte of a WebSocket frame reaches the socket through ``ConnStream``'s
+``write_nowait`` (never waits) or ``send_some`` (waits for progress, bounded): the
+connection's queued frames, and trio-websocket's own (pongs, close frames), which arrive
+in ``send_all`` under its stream lock, the lock our flushes take too, and go out after the
+frames queued before them. Frames never interleave.
 """
 
 from __future__ import annotations
@@ -109,11 +111,15 @@ class ConnStream(trio.abc.Stream):
         handshake)."""
         return self.raw.socket.fileno() >= 0
 
-    def write_nowait(self, data: bytes | memoryview) -> int:
+    def write_nowait(self, data: bytes | memoryview) -> int | None:
         """Write what the socket takes of ``data`` now, without waiting: how much it took
-        (0 when its buffer is full). Raises OSError when the connection is broken."""
+        (0 when its buffer is full), None when the socket is closed. Raises OSError when
+        the connection is broken."""
+        fd = self.raw.socket.fileno()
+        if fd < 0:
+            return None
         try:
-            return os.write(self.raw.socket.fileno(), data)
+            return os.write(fd, data)
         except BlockingIOError:
             return 0
 

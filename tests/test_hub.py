@@ -99,6 +99,7 @@ async def start_pinging_hub(
         conn.stream = SimpleNamespace(
             last_receive=trio.current_time(),
             socket_open=False,
+            write_nowait=lambda data: None,  # closed: nothing is written
             abort=lambda: None,
         )
         register(hub, conn)

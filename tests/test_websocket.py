@@ -54,8 +54,9 @@ async def test_the_request_head_is_replayed_first_and_held_back_bytes_after_the_
     assert await stream.receive_some() == b"LATER"
 
 
-async def test_an_aborted_stream_is_no_longer_open() -> None:
+async def test_an_aborted_stream_is_no_longer_open_nor_written() -> None:
     stream, _client = stream_pair()
     assert stream.socket_open
     stream.abort()
     assert not stream.socket_open
+    assert stream.write_nowait(b"x") is None
