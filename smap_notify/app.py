@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from . import logs, systemd
+from .admission import FD_HEADROOM
 from .cluster import NodeLocator
 from .config import RESTART_FIELDS, Config, ConfigError, config_warnings, load_config
 from .handshake import HandshakeRequest
@@ -27,7 +28,7 @@ from .messages import format_timestamp
 from .metrics import Counters, Gauges, make_registry, render, stats_document
 from .redis_client import SOCKET_TIMEOUT, Locator
 from .sentinel import MasterLocator
-from .server import FD_HEADROOM, Server
+from .server import Server
 from .shard_subscriber import ShardWorker, run_sharded_subscriber
 from .signals import UNUSED_SIGNALS, take_early_signals
 from .subscriber import Patterns, SubscriberState, run_redis_subscriber

@@ -24,6 +24,7 @@ from smap_notify.handshake import (
     is_private_subnet_origin,
     origin_allowed,
 )
+from smap_notify.heads import HeadError, parse_head
 from smap_notify.messages import (
     KNOWN_TYPES,
     PAYLOAD_CLASSES,
@@ -33,7 +34,6 @@ from smap_notify.messages import (
     format_timestamp,
     parse_message,
 )
-from smap_notify.server import HeadError, parse_head
 
 FUZZ = settings(
     max_examples=300,

@@ -1,10 +1,10 @@
-"""server.py's admission of request heads, as decisions called with values."""
+"""admission.py: which request heads may be read at once, as decisions called with values."""
 
 from __future__ import annotations
 
 import resource
 
-from smap_notify.server import (
+from smap_notify.admission import (
     FD_HEADROOM,
     HEAD_CROWDED_AFTER,
     MAX_PENDING_HEADS,
