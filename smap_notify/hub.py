@@ -62,16 +62,18 @@ class OverflowPolicy(enum.Enum):
 
 
 class ResyncReason(enum.StrEnum):
-    """The ``reason`` of a resync frame the hub itself sends."""
+    """The ``reason`` of a resync frame (README, "Protocol")."""
 
-    FRAMES_DROPPED = "frames_dropped"
+    FRAMES_DROPPED = "frames_dropped"  # the hub dropped frames of a slow connection
+    REDIS_RECONNECTED = "redis_reconnected"  # the subscription was lost and is back
+    REDIS_CONNECTED = "redis_connected"  # made late: Redis was down when clients came
 
 
 @attrs.frozen
 class Resync:
     """The subscription was lost and is back; clients may have missed messages."""
 
-    reason: str
+    reason: ResyncReason
     since: str | None
     # Only the users of these channels may have missed messages (sharded Pub/Sub: one
     # node's channels); None: everyone.

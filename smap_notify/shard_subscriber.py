@@ -29,7 +29,7 @@ import trio
 
 from .cluster import WATCH_INTERVAL, NodeAddress, NodeLocator, NodeNotFound
 from .config import Config
-from .hub import InboxItem, RawMessage, Resync
+from .hub import InboxItem, RawMessage, Resync, ResyncReason
 from .inbox import Inbox
 from .metrics import Counters
 from .redis_client import (
@@ -489,7 +489,7 @@ class ShardWorker:
             return
         stamp = datetime.fromtimestamp(since, UTC).isoformat(timespec="microseconds")
         self.inbox.put_from_thread(
-            Resync("redis_reconnected", stamp, frozenset(channels)), self._waiting
+            Resync(ResyncReason.REDIS_RECONNECTED, stamp, frozenset(channels)), self._waiting
         )
 
     def _publish_state(self) -> None:

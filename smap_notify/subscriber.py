@@ -20,7 +20,7 @@ import redis
 import trio
 
 from .config import Config
-from .hub import InboxItem, RawMessage, Resync
+from .hub import InboxItem, RawMessage, Resync, ResyncReason
 from .inbox import Inbox
 from .metrics import Counters
 from .outage import Outage, Report
@@ -549,10 +549,12 @@ class _Worker:
             # Clients connected during the outage may have missed messages: tell them.
             # redis_connected: nothing was delivered before, so nothing was missed since.
             if restored.since is None:
-                resync = Resync("redis_connected", None)
+                resync = Resync(ResyncReason.REDIS_CONNECTED, None)
             else:
                 since = datetime.fromtimestamp(restored.since, UTC)
-                resync = Resync("redis_reconnected", since.isoformat(timespec="microseconds"))
+                resync = Resync(
+                    ResyncReason.REDIS_RECONNECTED, since.isoformat(timespec="microseconds")
+                )
             self.inbox.put_from_thread(resync, self._waiting)
         self.alive_at = time.time()
         state.subscriptions += 1

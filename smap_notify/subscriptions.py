@@ -2,8 +2,8 @@
 
 ``SubscriptionPlan`` decides (pure: fed the time); ``Requests`` carries its decisions to
 the subscriber thread, the only one that talks to the subscribed connection; and
-``UserSubscriptions`` is the hub's notifier that joins the two and lets a handshake wait
-until Redis has confirmed what its user needs.
+``UserSubscriptions``, the hub's ``Presence`` in this mode, joins the two and lets a
+handshake wait until Redis has confirmed what its user needs.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ class Requests:
 
 
 class UserSubscriptions:
-    """The hub's notifier in user mode: subscribes what a connecting user needs, and lets
+    """The hub's ``Presence`` in user mode: subscribes what a connecting user needs, lets
     its handshake wait for Redis's confirmation; unsubscribes a grace after the last."""
 
     def __init__(

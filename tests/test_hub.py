@@ -15,7 +15,7 @@ import trio
 from smap_notify.config import Config, Duration
 from smap_notify.connection import CloseReason, Connection, State
 from smap_notify.frames import PING_FRAME, close_frame
-from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync, drain_plan
+from smap_notify.hub import DRYRUN_LOG_BURST, Hub, Resync, ResyncReason, drain_plan
 from smap_notify.inbox import Inbox
 from smap_notify.metrics import Counters
 from smap_notify.websocket import ConnStream
@@ -276,7 +276,7 @@ async def test_a_connection_whose_queue_is_full_misses_the_resync_and_is_told_la
     register(hub, full, free)
     assert full.queue.push(b"queued")
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets: keep queues as they are
-    hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
+    hub.broadcast_resync(Resync(ResyncReason.REDIS_RECONNECTED, "2026-11-30T17:00:00.000000+00:00"))
     assert free.queue.messages == 1
     assert full.queue.frames == [b"queued"]
     assert (full.queue.missed, full.queue.missed_since) == (1, "2026-11-30T17:00:00.000000+00:00")
@@ -363,7 +363,7 @@ async def test_no_resync_after_an_outage_with_resync_on_reconnect_false(
     conn = connection("u")
     register(hub, conn)
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
-    hub.broadcast_resync(Resync("redis_reconnected", "2026-11-30T17:00:00.000000+00:00"))
+    hub.broadcast_resync(Resync(ResyncReason.REDIS_RECONNECTED, "2026-11-30T17:00:00.000000+00:00"))
     assert conn.queue.frames == [] and hub.counters.resyncs_sent == 0
 
 
@@ -426,7 +426,9 @@ async def test_a_resync_naming_channels_goes_to_their_users_only(nursery: trio.N
     register(hub, a, a2, b)
     hub.flush = lambda: None  # type: ignore[method-assign]  # no sockets
     since = "2026-11-30T17:00:00.000000+00:00"
-    hub.broadcast_resync(Resync("redis_reconnected", since, frozenset({"user_noti:a", "x"})))
+    hub.broadcast_resync(
+        Resync(ResyncReason.REDIS_RECONNECTED, since, frozenset({"user_noti:a", "x"}))
+    )
     assert len(a.queue.frames) == len(a2.queue.frames) == 1 and b.queue.frames == []
     assert hub.counters.resyncs_sent == 2
 
