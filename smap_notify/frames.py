@@ -11,20 +11,22 @@ PROTOCOL_FAILURES: Final = frozenset({1002, 1007})  # close codes of a client's 
 
 def text_frame(payload: bytes) -> bytes:
     """A complete unmasked server-to-client text frame."""
-    return text_frame_of([payload])
+    return text_frame_header(len(payload)) + payload
+
+
+def text_frame_header(n: int) -> bytes:
+    """The header of a text frame of ``n`` payload bytes."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
 
 
 def text_frame_of(parts: list[bytes]) -> bytes:
     """The text frame of the payload ``parts`` make, joined in one copy: a large message
     is held as its frame, not also as the payload it was framed from."""
-    n = sum(map(len, parts))
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = b"\x81\x7e" + n.to_bytes(2, "big")
-    else:
-        header = b"\x81\x7f" + n.to_bytes(8, "big")
-    return b"".join([header, *parts])
+    return b"".join([text_frame_header(sum(map(len, parts))), *parts])
 
 
 def close_frame(code: int) -> bytes:

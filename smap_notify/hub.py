@@ -14,7 +14,7 @@ import trio
 from .channels import wants
 from .config import Config
 from .connection import CloseReason, Connection
-from .frames import PING_FRAME, text_frame, text_frame_of
+from .frames import PING_FRAME, text_frame
 from .handshake import Rejection
 from .inbox import Inbox
 from .keepalive import KeepAlive, Schedule
@@ -25,7 +25,7 @@ from .messages import (
     MessageType,
     Rejected,
     Routed,
-    envelope_parts,
+    envelope_frame,
     format_timestamp,
     parse_message,
     resync_envelope,
@@ -240,6 +240,7 @@ class Hub:
         channels = self.config.channels
         overflow = OverflowPolicy(self.config.ws_overflow_policy)
         timestamp = format_timestamp()
+        stamp = timestamp.encode("ascii")
         users = self.users
         nursery = self._nursery_or_fail()
         for channel, data in batch:
@@ -286,7 +287,7 @@ class Hub:
             framed = (
                 text_frame(raw)
                 if raw is not None
-                else text_frame_of(envelope_parts(result.type_json, result.payload_json, timestamp))
+                else envelope_frame(result.type_json, result.payload_json, stamp)
             )
             frame = self._trimmer.track(framed) if len(framed) >= LARGE else framed
             queued = closing = 0

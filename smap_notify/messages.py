@@ -14,6 +14,7 @@ import orjson
 from attrs import validators as v
 
 from .channels import DEFAULT, Channels, Match, Template
+from .frames import text_frame_header
 
 UNKNOWN_TYPE_LABEL: Final = "unknown"
 _BOM: Final = b"\xef\xbb\xbf"
@@ -525,20 +526,38 @@ def format_timestamp(moment: datetime | None = None) -> str:
 
 def envelope(type_json: bytes, payload_json: bytes, timestamp: str) -> bytes:
     """The outbound frame text (UTF-8): type, payload, timestamp, in that key order."""
-    return b"".join(envelope_parts(type_json, payload_json, timestamp))
+    return b"".join(
+        (
+            b'{"type":',
+            type_json,
+            b',"payload":',
+            payload_json,
+            b',"timestamp":"',
+            timestamp.encode("ascii"),
+            b'"}',
+        )
+    )
 
 
-def envelope_parts(type_json: bytes, payload_json: bytes, timestamp: str) -> list[bytes]:
-    """``envelope``'s text in parts, to be joined once with whatever goes before it."""
-    return [
-        b'{"type":',
-        type_json,
-        b',"payload":',
-        payload_json,
-        b',"timestamp":"',
-        timestamp.encode("ascii"),
-        b'"}',
-    ]
+_ENVELOPE_FIXED: Final = len(b'{"type":,"payload":,"timestamp":""}')
+
+
+def envelope_frame(type_json: bytes, payload_json: bytes, timestamp: bytes) -> bytes:
+    """``envelope``'s text framed, in one copy (a large payload is then held once, as its
+    frame); ``timestamp`` already ASCII, as encoded once per batch."""
+    n = _ENVELOPE_FIXED + len(type_json) + len(payload_json) + len(timestamp)
+    return b"".join(
+        (
+            text_frame_header(n),
+            b'{"type":',
+            type_json,
+            b',"payload":',
+            payload_json,
+            b',"timestamp":"',
+            timestamp,
+            b'"}',
+        )
+    )
 
 
 def resync_envelope(

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import pytest
 
+from smap_notify.frames import text_frame
 from smap_notify.messages import (
     KNOWN_TYPES,
     DryRunPayload,
@@ -24,6 +25,7 @@ from smap_notify.messages import (
     _loads,
     converter,
     envelope,
+    envelope_frame,
     format_timestamp,
     parse_message,
     resync_envelope,
@@ -561,6 +563,15 @@ def test_envelope_of_every_routed_sample_is_valid_json() -> None:
         result = routed(channel, json.dumps(msg))
         frame = json.loads(envelope(result.type_json, result.payload_json, ts))
         assert frame == {"type": msg["type"], "payload": msg["payload"], "timestamp": ts}
+
+
+@pytest.mark.parametrize("size", [0, 60, 125 - 60, 200, 65_535 - 60, 70_000])
+def test_envelope_frame_is_the_envelope_in_a_text_frame(size: int) -> None:
+    """Headers of 2, 4 and 10 bytes: the frame's length counts every part."""
+    ts = "2025-12-07T10:00:00.123456+00:00"
+    payload = b'"' + b"x" * size + b'"'
+    framed = envelope_frame(b'"alert"', payload, ts.encode("ascii"))
+    assert framed == text_frame(envelope(b'"alert"', payload, ts))
 
 
 def test_resync_envelope_is_a_resync_frame() -> None:
