@@ -31,6 +31,7 @@ from .sentinel import MasterLocator
 from .server import Server
 from .shard_subscriber import ShardWorker, run_sharded_subscriber
 from .signals import UNUSED_SIGNALS, take_early_signals
+from .status import StatusReporter, status_text
 from .subscriber import Patterns, SubscriberState, run_redis_subscriber
 from .subscriptions import Requests, UserSubscriptions
 
@@ -62,7 +63,7 @@ class App:
     started: float = attrs.Factory(time.monotonic)
     draining: bool = False
     socket_activated: bool = False  # listening on sockets systemd passed: WS_HOST/PORT unused
-    _status: str | None = None  # what STATUS= last said; None until READY=1
+    status: StatusReporter = attrs.field(init=False)
 
     @classmethod
     def create(
@@ -121,6 +122,12 @@ class App:
                 "/stats": lambda request: app._stats(gauges),
             }
         )
+        app.status = StatusReporter(
+            app.notifier,
+            app._status_text,
+            app.subscriber_alive,
+            systemd.watchdog_interval(app.environ),
+        )
         return app
 
     # -- endpoints ------------------------------------------------------------------
@@ -172,7 +179,7 @@ class App:
                     await nursery.start(subscriptions.serve)
                 bound = await nursery.start(self.server.serve, listeners, admin)
                 await nursery.start(self._subscriber(inbox))
-                nursery.start_soon(self._report_status)
+                nursery.start_soon(self.status.run)
                 nursery.start_soon(self._report_suppressed)
                 task_status.started(bound)
         finally:
@@ -272,35 +279,18 @@ class App:
         self.announce_ready()
 
     def announce_ready(self) -> None:
-        """READY=1 with the current status, which the status reporter then need not repeat."""
-        self._status = self._status_text()
-        self.notifier.ready(self._status)
+        """READY=1 with the current status."""
+        self.status.ready()
 
     def _status_text(self) -> str:
-        redis_state = "subscribed" if self.subscriber.active else "redis " + self.subscriber.state
-        draining = "draining; " if self.draining else ""
-        short = "out of file descriptors, refusing new connections; "
-        return (
-            f"{draining}{short if self.server.out_of_descriptors else ''}{redis_state}; "
-            f"{self.hub.connection_count} connections, {len(self.hub.users)} users"
+        return status_text(
+            subscribed=self.subscriber.active,
+            redis_state=self.subscriber.state,
+            draining=self.draining,
+            out_of_descriptors=self.server.out_of_descriptors,
+            connections=self.hub.connection_count,
+            users=len(self.hub.users),
         )
-
-    async def _report_status(self) -> None:
-        """STATUS= when it changes (checked every second), and WATCHDOG=1 every half
-        WATCHDOG_USEC while the event loop runs and the subscriber thread is alive."""
-        interval = systemd.watchdog_interval(self.environ)
-        next_ping = trio.current_time()
-        while True:
-            status = self._status_text()
-            # Before READY=1 the status goes out with it (announce_ready), not ahead of it.
-            if self._status is not None and status != self._status:
-                self._status = status
-                self.notifier.status(status)
-            now = trio.current_time()
-            if interval is not None and now >= next_ping and self.subscriber_alive():
-                self.notifier.watchdog()
-                next_ping = now + interval
-            await trio.sleep_until(status_wake(now, next_ping if interval is not None else None))
 
     async def _report_suppressed(self) -> None:
         """The log events that rate limits held back, for floods that stopped."""
@@ -373,16 +363,6 @@ async def run(
 
 # How long a stop waits, after the drain, for requests already accepted to be answered.
 ANSWER_GRACE: Final = 1.0
-STATUS_TICK: Final = 1.0  # how often the STATUS= line is brought up to date
-
-
-def status_wake(now: float, next_ping: float | None) -> float:
-    """When the status loop next runs: in a second, or at the next watchdog ping if that
-    comes sooner. A ping that is due but was held back (the subscriber thread is not
-    alive) is looked at again in a second."""
-    if next_ping is not None and now < next_ping:
-        return min(now + STATUS_TICK, next_ping)
-    return now + STATUS_TICK
 
 
 def check_open_files(max_connections: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import pytest
 import trio
 
 from smap_notify import systemd
-from smap_notify.app import STATUS_TICK, status_wake
 from smap_notify.listen import host_port, listener_address
 from smap_notify.systemd import (
     ListenFds,
@@ -398,30 +396,6 @@ def test_socket_activated_process_serves_on_fd_3(tmp_path: Path) -> None:
         "inheritable": False,
         "left": [],
     }
-
-
-@pytest.mark.parametrize("interval", [0.2, 1.0, 1.25, 1.001, 1.9, 15.0])
-def test_watchdog_pings_keep_to_half_of_watchdog_usec(interval: float) -> None:
-    """The status loop ticked every second and pinged on the first tick past the ping's
-    time: with WatchdogSec=2.5s, pings came 2 s apart, 80% of the limit (and past it
-    with a little lateness at 2.0025 s)."""
-    now = next_ping = 0.0
-    pings, wakes = [], []
-    while now < 60:
-        if now >= next_ping:
-            pings.append(now)
-            next_ping = now + interval
-        now = status_wake(now, next_ping)
-        wakes.append(now)
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert max(gaps) == pytest.approx(interval)
-    assert max(b - a for a, b in itertools.pairwise(wakes)) <= STATUS_TICK + 1e-9
-
-
-def test_a_held_back_watchdog_ping_is_looked_at_again_in_a_second() -> None:
-    # next_ping in the past: the subscriber thread was not alive at the ping's time.
-    assert status_wake(10.0, 9.5) == 10.0 + STATUS_TICK
-    assert status_wake(10.0, None) == 10.0 + STATUS_TICK
 
 
 def test_listen_addresses_are_written_so_that_they_read_back(tmp_path: Path) -> None:
