@@ -1,18 +1,37 @@
-"""The subscriber's linger before a hand-over, from the rate of the stream (pure logic)."""
+"""subscriber.py: the thread's deadlines and its linger (``Coalescer``), as values."""
 
 from __future__ import annotations
+
+from typing import Final
 
 import pytest
 
 from smap_notify.resp import MAX_BATCH
 from smap_notify.subscriber import (
+    DEAD_AFTER,
     FAST_RATE,
     LONG_LINGER,
     MAX_LINGER,
+    POLL_SECONDS,
+    PROBE_AFTER,
     RATE_WINDOW,
     STEADY_RATE,
     Coalescer,
 )
+
+# The contract: a dead or wedged subscription is noticed within DETECT_TARGET seconds.
+# bench/faults.py measures it against a real Redis.
+DETECT_TARGET: Final = 5.0
+
+
+def test_a_silent_subscription_is_probed_and_declared_dead_within_the_target() -> None:
+    """The subscriber looks at a silent subscription every POLL_SECONDS: it sends a PING
+    after PROBE_AFTER of silence, which a live Redis answers, and declares the
+    subscription dead after DEAD_AFTER, so at the latest DEAD_AFTER + POLL_SECONDS after
+    Redis's last reply."""
+    assert POLL_SECONDS < PROBE_AFTER < DEAD_AFTER
+    assert PROBE_AFTER + POLL_SECONDS < DEAD_AFTER, "a probe has time to be answered"
+    assert DEAD_AFTER + POLL_SECONDS < DETECT_TARGET
 
 
 def fed(rate: float, seconds: float = 0.05, per_batch: int = 1, start: float = 100.0) -> Coalescer:
