@@ -20,9 +20,12 @@ from tests.support.daemon import (
     Daemon,
     DaemonFactory,
     DaemonProcess,
+    Spawned,
     env_pass_fds,
+    open_spawner,
     wait_for_port,
 )
+from tests.support.notify import NotifyReceiver, open_notify_receiver
 from tests.support.redis import (
     RedisServer,
     free_port,
@@ -114,3 +117,17 @@ def daemon_process(
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(10)
+
+
+# A stand-in for systemd's notify socket.
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    with open_notify_receiver(tmp_path) as receiver:
+        yield receiver
+
+
+# Daemon processes started through a wrapper (socket activation, WATCHDOG_PID).
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
+    with open_spawner(tmp_path) as start:
+        yield start

@@ -29,9 +29,8 @@ from tests.support.daemon import (
     daemon_env,
     listening_socket,
     make_token,
-    open_spawner,
 )
-from tests.support.notify import NotifyReceiver, is_, open_notify_receiver
+from tests.support.notify import NotifyReceiver, is_
 from tests.support.redis import RedisServer, free_port
 from tests.support.ws import publish, wait_connections
 
@@ -234,18 +233,6 @@ async def test_expired_token_closes_cleanly_with_4001_and_the_page_does_not_reco
     assert later == [], "the page tried again after a deliberate close"
     assert "handshake rejected" not in daemon.log()
     assert "token expired" in daemon.log()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
-    with open_notify_receiver(tmp_path) as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
-    with open_spawner(tmp_path) as start:
-        yield start
 
 
 async def test_browser_behind_a_held_socket_reconnects_on_its_first_retry(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tests.support.daemon import (
     make_token,
     wait_until,
 )
-from tests.support.notify import NotifyReceiver, is_, open_notify_receiver
+from tests.support.notify import NotifyReceiver, is_
 from tests.support.redis import RedisServer, free_port
 from tests.support.ws import (
     active_connections,
@@ -40,12 +40,6 @@ from tests.support.ws import (
 
 NEW_SECRET = "rotated-secret-with-enough-bytes-for-hs256-111"
 APP_ORIGIN = "https://app.example.com"
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
-    with open_notify_receiver(tmp_path) as receiver:
-        yield receiver
 
 
 @pytest.fixture

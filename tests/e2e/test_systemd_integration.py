@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from tests.support.daemon import (
     daemon_env,
     listening_socket,
     make_token,
-    open_spawner,
     wait_exit,
     wait_until,
 )
@@ -44,7 +43,6 @@ from tests.support.notify import (
     NotifyReceiver,
     is_,
     is_status,
-    open_notify_receiver,
     status_fields,
 )
 from tests.support.redis import RedisServer, free_port
@@ -55,27 +53,6 @@ from tests.support.ws import (
     wait_connections,
     ws_headers,
 )
-
-# -- a stand-in for systemd's notify socket ---------------------------------------------
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
-    with open_notify_receiver(tmp_path) as receiver:
-        yield receiver
-
-
-# -- daemon processes started through a wrapper (socket activation, WATCHDOG_PID) ---------
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
-    with open_spawner(tmp_path) as start:
-        yield start
-
-
-# -- clients ------------------------------------------------------------------------------
-
 
 # -- readiness and status -----------------------------------------------------------------
 
