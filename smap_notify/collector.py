@@ -10,8 +10,8 @@ survivors are out of every collection, so the oldest generation stays small.
 
 Freezing does not keep anything alive: frozen objects are freed by their reference
 counts like any other. What it gives up is the collection of reference cycles that die
-frozen; a closed connection leaves none (``tests/test_chaos.py`` holds it to that, frozen
-or not).
+frozen; a closed connection leaves none (``tests/chaos/test_redis_faults.py`` holds it
+to that, frozen or not).
 """
 
 from __future__ import annotations
