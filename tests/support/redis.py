@@ -17,11 +17,22 @@ import attrs
 import pytest
 import redis
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now and not handed out before by this process: servers that
+    are given their ports up front (a cluster's six nodes and their bus ports) must not
+    be given the same one twice."""
+    if len(_handed_out) > 10_000:  # the ephemeral range holds about 28,000
+        _handed_out.clear()
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @attrs.frozen
@@ -33,15 +44,28 @@ class TlsFiles:
     key: Path
 
 
-def wait_for_ping(client: Callable[[], redis.Redis], failure: str, timeout: float = 10) -> None:
+class ExitedAtStart(RuntimeError):
+    """The server exited before it answered (its port was taken meanwhile, say)."""
+
+
+def wait_for_ping(
+    client: Callable[[], redis.Redis],
+    failure: str,
+    timeout: float = 10,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ExitedAtStart(f"{failure}: it exited with {proc.returncode}")
         try:
             with client() as c:
                 if c.ping():
                     return
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):  # not up, or not Redis
             time.sleep(0.01)
+    if proc is not None and proc.poll() is not None:
+        raise ExitedAtStart(f"{failure}: it exited with {proc.returncode}")
     raise RuntimeError(failure)
 
 
@@ -62,8 +86,26 @@ class RedisServer:
         self.password = password
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False  # once: restarts keep the port tests know
 
     def start(self) -> None:
+        """Start, or start again on the same port. A first start whose port (or cluster
+        bus port) another process took since it was chosen moves to fresh ones."""
+        for attempt in range(3):
+            try:
+                self._start()
+                self.started = True
+                return
+            except ExitedAtStart:
+                if self.started or attempt == 2:
+                    raise
+                self.port = free_port()
+                self.args = tuple(
+                    str(free_port()) if i and self.args[i - 1] == "--cluster-port" else arg
+                    for i, arg in enumerate(self.args)
+                )
+
+    def _start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
@@ -91,7 +133,9 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_ping(self.client, f"redis-server did not start on port {self.port}")
+        wait_for_ping(
+            self.client, f"redis-server did not start on port {self.port}", proc=self.proc
+        )
 
     def __enter__(self) -> RedisServer:
         self.start()
