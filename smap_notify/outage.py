@@ -18,7 +18,8 @@ import attrs
 FLAP_WITHIN: Final = 10.0
 # A cut this soon after a full batch (a backlog in the socket) may be Redis's output limit.
 BEHIND_WITHIN: Final = 2.0
-# While Redis stays unavailable, every this many attempts is logged as a warning.
+# While Redis (or a shard) stays unavailable, every this many attempts is logged as a
+# warning.
 REPORT_EVERY: Final = 30
 
 

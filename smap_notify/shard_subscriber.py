@@ -32,6 +32,7 @@ from .config import Config
 from .hub import InboxItem, RawMessage, Resync, ResyncReason
 from .inbox import Inbox
 from .metrics import Counters
+from .outage import REPORT_EVERY
 from .redis_client import (
     REDIS_FAILURES,
     SOCKET_TIMEOUT,
@@ -54,8 +55,6 @@ from .subscriptions import Requests, Subscription
 
 logger = logging.getLogger(__name__)
 
-# The first warning of an outage, then every WARN_EVERY-th failed attempt.
-WARN_EVERY: Final = 30
 # After ASK (the slot is being migrated) the map is read again this much later.
 ASK_WAIT: Final = 0.1
 # While a master owning wanted channels is down the map is read this often, to move to
@@ -183,7 +182,7 @@ class ShardWorker:
             self.map_failures += 1
             self.map_due = now + reconnect_delay(self.map_failures, 0)
             self.state.last_error = f"{type(exc).__name__}: {exc}"
-            if self.map_failures % WARN_EVERY == 1:
+            if self.map_failures % REPORT_EVERY == 1:
                 logger.warning(
                     "redis cluster slot map unavailable, retrying redis=%s attempts=%d error=%s",
                     self._where(None),
@@ -391,7 +390,7 @@ class ShardWorker:
                 lost,
                 down.error,
             )
-        elif down.attempts % WARN_EVERY == 1:
+        elif down.attempts % REPORT_EVERY == 1:
             logger.warning(
                 "redis shard unavailable, retrying redis=%s attempts=%d error=%s",
                 self._where(node),
