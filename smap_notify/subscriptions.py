@@ -12,6 +12,7 @@ import heapq
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
@@ -107,6 +108,10 @@ class SubscriptionPlan:
                 out.append(sub)
         return out
 
+    def earliest_deadline(self) -> float | None:
+        """A lower bound of ``next_deadline`` (released entries still counted), cheaper."""
+        return self._deadlines[0][0] if self._deadlines else None
+
     def next_deadline(self) -> float | None:
         while self._deadlines:
             deadline, name, pattern = self._deadlines[0]
@@ -197,8 +202,13 @@ class Requests:
     # -- the event loop's side --------------------------------------------------------
 
     def change(
-        self, subscribe: Iterable[Subscription], unsubscribe: Iterable[Subscription]
+        self,
+        subscribe: Iterable[Subscription],
+        unsubscribe: Iterable[Subscription],
+        *,
+        wake: bool = True,
     ) -> None:
+        """Record decisions; ``wake``: let the thread take them now, else at ``wake()``."""
         with self._lock:
             for sub in subscribe:
                 self.held.add(sub)
@@ -206,6 +216,19 @@ class Requests:
             for sub in unsubscribe:
                 self.held.discard(sub)
                 self._changes[sub] = False
+        if wake:
+            self.wake()
+
+    @property
+    def unwoken(self) -> bool:
+        """Changes wait that the thread has not been woken for. Read without the lock:
+        only the event loop adds changes, so a stale answer is at worst a ``wake()``
+        that finds nothing to do."""
+        return bool(self._changes) and not self._woken
+
+    def wake(self) -> None:
+        """Let the thread take the changes waiting (none: nothing happens)."""
+        with self._lock:
             wake = bool(self._changes) and not self._woken
             self._woken = self._woken or wake
         if wake:
@@ -300,6 +323,10 @@ class UserSubscriptions:
         self._waiters: dict[Subscription, list[_Waiter]] = {}
         self._replanned = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._wake_at = float("inf")  # when ``serve`` looks at the plan again
+        # Set while ``serve`` runs: changes then reach the thread when the event loop has
+        # nothing else to do (or after HOLD), so that handshakes in flight share commands.
+        self._idle_waker: _WakeWhenIdle | None = None
 
     def on_user_connected(
         self, user_id: str, filters: Mapping[str, str] | None = None
@@ -308,7 +335,7 @@ class UserSubscriptions:
         confirmed every subscription its user needs, or the subscription is lost."""
         added = self.plan.add(user_id, filters, trio.current_time())
         if added:
-            self.requests.change(added, ())
+            self._change(added, ())
         if not self._active():
             return None  # Redis is down: accepted anyway, the resync covers the outage
         missing = {
@@ -331,14 +358,26 @@ class UserSubscriptions:
     ) -> None:
         added = self.plan.remove(user_id, filters, trio.current_time())
         if added:
-            self.requests.change(added, ())
-        self._replanned.set()
+            self._change(added, ())
+        self._replan()
 
     def set_channels(self, channels: Channels) -> None:
         """A reload changed CHANNELS: hold what the current connections need now."""
         added = self.plan.set_channels(channels, trio.current_time())
-        self.requests.change(added, ())
-        self._replanned.set()
+        self._change(added, ())
+        self._replan()
+
+    def _change(
+        self, subscribe: Iterable[Subscription], unsubscribe: Iterable[Subscription]
+    ) -> None:
+        self.requests.change(subscribe, unsubscribe, wake=self._idle_waker is None)
+
+    def _replan(self) -> None:
+        """Wake ``serve`` only when the plan now releases something before it would look:
+        the grace is the same for all, so a user leaving rarely moves that time."""
+        earliest = self.plan.earliest_deadline()
+        if earliest is not None and earliest < self._wake_at:
+            self._replanned.set()
 
     def count(self) -> int:
         return len(self.plan.held)
@@ -376,21 +415,71 @@ class UserSubscriptions:
                 waiter.event.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Unsubscribe what the grace has run out on, until cancelled."""
+        """Unsubscribe what the grace has run out on, until cancelled; meanwhile changes
+        reach the thread when the event loop goes idle."""
         self._token = trio.lowlevel.current_trio_token()
-        task_status.started()
-        while True:
-            deadline = self.plan.next_deadline()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                await self._replanned.wait()
-            self._replanned = trio.Event()
-            expired = self.plan.expire(trio.current_time())
-            if expired:
-                self._confirmed.difference_update(expired)
-                self._unavailable.difference_update(expired)
-                for sub in expired:
-                    self._release(sub)  # its handshakes have ended: nobody waits
-                self.requests.change((), expired)
+        waker = _WakeWhenIdle(self.requests)
+        trio.lowlevel.add_instrument(waker)
+        self._idle_waker = waker
+        try:
+            task_status.started()
+            expired_at = -float("inf")
+            while True:
+                deadline = self.plan.next_deadline()
+                # Users leave one by one: their channels are let go together, at most
+                # once per EXPIRE_EVERY, each within that of its grace running out.
+                if deadline is not None:
+                    deadline = max(deadline, expired_at + EXPIRE_EVERY)
+                self._wake_at = deadline if deadline is not None else float("inf")
+                with trio.move_on_at(self._wake_at):
+                    await self._replanned.wait()
+                self._replanned = trio.Event()
+                now = trio.current_time()
+                expired = self.plan.expire(now)
+                if expired:
+                    expired_at = now
+                    self._confirmed.difference_update(expired)
+                    self._unavailable.difference_update(expired)
+                    for sub in expired:
+                        self._release(sub)  # its handshakes have ended: nobody waits
+                    self._change((), expired)
+        finally:
+            self._idle_waker = None
+            trio.lowlevel.remove_instrument(waker)
+
+
+# How long changes may wait for the event loop to go idle before they are handed to the
+# thread anyway (a loop busy for that long).
+HOLD: Final = 0.01
+# How often, at most, channels whose grace ran out are let go.
+EXPIRE_EVERY: Final = 1.0
+
+
+class _WakeWhenIdle(trio.abc.Instrument):
+    """Hands the plan's changes to the subscriber thread when the event loop is about to
+    sleep: a handshake's SUBSCRIBE then waits for no other work, and the handshakes that
+    reach the plan in one busy stretch share one command and one round trip, where each
+    would otherwise cost both threads two wake-ups. A loop busy longer than HOLD hands them
+    over anyway."""
+
+    def __init__(self, requests: Requests) -> None:
+        self.requests = requests
+        self._since: float | None = None
+
+    def before_io_wait(self, timeout: float) -> None:
+        if not self.requests.unwoken:
+            self._since = None
+            return
+        if timeout > 0:  # nothing runnable: the loop is about to sleep
+            self._since = None
+            self.requests.wake()
+            return
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= HOLD:
+            self._since = None
+            self.requests.wake()
 
 
 class _Waiter:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import select
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 
 from smap_notify.channels import Subscription, parse_channels
-from smap_notify.subscriptions import BATCH, Requests, SubscriptionPlan, UserSubscriptions, batches
+from smap_notify.subscriptions import (
+    BATCH,
+    EXPIRE_EVERY,
+    HOLD,
+    Requests,
+    SubscriptionPlan,
+    UserSubscriptions,
+    batches,
+)
 
 TOPIC_ERA = parse_channels(
     "user_noti:{user},project:{project}:{user}|raw,job:{job}:{user}|raw,system:{event},alerts:all"
@@ -18,6 +31,20 @@ def ch(name: str) -> Subscription:
 
 def pat(name: str) -> Subscription:
     return Subscription(name, True)
+
+
+@asynccontextmanager
+async def serving(grace: float = 5) -> AsyncIterator[tuple[UserSubscriptions, Requests]]:
+    """``user_noti:{user}`` subscriptions with their ``serve`` running, Redis up."""
+    requests = Requests()
+    subs = UserSubscriptions(parse_channels("user_noti:{user}"), grace, requests, lambda: True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subs.serve)
+            yield subs, requests
+            nursery.cancel_scope.cancel()
+    finally:
+        requests.close()
 
 
 def test_the_first_connection_subscribes_the_users_channels_and_broadcasts_are_held_once() -> None:
@@ -160,26 +187,71 @@ async def test_an_unavailable_channel_lets_its_handshakes_go_and_is_not_waited_f
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """Sharded: the channel's master is down; other users still wait for theirs."""
-    requests = Requests()
-    subs = UserSubscriptions(parse_channels("user_noti:{user}"), 5, requests, lambda: True)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(subs.serve)
-            down, up = subs.on_user_connected("d"), subs.on_user_connected("u")
-            assert down is not None and up is not None
-            requests.unavailable([ch("user_noti:d")])  # as the thread does
-            await trio.testing.wait_all_tasks_blocked()
-            assert down.is_set() and not up.is_set()
-            assert subs.on_user_connected("d") is None  # a second tab: no wait either
-            requests.confirmed([ch("user_noti:d"), ch("user_noti:u")])  # the node is back
-            await trio.testing.wait_all_tasks_blocked()
-            assert up.is_set()
-            assert subs.on_user_connected("d") is None
-            requests.unavailable([ch("user_noti:d")])
-            await trio.testing.wait_all_tasks_blocked()
-            subs.on_user_disconnected("d", True)
-            waiting = subs.on_user_connected("d")  # held by the other tab: still no wait
-            assert waiting is None
-            nursery.cancel_scope.cancel()
-    finally:
-        requests.close()
+    async with serving() as (subs, requests):
+        down, up = subs.on_user_connected("d"), subs.on_user_connected("u")
+        assert down is not None and up is not None
+        requests.unavailable([ch("user_noti:d")])  # as the thread does
+        await trio.testing.wait_all_tasks_blocked()
+        assert down.is_set() and not up.is_set()
+        assert subs.on_user_connected("d") is None  # a second tab: no wait either
+        requests.confirmed([ch("user_noti:d"), ch("user_noti:u")])  # the node is back
+        await trio.testing.wait_all_tasks_blocked()
+        assert up.is_set()
+        assert subs.on_user_connected("d") is None
+        requests.unavailable([ch("user_noti:d")])
+        await trio.testing.wait_all_tasks_blocked()
+        subs.on_user_disconnected("d", True)
+        waiting = subs.on_user_connected("d")  # held by the other tab: still no wait
+        assert waiting is None
+
+
+def woken(requests: Requests) -> bool:
+    """The thread's wake-up descriptor is readable (a byte is waiting)."""
+    return bool(select.select([requests.wake_fd], [], [], 0)[0])
+
+
+async def test_handshakes_of_one_busy_stretch_share_one_wake_up_when_the_loop_goes_idle() -> None:
+    async with serving() as (subs, requests):
+        for user in ("a", "b", "c"):
+            assert subs.on_user_connected(user) is not None
+        await trio.lowlevel.checkpoint()  # runnable again at once: the loop is busy
+        assert requests.unwoken and not woken(requests)
+        await trio.sleep(0.001)  # nothing runnable: the loop sleeps, the thread wakes
+        assert woken(requests) and not requests.unwoken
+        assert requests.take_changes() == {
+            ch("user_noti:a"): True,
+            ch("user_noti:b"): True,
+            ch("user_noti:c"): True,
+        }
+
+
+async def test_a_loop_that_stays_busy_hands_changes_over_after_the_hold() -> None:
+    async with serving() as (subs, requests):
+        subs.on_user_connected("a")
+        # Always runnable, never idle, for ten holds of real time.
+        end = time.monotonic() + 10 * HOLD
+        while not woken(requests) and time.monotonic() < end:
+            await trio.lowlevel.checkpoint()
+        assert woken(requests)
+        assert requests.take_changes() == {ch("user_noti:a"): True}
+
+
+async def test_users_leaving_one_by_one_are_unsubscribed_together(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with serving() as (subs, requests):
+        users = [f"u{i}" for i in range(5)]
+        for user in users:
+            subs.on_user_connected(user)
+        requests.take_changes()
+        start = trio.current_time()
+        for user in users:
+            subs.on_user_disconnected(user, False)
+            await trio.sleep(0.1)
+        await trio.sleep_until(start + 5 + 0.05)  # the first one's grace has run out
+        assert requests.take_changes() == {ch("user_noti:u0"): False}
+        # The others' graces end within the next EXPIRE_EVERY: let go of at once.
+        await trio.sleep_until(start + 5 + EXPIRE_EVERY - 0.05)
+        assert not requests.pending
+        await trio.sleep(0.1)
+        assert requests.take_changes() == {ch(f"user_noti:{u}"): False for u in users[1:]}
