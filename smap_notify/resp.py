@@ -87,8 +87,7 @@ class Replies:
                 readable = True
             else:  # woken: the caller's next turn issues the changes
                 with contextlib.suppress(BlockingIOError):
-                    while os.read(fd, 4096):
-                        pass
+                    os.read(fd, 4096)  # one byte per wake-up; any left wakes the next poll
         return readable
 
     def linger(self, seconds: float) -> bool:

@@ -348,9 +348,16 @@ class _Worker:
                 logger.debug("closing redis connection failed", exc_info=True)
 
     def _send(self, pubsub: Any, subs: list[Subscription], subscribe: bool) -> None:
-        """(P)SUBSCRIBE or (P)UNSUBSCRIBE ``subs``, many per command."""
+        """(P)SUBSCRIBE or (P)UNSUBSCRIBE ``subs``, many per command: written straight to
+        the subscribed connection, which this thread alone uses (``PubSub``'s own lock and
+        retry have nothing to guard, and a failed write ends the session)."""
         for kind, names in batches(subs):
-            pubsub.execute_command(_COMMANDS[kind, subscribe], *names)
+            if pubsub.connection is None:  # the session's first command connects
+                pubsub.execute_command(_COMMANDS[kind, subscribe], *names)
+            else:
+                pubsub.connection.send_command(
+                    _COMMANDS[kind, subscribe], *names, check_health=False
+                )
             if subscribe:
                 self.counters.redis_subscribe_commands += 1
             else:
@@ -360,6 +367,9 @@ class _Worker:
         """Issue what the plan changed since the last turn: subscriptions first, so that a
         channel that moves to a pattern (or back) is never held by neither."""
         changes = requests.take_changes()
+        if all(changes.values()):
+            self._send(pubsub, list(changes), True)
+            return
         self._send(pubsub, [s for s, on in changes.items() if on], True)
         self._send(pubsub, [s for s, on in changes.items() if not on], False)
 
@@ -373,6 +383,7 @@ class _Worker:
         probed_at = 0.0
         coalescer = Coalescer()
         locator, master = self.locator, self.master
+        looked_empty = False
         while True:
             trio.from_thread.check_cancelled()
             if locator is not None and (named := locator.current()) != master:
@@ -387,10 +398,13 @@ class _Worker:
             turn = time.monotonic()
             stalled = turn - state.heartbeat > STALLED_AFTER
             state.heartbeat = turn
-            self.kept_up = not replies.wait(0)
+            # The last look found the socket empty, or this one does: caught up.
+            self.kept_up = looked_empty or not replies.wait(0)
+            looked_empty = False
             if self.kept_up and requests is not None and requests.pending:
                 continue  # woken by a change: issue it before waiting
             if self.kept_up and not replies.wait(POLL_SECONDS):
+                looked_empty = True  # woken by a change, or the poll timed out
                 now = time.monotonic()
                 stalled = stalled or now - turn > POLL_SECONDS + STALLED_AFTER
                 if stalled:
@@ -426,6 +440,9 @@ class _Worker:
                     assert requests is not None
                     requests.confirmed(self._confirmed)
                     self._confirmed = []
+            # Only replies, and the read took all there was: that was a look at an empty
+            # socket (a batch's hand-over may have waited for the hub meanwhile).
+            looked_empty = not batch and not replies.more
             # The hub has the batch: one large message must not stay alive here until
             # the next one arrives.
             del batch
