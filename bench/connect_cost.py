@@ -86,7 +86,9 @@ def phase(
         time.sleep(0.3)
         commands = subscribe_commands(srv.port)
         before = threads(pid)
+        started = time.monotonic()
         con = h.connect(concurrency)
+        wall = time.monotonic() - started
         after = threads(pid)
         commands = subscribe_commands(srv.port) - commands
         times = loadgen.percentiles(h.handshakes())
@@ -105,6 +107,8 @@ def phase(
         "switches": (main[1] + main[2] + rest[1] + rest[2]) / n,
         "involuntary": (main[2] + rest[2]) / n,
         "subscribes": commands / n,
+        "busy_pct": 100 * (main[0] + rest[0]) / wall,
+        "connects_per_s": n / wall,
         "p50_ms": times["p50_ms"],
         "p99_ms": times["p99_ms"],
     }
