@@ -135,7 +135,7 @@ def main() -> None:
     if native is None:
         raise SystemExit(f"the native client is needed: {how}")
     redis = run.Redis()
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, float]]] = {}
     user = 0
     try:
         for rep in range(args.repeats):
@@ -155,19 +155,24 @@ def main() -> None:
                         finally:
                             srv.stop()
                         user += args.n
-                        label = f"{mode}{suffix}"
-                        results.setdefault((label, conc), []).append(res)
-                        print(
-                            f"{label:>16} x{conc:<3} rep {rep}: "
-                            + ", ".join(f"{k} {v:.1f}" for k, v in res.items()),
-                            flush=True,
-                        )
+                        label = f"{mode}{suffix} x{conc}"
+                        results.setdefault(label, []).append(res)
+                        print(f"{label:>20} rep {rep}: {figures(res)}", flush=True)
     finally:
         redis.stop()
+    print_medians(results)
+
+
+def figures(res: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in res.items())
+
+
+def print_medians(results: dict[str, list[dict[str, float]]]) -> None:
+    """Each label's median of every figure over its runs."""
     print("\nmedians:")
-    for (label, conc), runs in results.items():
+    for label, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{label:>16} x{conc:<3} " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+        print(f"{label:>20} {figures(med)}")
 
 
 if __name__ == "__main__":
