@@ -20,7 +20,13 @@ import redis
 import trio
 
 from .config import Config
-from .redis_client import REDIS_FAILURES, fail_fast_client, reconnect_delay, sleep_in_thread
+from .redis_client import (
+    PASSWORD_HINT,
+    REDIS_FAILURES,
+    fail_fast_client,
+    reconnect_delay,
+    sleep_in_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +126,8 @@ class NodeLocator:
         self._why = ""
 
     def describe(self, address: object) -> str:
-        """The log lines' ``redis=`` value."""
-        return f"{address or 'unknown'} cluster=true"
+        """The log lines' ``redis=`` value: the node, or REDIS_HOST's before one answered."""
+        return f"{address or self._config.redis_host} cluster=true"
 
     def current(self) -> NodeAddress | None:
         """The node to be subscribed on; None once the cluster failed or forgot it."""
@@ -158,7 +164,8 @@ class NodeLocator:
             try:
                 nodes = self._ask(candidate)
             except REDIS_FAILURES as exc:
-                errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
+                hint = PASSWORD_HINT if isinstance(exc, redis.AuthenticationError) else ""
+                errors.append(f"{candidate}: {type(exc).__name__}: {exc}{hint}")
                 continue
             me = next((n for n in nodes if "myself" in n.flags), None)
             if me is None:

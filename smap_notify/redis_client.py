@@ -257,6 +257,9 @@ def fail_fast_client(
     return client
 
 
+PASSWORD_HINT: Final = " (Redis refused the password or asks for one: REDIS_PASSWORD?)"
+
+
 def not_redis(exc: Exception) -> redis.InvalidResponse:
     """Something else answers on REDIS_HOST (an HTTP or SSH port, a TLS-only Redis)."""
     return redis.InvalidResponse(

@@ -26,6 +26,7 @@ from .metrics import Counters
 from .outage import Outage, Report
 from .redis_client import (
     CLOSED_BY_REDIS,
+    PASSWORD_HINT,
     REDIS_FAILURES,
     Address,
     Locator,
@@ -271,7 +272,7 @@ class _Worker:
                 " refusing new clients, e.g. at its maxclients)"
             )
         if isinstance(exc, redis.AuthenticationError):
-            return " (Redis refused the password or asks for one: REDIS_PASSWORD?)"
+            return PASSWORD_HINT
         if isinstance(exc, ConnectionResetError) and not self.config.redis_use_tls:
             return " (a Redis that accepts only TLS resets plain connections: REDIS_USE_TLS?)"
         return ""

@@ -14,6 +14,7 @@ import trio
 
 from smap_notify.app import App
 from smap_notify.config import load_config
+from tests.support.cluster import Cluster, running_cluster
 from tests.support.daemon import (
     REPO,
     SECRET,
@@ -131,3 +132,10 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
     with open_spawner(tmp_path) as start:
         yield start
+
+
+@pytest.fixture
+def locked_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A Redis Cluster (three masters, three replicas) whose nodes ask for a password."""
+    with running_cluster(tmp_path, locked=True) as cluster:
+        yield cluster

@@ -23,6 +23,7 @@ from trio_websocket import WebSocketConnection
 from smap_notify.cluster import NodeAddress, parse_nodes
 from smap_notify.config import ConfigError, load_config
 from tests.support.cluster import (
+    PASSWORD,
     Cluster,
     address,
     own_flags,
@@ -87,6 +88,28 @@ async def test_delivers_whatever_node_the_publisher_uses(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pattern", "user"])
+async def test_a_cluster_that_asks_for_a_password_delivers(
+    locked_cluster: Cluster, nursery: trio.Nursery, mode: str
+) -> None:
+    cluster = locked_cluster
+    daemon = await start_daemon(
+        nursery, address(cluster.nodes[0]), REDIS_SUBSCRIBE=mode, REDIS_PASSWORD=PASSWORD
+    )
+    await daemon.wait_subscribed()
+    ws = await daemon.connect("user123", nursery=nursery)
+    await daemon.wait_connections(1)
+    for i, node in enumerate(cluster.nodes[:2]):  # a master and another node
+        data = json.dumps({"type": "alert", "payload": {"seq": i}})
+        with node.client() as client:  # with the password
+            await trio.to_thread.run_sync(client.publish, "user_noti:user123", data)
+        with trio.fail_after(10):
+            assert json.loads(await ws.get_message())["payload"]["seq"] == i
+    sample = await get_health(daemon.port)
+    assert sample.status == 200 and sample.doc["subscriber"]["active"]
+    await check_accounting(daemon)
+
+
 @pytest.mark.parametrize("mode", ["pattern", "user"])
 async def test_subscribed_node_killed_while_messages_flow_moves_to_another(
     cluster: Cluster, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, mode: str

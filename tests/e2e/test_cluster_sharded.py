@@ -21,7 +21,7 @@ import trio
 from redis.crc import key_slot
 
 from tests.support.channels import MARKER
-from tests.support.cluster import Cluster, address, running_cluster, start_daemon
+from tests.support.cluster import PASSWORD, Cluster, address, running_cluster, start_daemon
 from tests.support.daemon import Daemon, wait_until
 from tests.support.observe import Inbox, check_accounting, get_health, redis_publisher, scrape
 from tests.support.redis import RedisServer, free_port
@@ -42,7 +42,7 @@ def owner_port(cluster: Cluster, channel: str) -> int:
     slot = key_slot(channel.encode())
     for node in cluster.live():
         try:
-            with redis_publisher(node.port) as client:
+            with redis_publisher(node.port, cluster.password) as client:
                 ranges = client.execute_command("CLUSTER", "SLOTS")
         except (redis.RedisError, OSError):
             continue
@@ -60,14 +60,14 @@ def owner(cluster: Cluster, channel: str) -> RedisServer:
 def spublish(cluster: Cluster, channel: str, data: str) -> int | None:
     """SPUBLISH on the slot's owner, as a cluster-aware publisher does; None on failure."""
     try:
-        with redis_publisher(owner_port(cluster, channel)) as client:
+        with redis_publisher(owner_port(cluster, channel), cluster.password) as client:
             return int(client.execute_command("SPUBLISH", channel, data))
     except (redis.RedisError, OSError):
         return None
 
 
 def shard_subscribers(cluster: Cluster, channel: str) -> int:
-    with redis_publisher(owner_port(cluster, channel)) as client:
+    with redis_publisher(owner_port(cluster, channel), cluster.password) as client:
         reply = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
     return int(reply[1])
 
@@ -96,10 +96,13 @@ async def start_sharded(nursery: trio.Nursery, cluster: Cluster, **env: str) -> 
     return daemon
 
 
+@pytest.mark.parametrize("topology", ["cluster", "locked_cluster"])
 async def test_spublish_reaches_users_whose_channels_are_on_different_masters(
-    cluster: Cluster, nursery: trio.Nursery
+    topology: str, request: pytest.FixtureRequest, nursery: trio.Nursery
 ) -> None:
-    daemon = await start_sharded(nursery, cluster)
+    """Also when every node asks for a password (``locked_cluster``)."""
+    cluster: Cluster = request.getfixturevalue(topology)
+    daemon = await start_sharded(nursery, cluster, REDIS_PASSWORD=cluster.password or "")
     users = users_on_each_master(cluster)
     sockets = [await daemon.connect(user, nursery=nursery) for user in users]
     for i, (user, ws) in enumerate(zip(users, sockets, strict=True)):
@@ -407,3 +410,18 @@ async def test_a_first_connection_after_an_unseen_slot_move_is_subscribed_on_the
         assert json.loads(await ws.next_text())["payload"] == "end"
     redirected = any("redirected" in r.getMessage() for r in caplog.records)
     print(f"first connection after an unseen slot move: MOVED answered: {redirected}")
+
+
+async def test_a_wrong_cluster_password_is_reported_without_the_password(
+    locked_cluster: Cluster, nursery: trio.Nursery
+) -> None:
+    wrong = "not-the-cluster-password"
+    daemon = await start_daemon(
+        nursery, address(locked_cluster.nodes[0]), **SHARDED, REDIS_PASSWORD=wrong
+    )
+    await wait_until(lambda: daemon.app.subscriber.attempts >= 2)
+    doc = await health_doc(daemon)
+    assert doc["http_status"] == 503 and not doc["subscriber"]["active"]
+    error = doc["subscriber"]["last_error"]
+    assert "REDIS_PASSWORD" in error, error
+    assert wrong not in json.dumps(doc) and PASSWORD not in json.dumps(doc)

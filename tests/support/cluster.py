@@ -23,6 +23,7 @@ from tests.support.observe import publish_at
 from tests.support.redis import RedisServer, free_port
 
 NODE_TIMEOUT_MS = 1000
+PASSWORD = "s3cret-cluster-pass-for-tests"  # requirepass of ``running_cluster(locked=True)``
 READY_WITHIN = 60.0  # the cluster's own convergence, not the daemon's part
 
 
@@ -33,6 +34,7 @@ def address(server: RedisServer) -> str:
 @attrs.define
 class Cluster:
     nodes: list[RedisServer]
+    password: str | None = None  # every node's requirepass (and masterauth)
 
     def live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.proc is not None]
@@ -73,8 +75,10 @@ def wait_ready(cluster: Cluster, timeout: float = READY_WITHIN) -> None:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path: Path, masters: int = 3) -> Iterator[Cluster]:
-    """``masters`` masters, each with one replica."""
+def running_cluster(tmp_path: Path, masters: int = 3, locked: bool = False) -> Iterator[Cluster]:
+    """``masters`` masters, each with one replica; ``locked``: every node asks for
+    ``PASSWORD``, of clients and of each other."""
+    password = PASSWORD if locked else None
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
@@ -89,14 +93,16 @@ def running_cluster(tmp_path: Path, masters: int = 3) -> Iterator[Cluster]:
             *("--cluster-port", str(free_port())),
             # A replica's first sync starts at once (default: 5 s later).
             *("--repl-diskless-sync-delay", "0"),
+            *(("--masterauth", password) if password is not None else ()),
         ]
-        nodes.append(RedisServer(workdir, args=tuple(args)))
-    cluster = Cluster(nodes)
+        nodes.append(RedisServer(workdir, password=password, args=tuple(args)))
+    cluster = Cluster(nodes, password)
+    auth = ["-a", password, "--no-auth-warning"] if password is not None else []
     try:
         for node in nodes:
             node.start()
         subprocess.run(
-            [cli, "--cluster", "create", *map(address, nodes)]
+            [cli, *auth, "--cluster", "create", *map(address, nodes)]
             + ["--cluster-replicas", "1", "--cluster-yes"],
             check=True,
             stdout=subprocess.DEVNULL,

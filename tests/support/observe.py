@@ -331,11 +331,12 @@ def start_line(daemon: DaemonProcess) -> str:
 HEALTH_EVERY: Final = 0.1
 
 
-def redis_publisher(port: int) -> redis.Redis:
+def redis_publisher(port: int, password: str | None = None) -> redis.Redis:
     """A publisher that fails fast during an outage instead of retrying for seconds."""
     return redis.Redis(
         host="127.0.0.1",
         port=port,
+        password=password,
         socket_timeout=0.3,
         socket_connect_timeout=0.3,
         retry=Retry(NoBackoff(), 0),
