@@ -29,6 +29,7 @@ from tests.support.daemon import (
 from tests.support.notify import NotifyReceiver, open_notify_receiver
 from tests.support.redis import (
     RedisServer,
+    TlsFiles,
     free_port,
 )
 
@@ -138,4 +139,14 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Spawned]]:
 def locked_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A Redis Cluster (three masters, three replicas) whose nodes ask for a password."""
     with running_cluster(tmp_path, locked=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A Redis Cluster whose nodes speak TLS only (clients, replicas, the bus); a daemon
+    in this process trusts its CA (OpenSSL reads ``SSL_CERT_FILE``)."""
+    tls = TlsFiles.issue(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+    with running_cluster(tmp_path, tls=tls) as cluster:
         yield cluster

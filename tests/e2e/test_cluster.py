@@ -23,12 +23,12 @@ from trio_websocket import WebSocketConnection
 from smap_notify.cluster import NodeAddress, parse_nodes
 from smap_notify.config import ConfigError, load_config
 from tests.support.cluster import (
-    PASSWORD,
     Cluster,
     address,
     own_flags,
     publish_on,
     running_cluster,
+    secured,
     start_daemon,
 )
 from tests.support.daemon import SECRET, DaemonProcess, wait_until
@@ -89,19 +89,20 @@ async def test_delivers_whatever_node_the_publisher_uses(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pattern", "user"])
-async def test_a_cluster_that_asks_for_a_password_delivers(
-    locked_cluster: Cluster, nursery: trio.Nursery, mode: str
+@pytest.mark.parametrize("topology", ["locked_cluster", "tls_cluster"])
+async def test_a_cluster_that_asks_for_a_password_or_tls_delivers(
+    topology: str, request: pytest.FixtureRequest, nursery: trio.Nursery, mode: str
 ) -> None:
-    cluster = locked_cluster
+    cluster: Cluster = request.getfixturevalue(topology)
     daemon = await start_daemon(
-        nursery, address(cluster.nodes[0]), REDIS_SUBSCRIBE=mode, REDIS_PASSWORD=PASSWORD
+        nursery, address(cluster.nodes[0]), REDIS_SUBSCRIBE=mode, **secured(cluster)
     )
     await daemon.wait_subscribed()
     ws = await daemon.connect("user123", nursery=nursery)
     await daemon.wait_connections(1)
     for i, node in enumerate(cluster.nodes[:2]):  # a master and another node
         data = json.dumps({"type": "alert", "payload": {"seq": i}})
-        with node.client() as client:  # with the password
+        with node.client() as client:  # with the password, over TLS
             await trio.to_thread.run_sync(client.publish, "user_noti:user123", data)
         with trio.fail_after(10):
             assert json.loads(await ws.get_message())["payload"]["seq"] == i

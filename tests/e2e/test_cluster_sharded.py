@@ -21,7 +21,14 @@ import trio
 from redis.crc import key_slot
 
 from tests.support.channels import MARKER
-from tests.support.cluster import PASSWORD, Cluster, address, running_cluster, start_daemon
+from tests.support.cluster import (
+    PASSWORD,
+    Cluster,
+    address,
+    running_cluster,
+    secured,
+    start_daemon,
+)
 from tests.support.daemon import Daemon, wait_until
 from tests.support.observe import Inbox, check_accounting, get_health, redis_publisher, scrape
 from tests.support.redis import RedisServer, free_port
@@ -42,7 +49,7 @@ def owner_port(cluster: Cluster, channel: str) -> int:
     slot = key_slot(channel.encode())
     for node in cluster.live():
         try:
-            with redis_publisher(node.port, cluster.password) as client:
+            with cluster.publisher(node.port) as client:
                 ranges = client.execute_command("CLUSTER", "SLOTS")
         except (redis.RedisError, OSError):
             continue
@@ -60,14 +67,14 @@ def owner(cluster: Cluster, channel: str) -> RedisServer:
 def spublish(cluster: Cluster, channel: str, data: str) -> int | None:
     """SPUBLISH on the slot's owner, as a cluster-aware publisher does; None on failure."""
     try:
-        with redis_publisher(owner_port(cluster, channel), cluster.password) as client:
+        with cluster.publisher(owner_port(cluster, channel)) as client:
             return int(client.execute_command("SPUBLISH", channel, data))
     except (redis.RedisError, OSError):
         return None
 
 
 def shard_subscribers(cluster: Cluster, channel: str) -> int:
-    with redis_publisher(owner_port(cluster, channel), cluster.password) as client:
+    with cluster.publisher(owner_port(cluster, channel)) as client:
         reply = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
     return int(reply[1])
 
@@ -96,13 +103,13 @@ async def start_sharded(nursery: trio.Nursery, cluster: Cluster, **env: str) -> 
     return daemon
 
 
-@pytest.mark.parametrize("topology", ["cluster", "locked_cluster"])
+@pytest.mark.parametrize("topology", ["cluster", "locked_cluster", "tls_cluster"])
 async def test_spublish_reaches_users_whose_channels_are_on_different_masters(
     topology: str, request: pytest.FixtureRequest, nursery: trio.Nursery
 ) -> None:
-    """Also when every node asks for a password (``locked_cluster``)."""
+    """Also when every node asks for a password, or speaks TLS only."""
     cluster: Cluster = request.getfixturevalue(topology)
-    daemon = await start_sharded(nursery, cluster, REDIS_PASSWORD=cluster.password or "")
+    daemon = await start_sharded(nursery, cluster, **secured(cluster))
     users = users_on_each_master(cluster)
     sockets = [await daemon.connect(user, nursery=nursery) for user in users]
     for i, (user, ws) in enumerate(zip(users, sockets, strict=True)):

@@ -32,14 +32,7 @@ DETECT_AND_RECOVER: Final = 10.0
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> TlsFiles:
-    ca = trustme.CA(key_type=trustme.KeyType.RSA)
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "redis.pem", tmp_path / "redis.key")
-    ca.cert_pem.write_to_path(str(files.ca))
-    cert.private_key_pem.write_to_path(str(files.key))
-    for index, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(str(files.cert), append=index > 0)
-    return files
+    return TlsFiles.issue(tmp_path)
 
 
 @pytest.fixture

@@ -14,13 +14,15 @@ import attrs
 import pytest
 import redis
 import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from smap_notify.app import App
 from smap_notify.cluster import parse_nodes
 from smap_notify.config import load_config
 from tests.support.daemon import SECRET, Daemon
 from tests.support.observe import publish_at
-from tests.support.redis import RedisServer, free_port
+from tests.support.redis import RedisServer, TlsFiles, free_port
 
 NODE_TIMEOUT_MS = 1000
 PASSWORD = "s3cret-cluster-pass-for-tests"  # requirepass of ``running_cluster(locked=True)``
@@ -35,6 +37,20 @@ def address(server: RedisServer) -> str:
 class Cluster:
     nodes: list[RedisServer]
     password: str | None = None  # every node's requirepass (and masterauth)
+    tls: TlsFiles | None = None  # every node speaks TLS only, its bus included
+
+    def publisher(self, port: int) -> redis.Redis:
+        """A client of the node on ``port`` that fails fast (password and TLS as set)."""
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            password=self.password,
+            ssl=self.tls is not None,
+            ssl_ca_certs=str(self.tls.ca) if self.tls is not None else None,
+            socket_timeout=0.3,
+            socket_connect_timeout=0.3,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.proc is not None]
@@ -75,9 +91,12 @@ def wait_ready(cluster: Cluster, timeout: float = READY_WITHIN) -> None:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path: Path, masters: int = 3, locked: bool = False) -> Iterator[Cluster]:
+def running_cluster(
+    tmp_path: Path, masters: int = 3, locked: bool = False, tls: TlsFiles | None = None
+) -> Iterator[Cluster]:
     """``masters`` masters, each with one replica; ``locked``: every node asks for
-    ``PASSWORD``, of clients and of each other."""
+    ``PASSWORD``, of clients and of each other; ``tls``: every node speaks TLS only, to
+    clients, replicas and the other nodes."""
     password = PASSWORD if locked else None
     cli = shutil.which("redis-cli")
     if cli is None:
@@ -94,10 +113,13 @@ def running_cluster(tmp_path: Path, masters: int = 3, locked: bool = False) -> I
             # A replica's first sync starts at once (default: 5 s later).
             *("--repl-diskless-sync-delay", "0"),
             *(("--masterauth", password) if password is not None else ()),
+            *(("--tls-cluster", "yes", "--tls-replication", "yes") if tls is not None else ()),
         ]
-        nodes.append(RedisServer(workdir, password=password, args=tuple(args)))
-    cluster = Cluster(nodes, password)
+        nodes.append(RedisServer(workdir, tls=tls, password=password, args=tuple(args)))
+    cluster = Cluster(nodes, password, tls)
     auth = ["-a", password, "--no-auth-warning"] if password is not None else []
+    if tls is not None:
+        auth += ["--tls", "--cacert", str(tls.ca)]
     try:
         for node in nodes:
             node.start()
@@ -114,6 +136,14 @@ def running_cluster(tmp_path: Path, masters: int = 3, locked: bool = False) -> I
     finally:
         for node in nodes:
             node.kill()
+
+
+def secured(cluster: Cluster) -> dict[str, str]:
+    """The daemon's settings for the cluster's password and TLS."""
+    return {
+        "REDIS_PASSWORD": cluster.password or "",
+        "REDIS_USE_TLS": "true" if cluster.tls is not None else "false",
+    }
 
 
 async def start_daemon(nursery: trio.Nursery, redis_host: str, **env: str) -> Daemon:

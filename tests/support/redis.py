@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import pytest
 import redis
+import trustme
 
 _handed_out: set[int] = set()
 
@@ -42,6 +43,18 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+
+    @classmethod
+    def issue(cls, folder: Path) -> TlsFiles:
+        """A new CA, and a certificate it signed for 127.0.0.1 and localhost."""
+        ca = trustme.CA(key_type=trustme.KeyType.RSA)
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        files = cls(folder / "ca.pem", folder / "redis.pem", folder / "redis.key")
+        ca.cert_pem.write_to_path(str(files.ca))
+        cert.private_key_pem.write_to_path(str(files.key))
+        for index, blob in enumerate(cert.cert_chain_pems):
+            blob.write_to_path(str(files.cert), append=index > 0)
+        return files
 
 
 class ExitedAtStart(RuntimeError):
