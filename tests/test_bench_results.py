@@ -146,3 +146,16 @@ def test_the_targets_compare_w4_with_w1_and_the_connect_costs_of_the_two_modes(
     assert any("@abc123" in t and "1.08x" in t and "a regression" in t for t in lines)
     # The cost table: W=4 against W=1 of the same mode.
     assert "2.42" in tables[0] and "1.30" in tables[0]
+
+
+def test_the_p99_targets_show_each_repeats_difference_and_pattern_modes_spread(
+    run: ModuleType,
+) -> None:
+    (run.BENCH / "RESULTS.rst").write_text(MAIN_TABLE)
+    results = [
+        scale_run(run.SMAP, mode, 1, 16.0, connect={"cpu_us_per_connect": 500.0, "p99_ms": p99})
+        for mode, p99 in (("pattern", 50.0), ("user", 52.0), ("pattern", 60.0), ("user", 59.0))
+    ]
+    _, targets = run.scale_tables(results)
+    line = next(t for t in targets.splitlines() if "p99 (64 at a time)" in t)
+    assert "(by repeat: +2.0, -1.0 ms; pattern mode's own p99 50.0-60.0 ms" in line
