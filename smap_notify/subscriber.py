@@ -544,22 +544,25 @@ class _Worker:
         # pong (our probe) and anything else only prove the connection is alive
         return 0
 
+    def _holding(self) -> str:
+        """What the log lines say is subscribed: the patterns, or (user mode) how many
+        channels and patterns the plan holds."""
+        if self.requests is None:
+            return f"pattern={','.join(self.subscribed_patterns)}"
+        return f"mode=user channels={self.state.channels}"
+
     def _subscribed(self) -> None:
         state = self.state
         restored = self.outage.subscribed(time.monotonic(), time.time())
         if restored is None:
-            logger.info(
-                "redis subscribed pattern=%s redis=%s",
-                ",".join(self.subscribed_patterns),
-                self._where(),
-            )
+            logger.info("redis subscribed %s redis=%s", self._holding(), self._where())
         else:
             if restored.reconnected:
                 self.counters.redis_reconnects += 1
             logger.warning(
-                "redis subscription %s pattern=%s redis=%s outage=%.1fs attempts=%d",
+                "redis subscription %s %s redis=%s outage=%.1fs attempts=%d",
                 "restored" if restored.reconnected else "established",
-                ",".join(self.subscribed_patterns),
+                self._holding(),
                 self._where(),
                 restored.outage,
                 state.attempts,

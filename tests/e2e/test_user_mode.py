@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -87,8 +88,9 @@ async def test_the_last_tab_unsubscribes_after_the_grace_and_a_quick_reconnect_d
 
 
 async def test_a_redis_restart_resubscribes_every_user_before_one_resync_each(
-    start_daemon: Any, redis_server: RedisServer
+    start_daemon: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="smap_notify")
     daemon: Daemon = await start_daemon(REDIS_SUBSCRIBE="user", WS_MAX_CONNECTIONS="5000")
     users = 2000
     clients = []
@@ -112,6 +114,11 @@ async def test_a_redis_restart_resubscribes_every_user_before_one_resync_each(
         assert json.loads(await clients[i].next_text())["payload"] == "end"
     assert daemon.app.counters.resyncs_sent == users
     assert (await scrape(daemon.port)).balanced
+    # The log says what is held in this mode, not the template's pattern.
+    said = [r.getMessage() for r in caplog.records if "redis subscri" in r.getMessage()]
+    assert any(m.startswith("redis subscribed mode=user channels=0 ") for m in said), said
+    restored = f"redis subscription restored mode=user channels={users} "
+    assert any(m.startswith(restored) for m in said), said
     for client in clients:
         await client.vanish()
 
