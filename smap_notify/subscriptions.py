@@ -324,6 +324,7 @@ class UserSubscriptions:
         self._replanned = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._wake_at = float("inf")  # when ``serve`` looks at the plan again
+        self._not_before = -float("inf")  # ... and not before: EXPIRE_EVERY after the last
         # Set while ``serve`` runs: changes then reach the thread when the event loop has
         # nothing else to do (or after HOLD), so that handshakes in flight share commands.
         self._idle_waker: _WakeWhenIdle | None = None
@@ -376,7 +377,7 @@ class UserSubscriptions:
         """Wake ``serve`` only when the plan now releases something before it would look:
         the grace is the same for all, so a user leaving rarely moves that time."""
         earliest = self.plan.earliest_deadline()
-        if earliest is not None and earliest < self._wake_at:
+        if earliest is not None and max(earliest, self._not_before) < self._wake_at:
             self._replanned.set()
 
     def count(self) -> int:
@@ -423,13 +424,12 @@ class UserSubscriptions:
         self._idle_waker = waker
         try:
             task_status.started()
-            expired_at = -float("inf")
             while True:
                 deadline = self.plan.next_deadline()
                 # Users leave one by one: their channels are let go together, at most
                 # once per EXPIRE_EVERY, each within that of its grace running out.
                 if deadline is not None:
-                    deadline = max(deadline, expired_at + EXPIRE_EVERY)
+                    deadline = max(deadline, self._not_before)
                 self._wake_at = deadline if deadline is not None else float("inf")
                 with trio.move_on_at(self._wake_at):
                     await self._replanned.wait()
@@ -437,7 +437,7 @@ class UserSubscriptions:
                 now = trio.current_time()
                 expired = self.plan.expire(now)
                 if expired:
-                    expired_at = now
+                    self._not_before = now + EXPIRE_EVERY
                     self._confirmed.difference_update(expired)
                     self._unavailable.difference_update(expired)
                     for sub in expired:

@@ -255,3 +255,25 @@ async def test_users_leaving_one_by_one_are_unsubscribed_together(
         assert not requests.pending
         await trio.sleep(0.1)
         assert requests.take_changes() == {ch(f"user_noti:{u}"): False for u in users[1:]}
+
+
+async def test_a_user_leaving_wakes_the_expiry_only_when_it_moves_the_next_expiry(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with serving() as (subs, requests):
+        users = [f"u{i}" for i in range(4)]
+        for user in users:
+            subs.on_user_connected(user)
+        start = trio.current_time()
+        subs.on_user_disconnected("u0", False)  # nothing pending: the expiry must look
+        assert subs._replanned.is_set()
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.1)
+        subs.on_user_disconnected("u1", False)  # due after u0's: changes nothing
+        assert not subs._replanned.is_set()
+        await trio.sleep_until(start + 5 + 0.05)  # u0 let go; u1 within EXPIRE_EVERY
+        assert requests.take_changes()[ch("user_noti:u0")] is False
+        subs.on_user_disconnected("u2", False)  # still not before u1's turn
+        assert not subs._replanned.is_set()
+        await trio.sleep_until(start + 5 + 0.05 + EXPIRE_EVERY + 0.01)
+        assert requests.take_changes() == {ch("user_noti:u1"): False}
