@@ -337,6 +337,9 @@ class UserSubscriptions:
         added = self.plan.add(user_id, filters, trio.current_time())
         if added:
             self._change(added, ())
+        # A new tab can release too: an unfiltered one replaces a filtered tab's channel
+        # with the user's pattern, and the channel's grace starts.
+        self._replan()
         if not self._active():
             return None  # Redis is down: accepted anyway, the resync covers the outage
         missing = {

@@ -34,10 +34,12 @@ def pat(name: str) -> Subscription:
 
 
 @asynccontextmanager
-async def serving(grace: float = 5) -> AsyncIterator[tuple[UserSubscriptions, Requests]]:
-    """``user_noti:{user}`` subscriptions with their ``serve`` running, Redis up."""
+async def serving(
+    channels: str = "user_noti:{user}",
+) -> AsyncIterator[tuple[UserSubscriptions, Requests]]:
+    """Subscriptions for ``channels`` (a 5 s grace) with their ``serve`` running, Redis up."""
     requests = Requests()
-    subs = UserSubscriptions(parse_channels("user_noti:{user}"), grace, requests, lambda: True)
+    subs = UserSubscriptions(parse_channels(channels), 5, requests, lambda: True)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(subs.serve)
@@ -277,3 +279,16 @@ async def test_a_user_leaving_wakes_the_expiry_only_when_it_moves_the_next_expir
         assert not subs._replanned.is_set()
         await trio.sleep_until(start + 5 + 0.05 + EXPIRE_EVERY + 0.01)
         assert requests.take_changes() == {ch("user_noti:u1"): False}
+
+
+async def test_a_new_tab_that_releases_a_channel_lets_it_go_after_the_grace(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A dashboard tab (no filter) replaces a project page's channel with the pattern."""
+    async with serving("project:{project}:{user}|raw") as (subs, requests):
+        subs.on_user_connected("u", {"project": "p1"})
+        subs.on_user_connected("u", None)
+        assert requests.take_changes() == {ch("project:p1:u"): True, pat("project:*:u"): True}
+        await trio.sleep(5 + EXPIRE_EVERY)
+        assert requests.take_changes() == {ch("project:p1:u"): False}
+
