@@ -127,7 +127,7 @@ class NodeLocator:
 
     def describe(self, address: object) -> str:
         """The log lines' ``redis=`` value: the node, or REDIS_HOST's before one answered."""
-        return f"{address or self._config.redis_host} cluster=true"
+        return f"{address or ','.join(map(str, self._seeds))} cluster=true"
 
     def current(self) -> NodeAddress | None:
         """The node to be subscribed on; None once the cluster failed or forgot it."""

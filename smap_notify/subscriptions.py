@@ -8,6 +8,7 @@ handshake wait until Redis has confirmed what its user needs.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -448,7 +449,9 @@ class UserSubscriptions:
                     self._change((), expired)
         finally:
             self._idle_waker = None
-            trio.lowlevel.remove_instrument(waker)
+            with contextlib.suppress(KeyError):  # Trio removed it: it raised
+                trio.lowlevel.remove_instrument(waker)
+            waker.wake()  # what was recorded meanwhile is the thread's to take
 
 
 # How long changes may wait for the event loop to go idle before they are handed to the
@@ -470,19 +473,29 @@ class _WakeWhenIdle(trio.abc.Instrument):
         self._since: float | None = None
 
     def before_io_wait(self, timeout: float) -> None:
+        """Trio calls this before each wait for I/O, with how long it may sleep: above zero
+        only when no task is runnable. (A test clock's jumps and ``wait_all_tasks_blocked``
+        pass zero while idle: there HOLD applies.)"""
         if not self.requests.unwoken:
             self._since = None
             return
         if timeout > 0:  # nothing runnable: the loop is about to sleep
-            self._since = None
-            self.requests.wake()
+            self.wake()
             return
         now = time.monotonic()
         if self._since is None:
             self._since = now
         elif now - self._since >= HOLD:
-            self._since = None
+            self.wake()
+
+    def wake(self) -> None:
+        """Never raises: Trio would remove an instrument that did, and every change after
+        would wait for the thread's own turn (POLL_SECONDS)."""
+        self._since = None
+        try:
             self.requests.wake()
+        except OSError:  # the pipe is closed: the daemon is stopping
+            logger.debug("waking the subscriber thread failed", exc_info=True)
 
 
 class _Waiter:

@@ -292,3 +292,19 @@ async def test_a_new_tab_that_releases_a_channel_lets_it_go_after_the_grace(
         await trio.sleep(5 + EXPIRE_EVERY)
         assert requests.take_changes() == {ch("project:p1:u"): False}
 
+
+async def test_an_instrument_trio_removed_does_not_end_serve_and_what_is_left_goes_out() -> None:
+    requests = Requests()
+    subs = UserSubscriptions(parse_channels("user_noti:{user}"), 5, requests, lambda: True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subs.serve)
+            assert subs._idle_waker is not None
+            trio.lowlevel.remove_instrument(subs._idle_waker)  # as Trio does when one raises
+            subs.on_user_connected("a")
+            assert not woken(requests)
+            nursery.cancel_scope.cancel()
+        # serve ended cleanly, and handed over what it had recorded.
+        assert woken(requests) and requests.take_changes() == {ch("user_noti:a"): True}
+    finally:
+        requests.close()
