@@ -4,9 +4,10 @@
                                  [--modes pattern user] [--against REV] [--no-pin]
 
 Starts its own ``redis-server`` on a free loopback port; for every repeat and concurrency
-starts smap-notify afresh in each mode (interleaved), opens ``--n`` WebSocket connections,
-each from a new user, ``--concurrency`` handshakes in flight, and holds them open until the
-phase ends (so no unsubscribe falls into it). Reports, per connect, the CPU of the
+starts smap-notify afresh in each mode (interleaved, the order reversed every other
+repeat), opens ``--n`` WebSocket connections, each from a new user, ``--concurrency``
+handshakes in flight, and holds them open until the phase ends (so no unsubscribe falls
+into it). Reports, per connect, the CPU of the
 daemon's event-loop thread and of its other threads (``/proc/PID/task/*/stat``), their
 context switches (``/proc/PID/task/*/status``), and the handshake's p50 and p99 (connect
 to the 101's last byte). The daemon runs on a CPU of its own, this client on the others,
@@ -140,7 +141,10 @@ def main() -> None:
     try:
         for rep in range(args.repeats):
             for conc in args.concurrency:
-                for mode in args.modes:
+                # Odd repeats run the modes in reverse: a run's place in the pair (the
+                # one after a fresh start of Redis's state, say) must not favour a mode.
+                modes = args.modes if rep % 2 == 0 else args.modes[::-1]
+                for mode in modes:
                     for suffix, cwd in versions:
                         srv = run.server_for(
                             run.SMAP, redis.port, f"connect-{mode}{suffix}-{conc}-{rep}"

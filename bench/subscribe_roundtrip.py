@@ -16,6 +16,10 @@ user, in this process, no WebSocket:
     the least a thread round trip can be on this stack: the event loop writes a byte on a
     pipe, a thread polling it writes ``SUBSCRIBE`` on a plain socket, reads the reply
     and hands it back with ``run_sync_soon``; one at a time.
+``work alone``, ``work + daemon``
+    one user at a time amid handshake-like Python work (600 µs before, 150 after, then a
+    0.2 ms pause in which the loop idles, as between a client's handshakes), without and
+    with the daemon's round trip: what the round trip costs inside a handshake.
 
 Prints CPU per user (process, and the event-loop thread alone) and SUBSCRIBE commands per
 user. Every process it starts is stopped by PID.
@@ -24,6 +28,7 @@ user. Every process it starts is stopped by PID.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import socket
@@ -46,7 +51,21 @@ from smap_notify.config import load_config  # noqa: E402
 from smap_notify.hub import Inbox  # noqa: E402
 
 
-async def daemon(redis_port: int, n: int, concurrency: int) -> dict[str, float]:
+def python_work(us: float) -> None:
+    """About ``us`` µs of CPU of the kind a handshake does (small dicts and JSON)."""
+    end = time.thread_time() + us / 1e6
+    x = 0
+    while time.thread_time() < end:
+        json.dumps({"a": str(x), "b": [x, x + 1], "c": {"d": x}})
+        x += 1
+
+
+async def daemon(
+    redis_port: int, n: int, concurrency: int, among: bool = False, subscribe: bool = True
+) -> dict[str, float]:
+    """``among``: one at a time, each user between 600 and 150 µs of other Python work and
+    followed by a 0.2 ms pause (the loop idles, as between a client's handshakes);
+    ``subscribe=False``: the same without the subscription (a turn of the loop instead)."""
     config = load_config(
         {
             "REDIS_HOST": f"127.0.0.1:{redis_port}",
@@ -65,9 +84,17 @@ async def daemon(redis_port: int, n: int, concurrency: int) -> dict[str, float]:
 
     async def lane(count: int) -> None:
         for _ in range(count):
-            ready = subs.on_user_connected(f"rt-{tag}-{next(users)}")
-            if ready is not None:
-                await ready.wait()
+            if among:
+                python_work(600)
+            if subscribe:
+                ready = subs.on_user_connected(f"rt-{tag}-{next(users)}")
+                if ready is not None:
+                    await ready.wait()
+            else:
+                await trio.lowlevel.checkpoint()
+            if among:
+                python_work(150)
+                await trio.sleep(0.0002)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(app.hub.serve, inbox)
@@ -161,6 +188,10 @@ def main() -> None:
             cases += [
                 (f"daemon, {c} at a time", lambda c=c: daemon(redis.port, args.n, c))
                 for c in args.concurrency
+            ]
+            cases += [
+                ("work alone", lambda: daemon(redis.port, args.n // 2, 1, True, False)),
+                ("work + daemon", lambda: daemon(redis.port, args.n // 2, 1, True)),
             ]
             for label, case in cases:
                 res = trio.run(case)
