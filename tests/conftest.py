@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from smap_notify.app import App
-from smap_notify.config import load_config
 from tests.support.cluster import Cluster, running_cluster
 from tests.support.daemon import (
     REPO,
@@ -24,6 +22,7 @@ from tests.support.daemon import (
     Spawned,
     env_pass_fds,
     open_spawner,
+    serve_in_process,
     wait_for_port,
 )
 from tests.support.notify import NotifyReceiver, open_notify_receiver
@@ -47,19 +46,8 @@ async def start_daemon(
     """Start the daemon in this test's event loop, with settings as environment names."""
 
     async def start(wait_subscribed: bool = True, **env: str) -> Daemon:
-        environ = {
-            "JWT_SECRET_KEY": SECRET,
-            "ENV": "dev",
-            "WS_HOST": "127.0.0.1",
-            "WS_PORT": "0",
-            "REDIS_HOST": f"127.0.0.1:{redis_server.port}",
-            **env,
-        }
-        config = load_config(environ)
-        app = App.create(config, environ=environ)
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await nursery.start(app.serve, listeners)
-        daemon = Daemon(app, listeners[0].socket.getsockname()[1], redis_server)
+        env = {"REDIS_HOST": f"127.0.0.1:{redis_server.port}", **env}
+        daemon = await serve_in_process(nursery, redis_server, **env)
         if wait_subscribed:
             await daemon.wait_subscribed()
         return daemon

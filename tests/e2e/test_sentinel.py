@@ -20,9 +20,7 @@ import pytest
 import redis
 import trio
 
-from smap_notify.app import App
-from smap_notify.config import load_config
-from tests.support.daemon import SECRET, Daemon, DaemonProcess, wait_until
+from tests.support.daemon import Daemon, DaemonProcess, serve_in_process, wait_until
 from tests.support.observe import (
     HealthSample,
     Inbox,
@@ -117,20 +115,13 @@ def wait_ready(sset: SentinelSet, timeout: float = 30.0) -> None:
 
 
 async def start_daemon(nursery: trio.Nursery, sset: SentinelSet, **env: str) -> Daemon:
-    environ = {
-        "JWT_SECRET_KEY": SECRET,
-        "ENV": "dev",
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": "0",
+    env = {
         # Nothing listens here: were REDIS_HOST used, nothing would be delivered.
         "REDIS_HOST": f"127.0.0.1:{free_port()}",
         **sset.env(),
         **env,
     }
-    app = App.create(load_config(environ), environ=environ)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(app.serve, listeners)
-    return Daemon(app, listeners[0].socket.getsockname()[1], sset.master)
+    return await serve_in_process(nursery, sset.master, **env)
 
 
 def sentinel_flow(sset: SentinelSet, user: str) -> PublishFlow:
@@ -248,17 +239,14 @@ async def test_no_sentinel_answers_health_says_which_and_why(nursery: trio.Nurse
     """Every sentinel down: the daemon serves, /health is 503 with each sentinel's error,
     and it keeps retrying."""
     ports = [free_port(), free_port()]
-    environ = {
-        "JWT_SECRET_KEY": SECRET,
-        "ENV": "dev",
-        "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in ports),
-        "REDIS_SENTINEL_MASTER": NAME,
-    }
-    app = App.create(load_config(environ), environ=environ)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(app.serve, listeners)
-    await wait_until(lambda: app.subscriber.attempts >= 2)
-    sample = await get_health(listeners[0].socket.getsockname()[1])
+    daemon = await serve_in_process(
+        nursery,
+        RedisServer(Path()),
+        REDIS_SENTINELS=",".join(f"127.0.0.1:{p}" for p in ports),
+        REDIS_SENTINEL_MASTER=NAME,
+    )
+    await wait_until(lambda: daemon.app.subscriber.attempts >= 2)
+    sample = await get_health(daemon.port)
     assert sample.status == 503
     error = sample.doc["subscriber"]["last_error"]
     assert "MasterNotFound" in error and all(f"127.0.0.1:{p}" in error for p in ports), error

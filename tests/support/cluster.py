@@ -14,14 +14,10 @@ import attrs
 import pytest
 import redis
 import trio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from smap_notify.app import App
 from smap_notify.cluster import parse_nodes
-from smap_notify.config import load_config
-from tests.support.daemon import SECRET, Daemon
-from tests.support.observe import publish_at
+from tests.support.daemon import Daemon, serve_in_process
+from tests.support.observe import publish_at, redis_publisher
 from tests.support.redis import RedisServer, TlsFiles, free_port
 
 NODE_TIMEOUT_MS = 1000
@@ -41,16 +37,7 @@ class Cluster:
 
     def publisher(self, port: int) -> redis.Redis:
         """A client of the node on ``port`` that fails fast (password and TLS as set)."""
-        return redis.Redis(
-            host="127.0.0.1",
-            port=port,
-            password=self.password,
-            ssl=self.tls is not None,
-            ssl_ca_certs=str(self.tls.ca) if self.tls is not None else None,
-            socket_timeout=0.3,
-            socket_connect_timeout=0.3,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return redis_publisher(port, self.password, self.tls.ca if self.tls else None)
 
     def live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.proc is not None]
@@ -147,19 +134,8 @@ def secured(cluster: Cluster) -> dict[str, str]:
 
 
 async def start_daemon(nursery: trio.Nursery, redis_host: str, **env: str) -> Daemon:
-    environ = {
-        "JWT_SECRET_KEY": SECRET,
-        "ENV": "dev",
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": "0",
-        "REDIS_CLUSTER": "true",
-        "REDIS_HOST": redis_host,
-        **env,
-    }
-    app = App.create(load_config(environ), environ=environ)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(app.serve, listeners)
-    return Daemon(app, listeners[0].socket.getsockname()[1], RedisServer(Path()))
+    env = {"REDIS_CLUSTER": "true", "REDIS_HOST": redis_host, **env}
+    return await serve_in_process(nursery, RedisServer(Path()), **env)
 
 
 def publish_on(node: RedisServer, channel: str, data: str) -> int | None:

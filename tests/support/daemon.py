@@ -21,7 +21,7 @@ import trio.testing
 import trio_websocket
 
 from smap_notify.app import App
-from smap_notify.config import ENV_NAMES
+from smap_notify.config import ENV_NAMES, load_config
 from tests.support.redis import (
     RedisServer,
     free_port,
@@ -194,6 +194,22 @@ if os.environ.pop("TEST_WATCHDOG_PID_SELF", ""):
     os.environ["WATCHDOG_PID"] = str(os.getpid())
 os.execv(sys.executable, [sys.executable, "-m", "smap_notify", *sys.argv[1:]])
 """
+
+
+async def serve_in_process(nursery: trio.Nursery, redis: RedisServer, **env: str) -> Daemon:
+    """The daemon in this test's event loop, on a free loopback port, with settings as
+    environment names (a dev secret and origins unless ``env`` says otherwise)."""
+    environ = {
+        "JWT_SECRET_KEY": SECRET,
+        "ENV": "dev",
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": "0",
+        **env,
+    }
+    app = App.create(load_config(environ), environ=environ)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(app.serve, listeners)
+    return Daemon(app, listeners[0].socket.getsockname()[1], redis)
 
 
 def daemon_env(redis: RedisServer, **overrides: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -331,12 +332,15 @@ def start_line(daemon: DaemonProcess) -> str:
 HEALTH_EVERY: Final = 0.1
 
 
-def redis_publisher(port: int, password: str | None = None) -> redis.Redis:
-    """A publisher that fails fast during an outage instead of retrying for seconds."""
+def redis_publisher(port: int, password: str | None = None, ca: Path | None = None) -> redis.Redis:
+    """A publisher that fails fast during an outage instead of retrying for seconds;
+    with ``ca``, over TLS, trusting that CA."""
     return redis.Redis(
         host="127.0.0.1",
         port=port,
         password=password,
+        ssl=ca is not None,
+        ssl_ca_certs=str(ca) if ca is not None else None,
         socket_timeout=0.3,
         socket_connect_timeout=0.3,
         retry=Retry(NoBackoff(), 0),

@@ -84,14 +84,7 @@ async def publish(redis: RedisServer, user: str, message: Any) -> int:
 async def ws_connect(
     port: int, user: str, nursery: trio.Nursery
 ) -> trio_websocket.WebSocketConnection:
-    return await trio_websocket.connect_websocket(
-        nursery,
-        "127.0.0.1",
-        port,
-        "/ws",
-        use_ssl=False,
-        extra_headers=[("Origin", DEV_ORIGIN), ("Cookie", f"smap_auth_token={make_token(user)}")],
-    )
+    return await open_ws(nursery, port, user)
 
 
 def upgrade_head(port: int, user: str, *, extra: str = "") -> bytes:
