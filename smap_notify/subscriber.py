@@ -368,9 +368,6 @@ class _Worker:
         """Issue what the plan changed since the last turn: subscriptions first, so that a
         channel that moves to a pattern (or back) is never held by neither."""
         changes = requests.take_changes()
-        if all(changes.values()):
-            self._send(pubsub, list(changes), True)
-            return
         self._send(pubsub, [s for s, on in changes.items() if on], True)
         self._send(pubsub, [s for s, on in changes.items() if not on], False)
 
